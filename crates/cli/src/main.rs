@@ -1,0 +1,271 @@
+//! `flashsale`: the operator's and load-tester's command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use flashsale_cli::sale::{self, SaleSpec};
+use flashsale_cli::surge::{self, Arrival, SurgeOptions};
+use flashsale_cli::{Config, Stores};
+use flashsale_core::ids::Sku;
+use flashsale_core::settings::Env;
+use flashsale_core::{audit, kafka, ops};
+
+/// Set up, audit and load-test a flashsale pipeline.
+///
+/// Every command finds the pipeline through the same FLASHSALE_* settings as
+/// the services (see the README); the defaults reach the local stack that
+/// ./scripts/demo starts.
+#[derive(Parser)]
+#[command(name = "flashsale", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the Kafka topics and DynamoDB tables (services do it too, at start).
+    Setup,
+    /// Create or inspect a sale.
+    #[command(subcommand)]
+    Sale(SaleCommand),
+    /// Check DESIGN.md's invariants across Redis, DynamoDB and the payment
+    /// service; exit 1 with the list of violations.
+    Audit {
+        /// Only these skus (repeatable); default: every sale.
+        #[arg(long)]
+        sku: Vec<String>,
+        /// Also require a settled sale: nothing reserved, no order half-way.
+        #[arg(long)]
+        at_rest: bool,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a crowd of buyers at the gateway, wait for every purchase to
+    /// settle, audit, and report.
+    Surge(SurgeArgs),
+}
+
+#[derive(Subcommand)]
+enum SaleCommand {
+    /// Create a sale, or reset the sku's sale (new sale id, fresh stock).
+    Create {
+        #[arg(long)]
+        sku: String,
+        /// Units on sale.
+        #[arg(long)]
+        stock: u64,
+        #[arg(long, default_value_t = 1)]
+        per_user_limit: u64,
+        #[arg(long, default_value_t = 1999)]
+        price_cents: u64,
+        /// How long a reservation waits for payment.
+        #[arg(long, default_value_t = 600)]
+        reservation_ttl_secs: u64,
+        /// How long the sale stays open, from now.
+        #[arg(long, default_value_t = 3600)]
+        duration_secs: u64,
+    },
+    /// Show a sale's rules (DynamoDB) and stock (Redis).
+    Show {
+        #[arg(long)]
+        sku: String,
+    },
+}
+
+#[derive(Args)]
+struct SurgeArgs {
+    /// The sku to sell; its sale is created, or reset, first.
+    #[arg(long, default_value = "surge-sku")]
+    sku: String,
+    #[arg(long, default_value_t = 500)]
+    stock: u64,
+    /// Distinct buyers, one purchase of one unit each.
+    #[arg(long, default_value_t = 20_000)]
+    buyers: u64,
+    /// Arrivals per second (open model).
+    #[arg(long, conflicts_with = "burst")]
+    rate: Option<f64>,
+    /// Every buyer at once.
+    #[arg(long)]
+    burst: bool,
+    #[arg(long, default_value_t = 0.1)]
+    payment_decline_rate: f64,
+    #[arg(long, default_value_t = 20)]
+    payment_latency_ms: u64,
+    #[arg(long, default_value_t = 1)]
+    per_user_limit: u64,
+    /// Concurrent connections to the gateway.
+    #[arg(long, default_value_t = 256)]
+    connections: usize,
+    /// How long to wait for accepted purchases to settle.
+    #[arg(long, default_value_t = 180)]
+    settle_timeout_secs: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn sku(raw: &str) -> anyhow::Result<Sku> {
+    Sku::parse(raw).with_context(|| format!("--sku {raw:?}"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        ops::init_tracing();
+    }
+    match run(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("flashsale: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::from_env(&Env::process())?;
+    match cli.command {
+        Command::Setup => {
+            kafka::ensure_topics(&config.kafka).await?;
+            Stores::connect(&config).await?;
+            println!("topics and tables are in place");
+        }
+        Command::Sale(SaleCommand::Create {
+            sku: raw,
+            stock,
+            per_user_limit,
+            price_cents,
+            reservation_ttl_secs,
+            duration_secs,
+        }) => {
+            let stores = Stores::connect(&config).await?;
+            let spec = SaleSpec {
+                sku: sku(&raw)?,
+                stock,
+                per_user_limit,
+                price_cents,
+                reservation_ttl: Duration::from_secs(reservation_ttl_secs),
+                duration: Duration::from_secs(duration_secs),
+            };
+            let rules = sale::create(&stores, &spec).await?;
+            println!("{}", serde_json::to_string_pretty(&rules)?);
+        }
+        Command::Sale(SaleCommand::Show { sku: raw }) => {
+            let stores = Stores::connect(&config).await?;
+            let sku = sku(&raw)?;
+            let Some(sale) = stores.inventory.get(&sku).await? else {
+                eprintln!("no sale for {sku}");
+                return Ok(ExitCode::from(1));
+            };
+            let levels = stores.stock.levels(&sku).await?;
+            let shown = serde_json::json!({
+                "sku": sku.as_str(),
+                "rules": sale.rules,
+                "sold_in_dynamodb": sale.sold,
+                "redis": levels,
+            });
+            println!("{}", serde_json::to_string_pretty(&shown)?);
+        }
+        Command::Audit {
+            sku: raws,
+            at_rest,
+            json,
+        } => {
+            let stores = Stores::connect(&config).await?;
+            let skus = if raws.is_empty() {
+                stores.inventory.skus().await?
+            } else {
+                raws.iter().map(|r| sku(r)).collect::<anyhow::Result<_>>()?
+            };
+            let mut clean = true;
+            let mut reports = Vec::new();
+            for sku in &skus {
+                let evidence = audit::gather(
+                    sku,
+                    &stores.stock,
+                    &stores.inventory,
+                    &stores.orders,
+                    &stores.payment,
+                )
+                .await?;
+                let report = audit::check(&evidence, at_rest);
+                clean &= report.ok();
+                if !json {
+                    println!(
+                        "{}: total {} available {} reserved {} sold {} | orders confirmed {} cancelled {} open {} | {}",
+                        report.sku,
+                        report.total,
+                        report.available,
+                        report.reserved,
+                        report.sold,
+                        report.confirmed_orders,
+                        report.cancelled_orders,
+                        report.open_orders,
+                        if report.ok() { "clean" } else { "VIOLATIONS" }
+                    );
+                    for violation in &report.violations {
+                        println!("  - {violation}");
+                    }
+                }
+                reports.push(report);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            }
+            if skus.is_empty() {
+                println!("no sales to audit");
+            }
+            return Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        Command::Surge(args) => {
+            let arrival = match (args.burst, args.rate) {
+                (true, _) => Arrival::Burst,
+                (false, Some(rate)) if rate > 0.0 && rate.is_finite() => Arrival::Rate(rate),
+                (false, Some(rate)) => {
+                    anyhow::bail!("--rate must be a positive number, got {rate}")
+                }
+                (false, None) => anyhow::bail!("give --rate R (arrivals per second) or --burst"),
+            };
+            if !(0.0..=1.0).contains(&args.payment_decline_rate) {
+                anyhow::bail!("--payment-decline-rate must be between 0 and 1");
+            }
+            let stores = Stores::connect(&config).await?;
+            let options = SurgeOptions {
+                gateway_url: config.gateway_url.clone(),
+                sku: sku(&args.sku)?,
+                stock: args.stock,
+                buyers: args.buyers,
+                arrival,
+                per_user_limit: args.per_user_limit,
+                payment_decline_rate: args.payment_decline_rate,
+                payment_latency_ms: args.payment_latency_ms,
+                connections: args.connections,
+                settle_timeout: Duration::from_secs(args.settle_timeout_secs),
+            };
+            let report = surge::run(&stores, &options).await?;
+            print!("{}", report.human());
+            if let Some(path) = args.json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            let passed = report.audit_ok && report.unsettled == 0 && report.errors == 0;
+            return Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,235 @@
+//! Kafka plumbing: the producer every stage uses, topic creation, the
+//! dead-letter path and the `traceparent` header.
+//!
+//! The producer is idempotent with `acks=all`: a send that returned `Ok`
+//! is durable on the broker, which is what the gateway's `202` and every
+//! worker's offset commit rely on.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::ids::RequestId;
+use crate::settings::KafkaSettings;
+
+/// Base names of the pipeline's topics; `KafkaSettings::topic` adds the prefix.
+pub mod topic {
+    pub const PURCHASE_REQUESTS: &str = "purchase-requests";
+    pub const RESERVATIONS: &str = "reservations";
+    pub const STOCK_RELEASES: &str = "stock-releases";
+    pub const ALL: [&str; 3] = [PURCHASE_REQUESTS, RESERVATIONS, STOCK_RELEASES];
+
+    pub fn dead_letter(topic: &str) -> String {
+        format!("{topic}.dlq")
+    }
+}
+
+pub const TRACEPARENT: &str = "traceparent";
+const DLQ_ERROR: &str = "flashsale-error";
+const DLQ_ORIGIN: &str = "flashsale-origin";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaFailure {
+    #[error("creating the Kafka client failed: {0}")]
+    Client(#[source] KafkaError),
+    #[error("creating topic {topic} failed: {code}")]
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+    #[error("the broker did not acknowledge the message: {0}")]
+    Produce(#[source] KafkaError),
+    #[error("Kafka is unreachable: {0}")]
+    Unreachable(#[source] KafkaError),
+}
+
+/// Options every client gets: where the cluster is, and no topic ever
+/// created behind our back by a metadata request.
+pub fn base_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.bootstrap)
+        .set("allow.auto.create.topics", "false")
+        .set("socket.keepalive.enable", "true");
+    config
+}
+
+pub fn producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaFailure> {
+    base_config(settings)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        // A flash sale wants its first buyers answered fast, not big batches.
+        .set("linger.ms", "1")
+        .set(
+            "message.timeout.ms",
+            settings.produce_timeout.as_millis().to_string(),
+        )
+        .create()
+        .map_err(KafkaFailure::Client)
+}
+
+/// Creates every topic of the pipeline and its dead-letter twin, keeping the
+/// ones that already exist. Safe to call from every service at start.
+pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaFailure> {
+    let admin: AdminClient<DefaultClientContext> = base_config(settings)
+        .create()
+        .map_err(KafkaFailure::Client)?;
+    let names: Vec<String> = topic::ALL
+        .iter()
+        .flat_map(|base| {
+            let name = settings.topic(base);
+            [topic::dead_letter(&name), name]
+        })
+        .collect();
+    let new: Vec<NewTopic> = names
+        .iter()
+        .map(|name| NewTopic::new(name, settings.partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(&new, &options)
+        .await
+        .map_err(KafkaFailure::Unreachable)?;
+    for result in results {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaFailure::CreateTopic { topic, code }),
+        }
+    }
+    Ok(())
+}
+
+/// Asks the cluster for its metadata: the readiness probe of every service.
+pub async fn probe(producer: &FutureProducer) -> Result<(), KafkaFailure> {
+    let producer = producer.clone();
+    tokio::task::spawn_blocking(move || {
+        producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(2))
+            .map(|_| ())
+    })
+    .await
+    .map_err(|_| KafkaFailure::Unreachable(KafkaError::Canceled))?
+    .map_err(KafkaFailure::Unreachable)
+}
+
+/// A W3C `traceparent` whose trace id is the request id, so every log line
+/// of one purchase, in every service, can be found from the id the buyer got.
+pub fn traceparent(request_id: RequestId) -> String {
+    let trace = request_id.to_string().replace('-', "");
+    let span: u64 = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(1) as u64)
+        | 1;
+    format!("00-{trace}-{span:016x}-01")
+}
+
+pub fn trace_headers(request_id: RequestId) -> OwnedHeaders {
+    OwnedHeaders::new().insert(Header {
+        key: TRACEPARENT,
+        value: Some(&traceparent(request_id)),
+    })
+}
+
+/// The value of one header of a message, as text.
+pub fn header(message: &impl Message, key: &str) -> Option<String> {
+    message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key == key)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    })
+}
+
+/// Sends one record and waits for the broker's acknowledgement.
+pub async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+    headers: OwnedHeaders,
+    timeout: Duration,
+) -> Result<(i32, i64), KafkaFailure> {
+    let record = FutureRecord::to(topic)
+        .key(key)
+        .payload(payload)
+        .headers(headers);
+    producer
+        .send(record, timeout)
+        .await
+        .map(|d| (d.partition, d.offset))
+        .map_err(|(e, _)| KafkaFailure::Produce(e))
+}
+
+/// Puts a message that cannot be processed on `<topic>.dlq`, with the reason
+/// and where it came from, so one bad message never stops a partition.
+pub async fn dead_letter(
+    producer: &FutureProducer,
+    message: &OwnedMessage,
+    error: &str,
+    timeout: Duration,
+) -> Result<(), KafkaFailure> {
+    let origin = format!(
+        "{}/{}/{}",
+        message.topic(),
+        message.partition(),
+        message.offset()
+    );
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: DLQ_ERROR,
+            value: Some(error),
+        })
+        .insert(Header {
+            key: DLQ_ORIGIN,
+            value: Some(&origin),
+        });
+    if let Some(parent) = header(message, TRACEPARENT) {
+        headers = headers.insert(Header {
+            key: TRACEPARENT,
+            value: Some(&parent),
+        });
+    }
+    let dlq = topic::dead_letter(message.topic());
+    let mut record = FutureRecord::<[u8], [u8]>::to(&dlq).headers(headers);
+    if let Some(key) = message.key() {
+        record = record.key(key);
+    }
+    if let Some(payload) = message.payload() {
+        record = record.payload(payload);
+    }
+    producer
+        .send(record, timeout)
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| KafkaFailure::Produce(e))
+}
+
+/// The error recorded with a dead-lettered message.
+pub fn dead_letter_error(message: &impl Message) -> Option<String> {
+    header(message, DLQ_ERROR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_w3c_shaped_and_carries_the_request_id() {
+        let id = RequestId::fresh();
+        let tp = traceparent(id);
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(parts[0], "00");
+        assert_eq!(parts[1], id.to_string().replace('-', ""));
+        assert_eq!(parts[2].len(), 16);
+        assert_eq!(parts[3], "01");
+    }
+}

@@ -1,0 +1,26 @@
+//! flashsale-core: what the gateway, the workers, the payment stub and the
+//! `flashsale` command share.
+//!
+//! Types that cannot hold invalid data (`ids`), the messages on the topics
+//! (`messages`), the purchase state machine (`status`), settings, the Lua
+//! stock scripts behind `stock`, the DynamoDB tables (`orders`,
+//! `inventory`), the payment API, the consumer loop both workers run, and
+//! the audit of DESIGN.md's invariants.
+
+pub mod audit;
+pub mod clock;
+pub mod consume;
+pub mod dynamo;
+pub mod ids;
+pub mod inventory;
+pub mod kafka;
+pub mod messages;
+pub mod ops;
+pub mod orders;
+pub mod payment;
+pub mod problem;
+pub mod retry;
+pub mod settings;
+pub mod status;
+pub mod status_board;
+pub mod stock;

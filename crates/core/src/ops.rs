@@ -1,0 +1,107 @@
+//! What every service exposes to its operators, and how it stops.
+//!
+//! `/healthz` says the process is up; `/readyz` runs the service's own
+//! readiness check (are Kafka and Redis reachable?); `/metrics` renders the
+//! service's Prometheus registry. Each service owns its registry, so several
+//! services in one test process never share counters.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio_util::sync::CancellationToken;
+
+/// A readiness check: `Ok` when every dependency answers, else what is down.
+pub type ReadinessCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+#[derive(Clone)]
+struct Ops {
+    registry: Registry,
+    ready: ReadinessCheck,
+}
+
+pub fn router<S: Clone + Send + Sync + 'static>(
+    registry: Registry,
+    ready: ReadinessCheck,
+) -> Router<S> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(Ops { registry, ready })
+}
+
+async fn readyz(State(ops): State<Ops>) -> Response {
+    match (ops.ready)().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(down) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {down}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(ops): State<Ops>) -> Response {
+    let mut body = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&ops.registry.gather(), &mut body) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()
+}
+
+/// Serves `app` on `listener` until `shutdown`, letting requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C, for a binary's `main`.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term => {},
+        }
+        tracing::info!("shutdown requested");
+        cancel.cancel();
+    });
+    token
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    // A second call (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

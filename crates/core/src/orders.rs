@@ -1,0 +1,311 @@
+//! The `orders` table: one item per purchase that got a reservation, keyed
+//! by the request id, moved through its states only by conditional writes
+//! on the current status, so a redelivered or raced message cannot skip or
+//! repeat a step.
+
+use std::fmt;
+use std::str::FromStr;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
+
+use crate::dynamo::{DynamoError, Item, Tables, n, s};
+use crate::ids::{Quantity, RequestId, Sku, UserId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OrderStatus {
+    Pending,
+    Paid,
+    Confirmed,
+    Cancelled,
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Paid => "PAID",
+            Self::Confirmed => "CONFIRMED",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Confirmed | Self::Cancelled)
+    }
+}
+
+impl fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for OrderStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Pending, Self::Paid, Self::Confirmed, Self::Cancelled]
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| format!("unknown order status {s:?}"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Order {
+    pub order_id: RequestId,
+    pub sku: Sku,
+    pub sale_id: String,
+    pub user_id: UserId,
+    pub quantity: Quantity,
+    pub amount_cents: u64,
+    pub status: OrderStatus,
+    pub reason: Option<String>,
+    pub payment_id: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// What a conditional write found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Written {
+    /// The write happened; the order is now as returned.
+    Done(Order),
+    /// The order was not in the expected state; this is how it stands.
+    Conflict(Order),
+}
+
+#[derive(Clone)]
+pub struct OrderStore {
+    client: Client,
+    tables: Tables,
+}
+
+impl OrderStore {
+    pub fn new(client: Client, tables: &Tables) -> Self {
+        Self {
+            client,
+            tables: tables.clone(),
+        }
+    }
+
+    /// Puts a new `PENDING` order unless one with this id exists.
+    pub async fn create(&self, order: &Order) -> Result<Written, DynamoError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.tables.orders)
+            .set_item(Some(to_item(order)))
+            .condition_expression("attribute_not_exists(order_id)")
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(Written::Done(order.clone())),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                self.conflict(order.order_id).await
+            }
+            Err(e) => Err(DynamoError::from_sdk(e)),
+        }
+    }
+
+    /// Moves the order from `from` to `to`, recording the reason and the
+    /// payment id when given.
+    pub async fn transition(
+        &self,
+        id: RequestId,
+        from: OrderStatus,
+        to: OrderStatus,
+        reason: Option<&str>,
+        payment_id: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Written, DynamoError> {
+        let mut update = "SET #st = :to, updated_at_ms = :now".to_owned();
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&self.tables.orders)
+            .key("order_id", s(id.to_string()))
+            .condition_expression("#st = :from")
+            .expression_attribute_names("#st", "status")
+            .expression_attribute_values(":from", s(from.as_str()))
+            .expression_attribute_values(":to", s(to.as_str()))
+            .expression_attribute_values(":now", n(now_ms));
+        if let Some(reason) = reason {
+            update.push_str(", reason = :reason");
+            request = request.expression_attribute_values(":reason", s(reason));
+        }
+        if let Some(payment) = payment_id {
+            update.push_str(", payment_id = :payment");
+            request = request.expression_attribute_values(":payment", s(payment));
+        }
+        let result = request
+            .update_expression(update)
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(out) => match out.attributes() {
+                Some(attrs) => Ok(Written::Done(from_item(attrs)?)),
+                None => self.conflict(id).await,
+            },
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                self.conflict(id).await
+            }
+            Err(e) => Err(DynamoError::from_sdk(e)),
+        }
+    }
+
+    /// `PAID` → `CONFIRMED` and `inventory.sold += quantity` in one
+    /// transaction. The request id is the client request token, so a retry
+    /// within DynamoDB's ten-minute window is recognised; after it, the
+    /// status condition refuses the second increment.
+    pub async fn confirm(&self, order: &Order, now_ms: u64) -> Result<Written, DynamoError> {
+        let id = order.order_id.to_string();
+        let confirm_order = Update::builder()
+            .table_name(&self.tables.orders)
+            .key("order_id", s(&id))
+            .update_expression("SET #st = :to, updated_at_ms = :now")
+            .condition_expression("#st = :from")
+            .expression_attribute_names("#st", "status")
+            .expression_attribute_values(":from", s(OrderStatus::Paid.as_str()))
+            .expression_attribute_values(":to", s(OrderStatus::Confirmed.as_str()))
+            .expression_attribute_values(":now", n(now_ms))
+            .build()?;
+        let count_sold = Update::builder()
+            .table_name(&self.tables.inventory)
+            .key("sku", s(order.sku.as_str()))
+            .update_expression("ADD sold :q")
+            .condition_expression("sale_id = :sale")
+            .expression_attribute_values(":q", n(u64::from(order.quantity.get())))
+            .expression_attribute_values(":sale", s(&order.sale_id))
+            .build()?;
+        let result = self
+            .client
+            .transact_write_items()
+            .client_request_token(&id)
+            .transact_items(TransactWriteItem::builder().update(confirm_order).build())
+            .transact_items(TransactWriteItem::builder().update(count_sold).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(Written::Done(Order {
+                status: OrderStatus::Confirmed,
+                updated_at_ms: now_ms,
+                ..order.clone()
+            })),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_transaction_canceled_exception()) =>
+            {
+                self.conflict(order.order_id).await
+            }
+            Err(e) => Err(DynamoError::from_sdk(e)),
+        }
+    }
+
+    pub async fn get(&self, id: RequestId) -> Result<Option<Order>, DynamoError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.tables.orders)
+            .key("order_id", s(id.to_string()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(DynamoError::from_sdk)?;
+        out.item().map(from_item).transpose()
+    }
+
+    /// Every order of one sale (a scan: for audits, not for the hot path).
+    pub async fn of_sale(&self, sku: &Sku, sale_id: &str) -> Result<Vec<Order>, DynamoError> {
+        let mut orders = Vec::new();
+        let mut start: Option<std::collections::HashMap<String, AttributeValue>> = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.tables.orders)
+                .filter_expression("sku = :sku AND sale_id = :sale")
+                .expression_attribute_values(":sku", s(sku.as_str()))
+                .expression_attribute_values(":sale", s(sale_id))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(DynamoError::from_sdk)?;
+            for item in out.items() {
+                orders.push(from_item(item)?);
+            }
+            match out.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => return Ok(orders),
+            }
+        }
+    }
+
+    async fn conflict(&self, id: RequestId) -> Result<Written, DynamoError> {
+        match self.get(id).await? {
+            Some(current) => Ok(Written::Conflict(current)),
+            None => Err(DynamoError::Malformed {
+                key: id.to_string(),
+                problem: "a conditional write failed but the order does not exist".into(),
+            }),
+        }
+    }
+}
+
+fn to_item(order: &Order) -> std::collections::HashMap<String, AttributeValue> {
+    let mut item = std::collections::HashMap::from([
+        ("order_id".to_owned(), s(order.order_id.to_string())),
+        ("sku".to_owned(), s(order.sku.as_str())),
+        ("sale_id".to_owned(), s(&order.sale_id)),
+        ("user_id".to_owned(), s(order.user_id.as_str())),
+        ("quantity".to_owned(), n(u64::from(order.quantity.get()))),
+        ("amount_cents".to_owned(), n(order.amount_cents)),
+        ("status".to_owned(), s(order.status.as_str())),
+        ("created_at_ms".to_owned(), n(order.created_at_ms)),
+        ("updated_at_ms".to_owned(), n(order.updated_at_ms)),
+    ]);
+    if let Some(reason) = &order.reason {
+        item.insert("reason".into(), s(reason));
+    }
+    if let Some(payment) = &order.payment_id {
+        item.insert("payment_id".into(), s(payment));
+    }
+    item
+}
+
+fn from_item(
+    attrs: &std::collections::HashMap<String, AttributeValue>,
+) -> Result<Order, DynamoError> {
+    let key = attrs
+        .get("order_id")
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
+        .unwrap_or("?");
+    let item = Item { key, attrs };
+    let malformed = |problem: String| DynamoError::Malformed {
+        key: key.to_owned(),
+        problem,
+    };
+    Ok(Order {
+        order_id: RequestId::parse(key).map_err(|e| malformed(e.to_string()))?,
+        sku: Sku::parse(&item.string("sku")?).map_err(|e| malformed(e.to_string()))?,
+        sale_id: item.string("sale_id")?,
+        user_id: UserId::parse(&item.string("user_id")?).map_err(|e| malformed(e.to_string()))?,
+        quantity: Quantity::new(item.number("quantity")? as i64)
+            .map_err(|e| malformed(e.to_string()))?,
+        amount_cents: item.number("amount_cents")?,
+        status: item.string("status")?.parse().map_err(malformed)?,
+        reason: item.optional_string("reason"),
+        payment_id: item.optional_string("payment_id"),
+        created_at_ms: item.number("created_at_ms")?,
+        updated_at_ms: item.number("updated_at_ms")?,
+    })
+}

@@ -1,0 +1,201 @@
+//! Settings shared by several binaries, read from `FLASHSALE_*` variables.
+//!
+//! Each binary composes these pieces into its own typed config struct. The
+//! defaults point at the local stack that `./scripts/demo` starts, so a
+//! service started with no environment at all talks to it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A setting that is present but cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}={value:?} is not valid: {problem}")]
+pub struct SettingError {
+    pub name: String,
+    pub value: String,
+    pub problem: String,
+}
+
+/// Where settings come from: the process environment, or a map in tests.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    overrides: Option<HashMap<String, String>>,
+}
+
+impl Env {
+    pub fn process() -> Self {
+        Self { overrides: None }
+    }
+
+    pub fn from_map(vars: HashMap<String, String>) -> Self {
+        Self {
+            overrides: Some(vars),
+        }
+    }
+
+    fn raw(&self, name: &str) -> Option<String> {
+        match &self.overrides {
+            Some(map) => map.get(name).cloned(),
+            None => std::env::var(name).ok(),
+        }
+    }
+
+    /// `FLASHSALE_<suffix>` parsed as `T`, or `default` when unset.
+    pub fn get<T>(&self, suffix: &str, default: T) -> Result<T, SettingError>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        let name = format!("FLASHSALE_{suffix}");
+        match self.raw(&name) {
+            None => Ok(default),
+            Some(value) => value.trim().parse().map_err(|e: T::Err| SettingError {
+                name,
+                value,
+                problem: e.to_string(),
+            }),
+        }
+    }
+
+    pub fn string(&self, suffix: &str, default: &str) -> String {
+        self.raw(&format!("FLASHSALE_{suffix}"))
+            .unwrap_or_else(|| default.to_owned())
+    }
+
+    pub fn millis(&self, suffix: &str, default_ms: u64) -> Result<Duration, SettingError> {
+        self.get(suffix, default_ms).map(Duration::from_millis)
+    }
+
+    /// A fraction in `[0, 1]`.
+    pub fn fraction(&self, suffix: &str, default: f64) -> Result<f64, SettingError> {
+        let value: f64 = self.get(suffix, default)?;
+        if (0.0..=1.0).contains(&value) {
+            Ok(value)
+        } else {
+            Err(SettingError {
+                name: format!("FLASHSALE_{suffix}"),
+                value: value.to_string(),
+                problem: "must be between 0 and 1".into(),
+            })
+        }
+    }
+}
+
+/// The Kafka cluster and the names of our topics on it.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `FLASHSALE_KAFKA_BOOTSTRAP`: `host:port[,host:port]`.
+    pub bootstrap: String,
+    /// `FLASHSALE_TOPIC_PREFIX`: prepended to every topic and consumer group,
+    /// so several pipelines (or tests) can share one cluster.
+    pub prefix: String,
+    /// `FLASHSALE_KAFKA_PARTITIONS`: partitions of each topic we create.
+    pub partitions: i32,
+    /// `FLASHSALE_KAFKA_PRODUCE_TIMEOUT_MS`: how long a produce may wait for
+    /// the broker's acknowledgement before we give up on it.
+    pub produce_timeout: Duration,
+}
+
+impl KafkaSettings {
+    pub fn from_env(env: &Env) -> Result<Self, SettingError> {
+        Ok(Self {
+            bootstrap: env.string("KAFKA_BOOTSTRAP", "127.0.0.1:19092"),
+            prefix: env.string("TOPIC_PREFIX", ""),
+            partitions: env.get("KAFKA_PARTITIONS", 3)?,
+            produce_timeout: env.millis("KAFKA_PRODUCE_TIMEOUT_MS", 5_000)?,
+        })
+    }
+
+    pub fn topic(&self, base: &str) -> String {
+        format!("{}{base}", self.prefix)
+    }
+
+    pub fn group(&self, base: &str) -> String {
+        format!("{}{base}", self.prefix)
+    }
+}
+
+/// The Redis that holds stock, reservations and purchase status.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `FLASHSALE_REDIS_URL`.
+    pub url: String,
+    /// `FLASHSALE_REQUEST_RETENTION_MS`: how long the record of a processed
+    /// request (and a purchase's status) is kept; replays older than this are
+    /// not recognised, so it must outlast the longest possible redelivery.
+    pub retention: Duration,
+}
+
+impl RedisSettings {
+    pub fn from_env(env: &Env) -> Result<Self, SettingError> {
+        Ok(Self {
+            url: env.string("REDIS_URL", "redis://127.0.0.1:16379"),
+            retention: env.millis("REQUEST_RETENTION_MS", 24 * 3600 * 1000)?,
+        })
+    }
+}
+
+/// DynamoDB: AWS's, or DynamoDB Local when an endpoint is given.
+#[derive(Debug, Clone)]
+pub struct DynamoSettings {
+    /// `FLASHSALE_DYNAMODB_ENDPOINT`: empty means "use the AWS configuration
+    /// chain as it is" (real DynamoDB, or `AWS_ENDPOINT_URL_DYNAMODB`).
+    pub endpoint: Option<String>,
+    /// `FLASHSALE_TABLE_PREFIX`: prepended to `orders` and `inventory`.
+    pub table_prefix: String,
+}
+
+impl DynamoSettings {
+    pub fn from_env(env: &Env) -> Result<Self, SettingError> {
+        let endpoint = env.string("DYNAMODB_ENDPOINT", "http://127.0.0.1:18000");
+        Ok(Self {
+            endpoint: (!endpoint.trim().is_empty()).then_some(endpoint),
+            table_prefix: env.string("TABLE_PREFIX", "flashsale-"),
+        })
+    }
+}
+
+/// `FLASHSALE_PAYMENT_URL`: base URL of the payment service.
+pub fn payment_url(env: &Env) -> String {
+    env.string("PAYMENT_URL", "http://127.0.0.1:18081")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env::from_map(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let k = KafkaSettings::from_env(&env(&[])).unwrap();
+        assert_eq!(k.bootstrap, "127.0.0.1:19092");
+        let k = KafkaSettings::from_env(&env(&[
+            ("FLASHSALE_TOPIC_PREFIX", "t1."),
+            ("FLASHSALE_KAFKA_PARTITIONS", "6"),
+        ]))
+        .unwrap();
+        assert_eq!(k.topic("reservations"), "t1.reservations");
+        assert_eq!(k.partitions, 6);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let err = KafkaSettings::from_env(&env(&[("FLASHSALE_KAFKA_PARTITIONS", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("FLASHSALE_KAFKA_PARTITIONS"), "{err}");
+        assert!(env(&[("FLASHSALE_X", "1.5")]).fraction("X", 0.0).is_err());
+        let d = DynamoSettings::from_env(&env(&[("FLASHSALE_DYNAMODB_ENDPOINT", "")])).unwrap();
+        assert_eq!(d.endpoint, None);
+    }
+}

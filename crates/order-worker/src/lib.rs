@@ -1,0 +1,202 @@
+//! order-worker: turns reservations into orders.
+//!
+//! Consumes `reservations` (consumer group `flashsale-orders`) and runs the
+//! saga in `saga` for each, many at once: reservations are independent of
+//! each other, and the consumer loop commits an offset only when every
+//! reservation before it in the partition has reached a terminal state.
+
+mod saga;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
+use flashsale_core::dynamo::{self, DynamoError, Tables};
+use flashsale_core::kafka::{self, KafkaFailure, topic};
+use flashsale_core::messages::{self, Reservation};
+use flashsale_core::orders::OrderStore;
+use flashsale_core::payment::PaymentClient;
+use flashsale_core::settings::{
+    self, DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
+};
+use flashsale_core::status_board::StatusBoard;
+use flashsale_core::stock::{self, StockError, StockStore};
+use flashsale_core::{ops, retry};
+use prometheus::{IntCounterVec, Opts, Registry};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of one order-worker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: KafkaSettings,
+    pub redis: RedisSettings,
+    pub dynamo: DynamoSettings,
+    /// `FLASHSALE_PAYMENT_URL`.
+    pub payment_url: String,
+    /// `FLASHSALE_PAYMENT_TIMEOUT_MS`: a charge not answered by then is
+    /// retried with the same idempotency key.
+    pub payment_timeout: Duration,
+    /// `FLASHSALE_CURRENCY`: ISO code the charges are made in.
+    pub currency: String,
+    /// `FLASHSALE_ORDER_METRICS_ADDR`: `/healthz`, `/readyz`, `/metrics`.
+    pub metrics_addr: SocketAddr,
+    /// `FLASHSALE_ORDER_CONCURRENCY`: sagas in progress at once.
+    pub concurrency: usize,
+}
+
+impl Config {
+    pub fn from_env(env: &Env) -> Result<Self, SettingError> {
+        Ok(Self {
+            kafka: KafkaSettings::from_env(env)?,
+            redis: RedisSettings::from_env(env)?,
+            dynamo: DynamoSettings::from_env(env)?,
+            payment_url: settings::payment_url(env),
+            payment_timeout: env.millis("PAYMENT_TIMEOUT_MS", 2_000)?,
+            currency: env.string("CURRENCY", "EUR"),
+            metrics_addr: env.get(
+                "ORDER_METRICS_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 9102)),
+            )?,
+            concurrency: env.get("ORDER_CONCURRENCY", 64)?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaFailure),
+    #[error("connecting to Redis: {0}")]
+    Redis(#[from] StockError),
+    #[error("preparing DynamoDB tables: {0}")]
+    Dynamo(#[from] DynamoError),
+    #[error("binding the metrics address: {0}")]
+    Bind(#[from] std::io::Error),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    pub outcomes: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+}
+
+/// What a saga needs.
+pub(crate) struct Deps {
+    pub orders: OrderStore,
+    pub stock: StockStore,
+    pub board: StatusBoard,
+    pub payment: PaymentClient,
+    pub producer: FutureProducer,
+    pub release_topic: String,
+    pub produce_timeout: Duration,
+    pub currency: String,
+    pub metrics: Metrics,
+    pub shutdown: CancellationToken,
+}
+
+pub struct OrderWorker {
+    pub metrics_addr: SocketAddr,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderWorker, StartError> {
+    kafka::ensure_topics(&config.kafka).await?;
+    let client = dynamo::client(&config.dynamo).await;
+    let tables = Tables::new(&config.dynamo);
+    dynamo::ensure_tables(&client, &tables).await?;
+    let conn = stock::connect(&config.redis).await?;
+    let registry = Registry::new();
+    let metrics = Metrics {
+        outcomes: IntCounterVec::new(
+            Opts::new("order_outcomes_total", "Sagas finished, by terminal state"),
+            &["state"],
+        )?,
+        dead_letters: IntCounterVec::new(
+            Opts::new("order_dead_letters_total", "Reservations sent to the DLQ"),
+            &["topic"],
+        )?,
+    };
+    registry.register(Box::new(metrics.outcomes.clone()))?;
+    registry.register(Box::new(metrics.dead_letters.clone()))?;
+    let deps = Arc::new(Deps {
+        orders: OrderStore::new(client, &tables),
+        stock: StockStore::new(conn.clone(), &config.redis),
+        board: StatusBoard::new(conn, &config.redis),
+        payment: PaymentClient::new(&config.payment_url, config.payment_timeout),
+        producer: kafka::producer(&config.kafka)?,
+        release_topic: config.kafka.topic(topic::STOCK_RELEASES),
+        produce_timeout: config.kafka.produce_timeout,
+        currency: config.currency.clone(),
+        metrics,
+        shutdown: shutdown.clone(),
+    });
+    let options = ConsumerOptions {
+        group: config.kafka.group("flashsale-orders"),
+        topics: vec![config.kafka.topic(topic::RESERVATIONS)],
+        max_in_flight: config.concurrency.max(1),
+        drain_timeout: Duration::from_secs(30),
+    };
+    let consumer = consume::consumer(&config.kafka, &options)?;
+
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
+    let metrics_addr = listener.local_addr()?;
+    let ready = deps.clone();
+    let app = ops::router(
+        registry,
+        Arc::new(move || {
+            let deps = ready.clone();
+            Box::pin(async move {
+                kafka::probe(&deps.producer)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                deps.stock.ping().await.map_err(|e| e.to_string())
+            })
+        }),
+    );
+    let ops_task = tokio::spawn(ops::serve(listener, app, shutdown.clone()));
+    tracing::info!(%metrics_addr, group = %options.group, "order-worker started");
+    let task = tokio::spawn(async move {
+        consume::run(consumer, OrderHandler(deps), &options, shutdown).await;
+        let _ = ops_task.await;
+    });
+    Ok(OrderWorker { metrics_addr, task })
+}
+
+struct OrderHandler(Arc<Deps>);
+
+impl Handler for OrderHandler {
+    async fn start(&self, message: OwnedMessage) -> Result<Completion, Abandoned> {
+        let deps = self.0.clone();
+        match messages::decode::<Reservation>(message.payload()) {
+            Ok(reservation) => Ok(Box::pin(async move {
+                let span = tracing::info_span!(
+                    "order",
+                    request_id = %reservation.request_id,
+                    sku = %reservation.sku,
+                    traceparent = kafka::header(&message, kafka::TRACEPARENT).unwrap_or_default()
+                );
+                tracing::Instrument::instrument(saga::run(deps, reservation), span).await
+            })),
+            Err(error) => {
+                let error = error.to_string();
+                tracing::warn!(offset = message.offset(), %error, "dead-lettering a reservation");
+                deps.metrics
+                    .dead_letters
+                    .with_label_values(&[message.topic()])
+                    .inc();
+                Ok(Box::pin(async move {
+                    retry::until_done("dead-letter", &deps.shutdown, || {
+                        kafka::dead_letter(&deps.producer, &message, &error, deps.produce_timeout)
+                    })
+                    .await?
+                    .map_err(|e| Abandoned(e.to_string()))
+                }))
+            }
+        }
+    }
+}

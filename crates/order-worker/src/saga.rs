@@ -1,0 +1,237 @@
+//! The order saga: reservation in, confirmed or cancelled order out.
+//!
+//! Each pass looks at the order's stored status and takes the one step
+//! that follows it, so a worker that died anywhere resumes where the
+//! record says it stopped when the reservation is redelivered:
+//!
+//! ```text
+//! (none) ── put ──▶ PENDING ── charge ok ──▶ PAID ── Redis commit ──▶ CONFIRMED (+ inventory.sold)
+//!                      │ declined / refused       │ reservation expired: refund
+//!                      ▼                          ▼
+//!                  CANCELLED ◀────────────────────┘ ── stock release ──▶ units back
+//! ```
+//!
+//! Every step is idempotent by the request id: the conditional writes, the
+//! payment's idempotency key, the Lua commit and release.
+
+use std::sync::Arc;
+
+use flashsale_core::clock;
+use flashsale_core::consume::Abandoned;
+use flashsale_core::kafka;
+use flashsale_core::messages::{self, Reservation, SCHEMA_VERSION, StockRelease};
+use flashsale_core::orders::{Order, OrderStatus, Written};
+use flashsale_core::payment::{ChargeMetadata, ChargeOutcome, ChargeRequest, PaymentError};
+use flashsale_core::retry::{self, Transience};
+use flashsale_core::status::{PurchaseState, reason};
+use flashsale_core::status_board::Subject;
+use flashsale_core::stock::CommitOutcome;
+
+use crate::Deps;
+
+/// The step that follows a stored status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    Charge,
+    Commit,
+    AnnounceConfirmed,
+    ReleaseAndAnnounceCancelled,
+}
+
+pub(crate) fn next_step(status: OrderStatus) -> Step {
+    match status {
+        OrderStatus::Pending => Step::Charge,
+        OrderStatus::Paid => Step::Commit,
+        OrderStatus::Confirmed => Step::AnnounceConfirmed,
+        OrderStatus::Cancelled => Step::ReleaseAndAnnounceCancelled,
+    }
+}
+
+/// Unwraps a retried call: transient errors were retried already; a
+/// permanent one abandons the message (it is redelivered after a restart).
+async fn durable<T, E, F, Fut>(what: &str, deps: &Deps, attempt: F) -> Result<T, Abandoned>
+where
+    E: Transience + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    retry::until_done(what, &deps.shutdown, attempt)
+        .await?
+        .map_err(|e| Abandoned(format!("{what}: {e}")))
+}
+
+fn current(written: Written) -> Order {
+    match written {
+        Written::Done(order) | Written::Conflict(order) => order,
+    }
+}
+
+pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(), Abandoned> {
+    let id = reservation.request_id;
+    let now = clock::now_ms();
+    let fresh = Order {
+        order_id: id,
+        sku: reservation.sku.clone(),
+        sale_id: reservation.sale_id.clone(),
+        user_id: reservation.user_id.clone(),
+        quantity: reservation.quantity,
+        amount_cents: reservation.amount_cents,
+        status: OrderStatus::Pending,
+        reason: None,
+        payment_id: None,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    let mut order = current(durable("put order", &deps, || deps.orders.create(&fresh)).await?);
+    loop {
+        let step = next_step(order.status);
+        tracing::debug!(status = %order.status, ?step, "saga step");
+        order = match step {
+            Step::Charge => charge(&deps, &order).await?,
+            Step::Commit => commit(&deps, &order).await?,
+            Step::AnnounceConfirmed => {
+                deps.metrics
+                    .outcomes
+                    .with_label_values(&["confirmed"])
+                    .inc();
+                return announce(&deps, &order, PurchaseState::Confirmed).await;
+            }
+            Step::ReleaseAndAnnounceCancelled => {
+                release(&deps, &order).await?;
+                deps.metrics
+                    .outcomes
+                    .with_label_values(&["cancelled"])
+                    .inc();
+                return announce(&deps, &order, PurchaseState::Cancelled).await;
+            }
+        };
+    }
+}
+
+async fn charge(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
+    let request = ChargeRequest {
+        amount_cents: order.amount_cents,
+        currency: deps.currency.clone(),
+        metadata: ChargeMetadata {
+            order_id: order.order_id.to_string(),
+            sku: order.sku.to_string(),
+            sale_id: order.sale_id.clone(),
+        },
+    };
+    let outcome = retry::until_done("charge", &deps.shutdown, || {
+        deps.payment.charge(order.order_id, &request)
+    })
+    .await?;
+    let (to, why, payment_id) = match &outcome {
+        Ok(ChargeOutcome::Succeeded(charge)) => (OrderStatus::Paid, None, Some(charge.id.as_str())),
+        Ok(ChargeOutcome::Declined(charge)) => (
+            OrderStatus::Cancelled,
+            Some(reason::PAYMENT_DECLINED),
+            Some(charge.id.as_str()),
+        ),
+        Err(PaymentError::Refused(detail)) => {
+            tracing::warn!(%detail, "payment refused the charge");
+            (OrderStatus::Cancelled, Some(reason::PAYMENT_FAILED), None)
+        }
+        Err(transient @ PaymentError::Transient(_)) => {
+            return Err(Abandoned(transient.to_string()));
+        }
+    };
+    let order = transition(deps, order, to, why, payment_id).await?;
+    if order.status == OrderStatus::Paid {
+        announce(deps, &order, PurchaseState::Paid).await?;
+    }
+    Ok(order)
+}
+
+async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
+    let outcome = durable("commit stock", deps, || {
+        deps.stock
+            .commit(&order.sku, order.order_id, clock::now_ms())
+    })
+    .await?;
+    match outcome {
+        CommitOutcome::Committed => Ok(current(
+            durable("confirm order", deps, || {
+                deps.orders.confirm(order, clock::now_ms())
+            })
+            .await?,
+        )),
+        CommitOutcome::Expired | CommitOutcome::Gone => {
+            // Paid for units we no longer hold: give the money back first,
+            // then cancel, so a crash in between repeats the (idempotent)
+            // refund rather than leaving a charge behind.
+            if let Some(charge_id) = &order.payment_id {
+                durable("refund", deps, || deps.payment.refund(charge_id)).await?;
+            }
+            transition(
+                deps,
+                order,
+                OrderStatus::Cancelled,
+                Some(reason::RESERVATION_EXPIRED),
+                None,
+            )
+            .await
+        }
+    }
+}
+
+async fn transition(
+    deps: &Deps,
+    order: &Order,
+    to: OrderStatus,
+    why: Option<&str>,
+    payment_id: Option<&str>,
+) -> Result<Order, Abandoned> {
+    let written = durable("update order", deps, || {
+        deps.orders.transition(
+            order.order_id,
+            order.status,
+            to,
+            why,
+            payment_id,
+            clock::now_ms(),
+        )
+    })
+    .await?;
+    Ok(current(written))
+}
+
+/// Asks the shop-worker to give the units back; its release script acts
+/// once, however often this is sent.
+async fn release(deps: &Deps, order: &Order) -> Result<(), Abandoned> {
+    let message = StockRelease {
+        v: SCHEMA_VERSION,
+        request_id: order.order_id,
+        sku: order.sku.clone(),
+        reason: order.reason.clone().unwrap_or_default(),
+    };
+    let payload = messages::encode(&message);
+    durable("send stock release", deps, || {
+        kafka::send(
+            &deps.producer,
+            &deps.release_topic,
+            order.sku.as_str(),
+            &payload,
+            kafka::trace_headers(order.order_id),
+            deps.produce_timeout,
+        )
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn announce(deps: &Deps, order: &Order, state: PurchaseState) -> Result<(), Abandoned> {
+    let subject = Subject {
+        id: order.order_id,
+        sku: &order.sku,
+        user: &order.user_id,
+        quantity: order.quantity,
+    };
+    durable("post status", deps, || {
+        deps.board
+            .post(&subject, state, order.reason.as_deref(), clock::now_ms())
+    })
+    .await
+    .map(|_| ())
+}

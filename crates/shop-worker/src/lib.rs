@@ -1,0 +1,320 @@
+//! shop-worker: the only writer of stock in Redis.
+//!
+//! It consumes `purchase-requests` (reserve, then publish the reservation)
+//! and `stock-releases` (give units back). A purchase request is reserved in
+//! arrival order within its partition (first come, first served); publishing
+//! the reservation and posting the status happen concurrently afterwards,
+//! and the offset is committed only once both are durable. Every Redis
+//! change is an idempotent Lua script, so a redelivered message (after a
+//! crash or a rebalance) changes nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
+use flashsale_core::ids::RequestId;
+use flashsale_core::kafka::{self, KafkaFailure, topic};
+use flashsale_core::messages::{self, PurchaseRequest, Reservation, SCHEMA_VERSION, StockRelease};
+use flashsale_core::settings::{Env, KafkaSettings, RedisSettings, SettingError};
+use flashsale_core::status::PurchaseState;
+use flashsale_core::status_board::{StatusBoard, Subject};
+use flashsale_core::stock::{self, ReserveOutcome, StockStore};
+use flashsale_core::{clock, ops, retry};
+use prometheus::{IntCounterVec, Opts, Registry};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+
+/// Settings of one shop-worker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: KafkaSettings,
+    pub redis: RedisSettings,
+    /// `FLASHSALE_SHOP_METRICS_ADDR`: `/healthz`, `/readyz`, `/metrics`.
+    pub metrics_addr: SocketAddr,
+    /// `FLASHSALE_MAX_QUEUE_AGE_MS`: a request that waited longer than this
+    /// in Kafka is rejected as `stale` (its buyer has long given up).
+    pub max_queue_age: Duration,
+    /// `FLASHSALE_SHOP_MAX_IN_FLIGHT`: messages past their reservation
+    /// whose publication may be outstanding at once.
+    pub max_in_flight: usize,
+}
+
+impl Config {
+    pub fn from_env(env: &Env) -> Result<Self, SettingError> {
+        Ok(Self {
+            kafka: KafkaSettings::from_env(env)?,
+            redis: RedisSettings::from_env(env)?,
+            metrics_addr: env.get(
+                "SHOP_METRICS_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 9101)),
+            )?,
+            max_queue_age: env.millis("MAX_QUEUE_AGE_MS", 60_000)?,
+            max_in_flight: env.get("SHOP_MAX_IN_FLIGHT", 512)?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaFailure),
+    #[error("connecting to Redis: {0}")]
+    Redis(#[from] stock::StockError),
+    #[error("binding the metrics address: {0}")]
+    Bind(#[from] std::io::Error),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+#[derive(Clone)]
+struct Metrics {
+    reservations: IntCounterVec,
+    releases: IntCounterVec,
+    dead_letters: IntCounterVec,
+}
+
+impl Metrics {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let counter =
+            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        Ok(Self {
+            reservations: counter(
+                "shop_reserve_total",
+                "Purchase requests by reservation outcome",
+                "outcome",
+            )?,
+            releases: counter("shop_release_total", "Stock releases by outcome", "outcome")?,
+            dead_letters: counter("shop_dead_letters_total", "Messages sent to a DLQ", "topic")?,
+        })
+    }
+}
+
+struct Shop {
+    stock: StockStore,
+    board: StatusBoard,
+    producer: FutureProducer,
+    purchase_topic: String,
+    release_topic: String,
+    reservation_topic: String,
+    max_queue_age_ms: u64,
+    produce_timeout: Duration,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+}
+
+/// A running shop-worker.
+pub struct ShopWorker {
+    pub metrics_addr: SocketAddr,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Connects, creates the topics if needed, joins the consumer group and
+/// runs until `shutdown`; the returned task ends once the worker has
+/// committed its offsets and left the group.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWorker, StartError> {
+    kafka::ensure_topics(&config.kafka).await?;
+    let conn = stock::connect(&config.redis).await?;
+    let producer = kafka::producer(&config.kafka)?;
+    let registry = Registry::new();
+    let metrics = Metrics::register(&registry)?;
+    let shop = Arc::new(Shop {
+        stock: StockStore::new(conn.clone(), &config.redis),
+        board: StatusBoard::new(conn, &config.redis),
+        producer: producer.clone(),
+        purchase_topic: config.kafka.topic(topic::PURCHASE_REQUESTS),
+        release_topic: config.kafka.topic(topic::STOCK_RELEASES),
+        reservation_topic: config.kafka.topic(topic::RESERVATIONS),
+        max_queue_age_ms: config.max_queue_age.as_millis() as u64,
+        produce_timeout: config.kafka.produce_timeout,
+        metrics,
+        shutdown: shutdown.clone(),
+    });
+    let options = ConsumerOptions {
+        group: config.kafka.group("flashsale-shop"),
+        topics: vec![shop.purchase_topic.clone(), shop.release_topic.clone()],
+        max_in_flight: config.max_in_flight,
+        drain_timeout: Duration::from_secs(10),
+    };
+    let consumer = consume::consumer(&config.kafka, &options)?;
+
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
+    let metrics_addr = listener.local_addr()?;
+    let ready_shop = shop.clone();
+    let app = ops::router(
+        registry,
+        Arc::new(move || {
+            let shop = ready_shop.clone();
+            Box::pin(async move {
+                kafka::probe(&shop.producer)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                shop.stock.ping().await.map_err(|e| e.to_string())
+            })
+        }),
+    );
+    let ops_shutdown = shutdown.clone();
+    let ops_task = tokio::spawn(ops::serve(listener, app, ops_shutdown));
+    tracing::info!(%metrics_addr, group = %options.group, "shop-worker started");
+    let task = tokio::spawn(async move {
+        consume::run(consumer, ShopHandler(shop), &options, shutdown).await;
+        let _ = ops_task.await;
+    });
+    Ok(ShopWorker { metrics_addr, task })
+}
+
+struct ShopHandler(Arc<Shop>);
+
+impl Handler for ShopHandler {
+    async fn start(&self, message: OwnedMessage) -> Result<Completion, Abandoned> {
+        let shop = self.0.clone();
+        if message.topic() == shop.release_topic {
+            shop.release(message).await
+        } else {
+            shop.reserve(message).await
+        }
+    }
+}
+
+impl Shop {
+    async fn reserve(self: Arc<Self>, message: OwnedMessage) -> Result<Completion, Abandoned> {
+        let request: PurchaseRequest = match messages::decode(message.payload()) {
+            Ok(request) => request,
+            Err(error) => return self.dead_letter(message, error.to_string()).await,
+        };
+        let span =
+            tracing::info_span!("reserve", request_id = %request.request_id, sku = %request.sku);
+        let _entered = span.enter();
+        let outcome = retry::until_done("reserve", &self.shutdown, || {
+            self.stock
+                .reserve(&request, clock::now_ms(), self.max_queue_age_ms)
+        })
+        .await?;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            // A script answer we do not understand is a bug, not bad input:
+            // stop rather than guess and move stock.
+            Err(error) => return Err(Abandoned(error.to_string())),
+        };
+        let label = match &outcome {
+            ReserveOutcome::Reserved { .. } => "reserved",
+            ReserveOutcome::Rejected { reason } => reason.as_str(),
+        };
+        self.metrics.reservations.with_label_values(&[label]).inc();
+        tracing::debug!(outcome = label, "reserve");
+        drop(_entered);
+        Ok(Box::pin(
+            async move { self.publish(request, outcome).await },
+        ))
+    }
+
+    /// Publishes a reservation for the order stage, then posts the status.
+    async fn publish(
+        &self,
+        request: PurchaseRequest,
+        outcome: ReserveOutcome,
+    ) -> Result<(), Abandoned> {
+        let subject = Subject {
+            id: request.request_id,
+            sku: &request.sku,
+            user: &request.user_id,
+            quantity: request.quantity,
+        };
+        let (state, reason) = match outcome {
+            ReserveOutcome::Reserved {
+                expires_at_ms,
+                amount_cents,
+                sale_id,
+            } => {
+                let reservation = Reservation {
+                    v: SCHEMA_VERSION,
+                    request_id: request.request_id,
+                    sku: request.sku.clone(),
+                    user_id: request.user_id.clone(),
+                    quantity: request.quantity,
+                    amount_cents,
+                    sale_id,
+                    expires_at_ms,
+                };
+                self.send(
+                    &self.reservation_topic,
+                    &request.request_id.to_string(),
+                    request.request_id,
+                    &messages::encode(&reservation),
+                )
+                .await?;
+                (PurchaseState::Reserved, None)
+            }
+            ReserveOutcome::Rejected { reason } => (PurchaseState::Rejected, Some(reason)),
+        };
+        retry::until_done("post status", &self.shutdown, || {
+            self.board
+                .post(&subject, state, reason.as_deref(), clock::now_ms())
+        })
+        .await?
+        .map(|_| ())
+        .map_err(|e| Abandoned(e.to_string()))
+    }
+
+    async fn release(self: Arc<Self>, message: OwnedMessage) -> Result<Completion, Abandoned> {
+        let release: StockRelease = match messages::decode(message.payload()) {
+            Ok(release) => release,
+            Err(error) => return self.dead_letter(message, error.to_string()).await,
+        };
+        let outcome = retry::until_done("release", &self.shutdown, || {
+            self.stock.release(&release.sku, release.request_id)
+        })
+        .await?
+        .map_err(|e| Abandoned(e.to_string()))?;
+        let label = format!("{outcome:?}").to_lowercase();
+        self.metrics.releases.with_label_values(&[&label]).inc();
+        tracing::info!(request_id = %release.request_id, sku = %release.sku, outcome = %label, reason = %release.reason, "stock release");
+        Ok(consume::done())
+    }
+
+    async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        id: RequestId,
+        payload: &[u8],
+    ) -> Result<(), Abandoned> {
+        retry::until_done("publish", &self.shutdown, || {
+            kafka::send(
+                &self.producer,
+                topic,
+                key,
+                payload,
+                kafka::trace_headers(id),
+                self.produce_timeout,
+            )
+        })
+        .await?
+        .map(|_| ())
+        .map_err(|e| Abandoned(e.to_string()))
+    }
+
+    async fn dead_letter(
+        self: Arc<Self>,
+        message: OwnedMessage,
+        error: String,
+    ) -> Result<Completion, Abandoned> {
+        tracing::warn!(topic = message.topic(), offset = message.offset(), %error, "dead-lettering a message");
+        self.metrics
+            .dead_letters
+            .with_label_values(&[message.topic()])
+            .inc();
+        Ok(Box::pin(async move {
+            retry::until_done("dead-letter", &self.shutdown, || {
+                kafka::dead_letter(&self.producer, &message, &error, self.produce_timeout)
+            })
+            .await?
+            .map_err(|e| Abandoned(e.to_string()))
+        }))
+    }
+}

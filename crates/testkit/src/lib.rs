@@ -1,0 +1,246 @@
+//! Starts a whole flashsale pipeline in-process, against the real local
+//! stack (the Kafka, Redis and DynamoDB Local that `./scripts/test` runs),
+//! for integration tests.
+//!
+//! Each pipeline gets its own topic, consumer-group and table prefix, and
+//! its services listen on ports the OS picks, so tests run in parallel
+//! without seeing each other's data. Sku names are unique per pipeline too,
+//! because Redis is shared.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flashsale_cli::sale::{self, SaleSpec};
+use flashsale_cli::{Config as CliConfig, Stores};
+use flashsale_core::ids::Sku;
+use flashsale_core::kafka::{self, topic};
+use flashsale_core::payment::StubBehaviour;
+use flashsale_core::settings::{Env, KafkaSettings};
+use flashsale_core::stock::SaleRules;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+
+pub use flashsale_cli;
+pub use flashsale_core;
+
+/// The process environment's `FLASHSALE_*` settings (the stack's ports),
+/// with `overrides` on top.
+pub fn env_with(overrides: &[(&str, String)]) -> Env {
+    let mut vars: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("FLASHSALE_"))
+        .collect();
+    for (k, v) in overrides {
+        vars.insert((*k).to_owned(), v.clone());
+    }
+    Env::from_map(vars)
+}
+
+fn any_port() -> String {
+    SocketAddr::from(([127, 0, 0, 1], 0)).to_string()
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub decline_rate: f64,
+    pub payment_latency_ms: u64,
+    pub shop_workers: usize,
+    pub order_workers: usize,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        Self {
+            decline_rate: 0.0,
+            payment_latency_ms: 5,
+            shop_workers: 1,
+            order_workers: 1,
+        }
+    }
+}
+
+pub struct Pipeline {
+    /// Unique to this pipeline: the prefix of its topics, groups and tables.
+    pub prefix: String,
+    pub env: Env,
+    pub kafka: KafkaSettings,
+    pub cli: CliConfig,
+    pub stores: Stores,
+    pub gateway_url: String,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Pipeline {
+    pub async fn start(options: PipelineOptions) -> anyhow::Result<Self> {
+        flashsale_core::ops::init_tracing();
+        let id = &uuid::Uuid::now_v7().simple().to_string()[20..];
+        let prefix = format!("t{id}");
+        let stub_env = env_with(&[
+            ("FLASHSALE_PAYMENT_ADDR", any_port()),
+            (
+                "FLASHSALE_PAYMENT_DECLINE_RATE",
+                options.decline_rate.to_string(),
+            ),
+            (
+                "FLASHSALE_PAYMENT_LATENCY_MS",
+                options.payment_latency_ms.to_string(),
+            ),
+        ]);
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let stub = flashsale_payment_stub::start(
+            flashsale_payment_stub::Config::from_env(&stub_env)?,
+            shutdown.clone(),
+        )
+        .await?;
+        let payment_url = format!("http://{}", stub.local_addr);
+        tasks.push(tokio::spawn(async move {
+            let _ = stub.task.await;
+        }));
+        let env = env_with(&[
+            ("FLASHSALE_TOPIC_PREFIX", format!("{prefix}.")),
+            ("FLASHSALE_TABLE_PREFIX", format!("{prefix}-")),
+            ("FLASHSALE_GATEWAY_ADDR", any_port()),
+            ("FLASHSALE_SHOP_METRICS_ADDR", any_port()),
+            ("FLASHSALE_ORDER_METRICS_ADDR", any_port()),
+            ("FLASHSALE_PAYMENT_URL", payment_url),
+        ]);
+
+        let gateway =
+            flashsale_gateway::start(flashsale_gateway::Config::from_env(&env)?, shutdown.clone())
+                .await?;
+        let gateway_url = format!("http://{}", gateway.local_addr);
+        tasks.push(tokio::spawn(async move {
+            let _ = gateway.task.await;
+        }));
+        for _ in 0..options.shop_workers {
+            let worker = flashsale_shop_worker::start(
+                flashsale_shop_worker::Config::from_env(&env)?,
+                shutdown.clone(),
+            )
+            .await?;
+            tasks.push(worker.task);
+        }
+        for _ in 0..options.order_workers {
+            let worker = flashsale_order_worker::start(
+                flashsale_order_worker::Config::from_env(&env)?,
+                shutdown.clone(),
+            )
+            .await?;
+            tasks.push(worker.task);
+        }
+        let mut cli = CliConfig::from_env(&env)?;
+        cli.gateway_url = gateway_url.clone();
+        let stores = Stores::connect(&cli).await?;
+        Ok(Self {
+            prefix,
+            kafka: cli.kafka.clone(),
+            env,
+            cli,
+            stores,
+            gateway_url,
+            http: reqwest::Client::new(),
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// A sku name no other test uses (Redis is shared between tests).
+    pub fn sku(&self, name: &str) -> Sku {
+        Sku::parse(&format!("{}-{name}", self.prefix)).expect("test sku names are valid")
+    }
+
+    pub async fn create_sale(
+        &self,
+        sku: &Sku,
+        stock: u64,
+        per_user_limit: u64,
+    ) -> anyhow::Result<SaleRules> {
+        sale::create(
+            &self.stores,
+            &SaleSpec {
+                sku: sku.clone(),
+                stock,
+                per_user_limit,
+                price_cents: 1999,
+                reservation_ttl: Duration::from_secs(600),
+                duration: Duration::from_secs(3600),
+            },
+        )
+        .await
+    }
+
+    pub async fn set_payment(&self, decline_rate: f64, latency_ms: u64) -> anyhow::Result<()> {
+        Ok(self
+            .stores
+            .payment
+            .set_behaviour(&StubBehaviour {
+                decline_rate,
+                latency_ms,
+            })
+            .await?)
+    }
+
+    pub fn topic(&self, base: &str) -> String {
+        self.kafka.topic(base)
+    }
+
+    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
+        Ok(kafka::producer(&self.kafka)?)
+    }
+
+    /// How many records a topic holds (sum of high watermarks).
+    pub async fn records_in(&self, topic_name: &str) -> anyhow::Result<i64> {
+        let settings = self.kafka.clone();
+        let topic_name = topic_name.to_owned();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
+            let consumer: BaseConsumer = kafka::base_config(&settings)
+                .set("group.id", "flashsale-test-watermarks")
+                .create()?;
+            let mut total = 0;
+            for partition in 0..settings.partitions {
+                let (low, high) =
+                    consumer.fetch_watermarks(&topic_name, partition, Duration::from_secs(5))?;
+                total += high - low;
+            }
+            Ok(total)
+        })
+        .await?
+    }
+
+    pub fn purchase_topic(&self) -> String {
+        self.topic(topic::PURCHASE_REQUESTS)
+    }
+
+    /// Asks every service to stop and waits until they have.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `deadline`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

