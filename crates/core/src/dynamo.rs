@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::{Credentials, Region};
-use aws_sdk_dynamodb::error::{BuildError, SdkError};
+use aws_sdk_dynamodb::error::{BuildError, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
     ScalarAttributeType, TableStatus,
@@ -19,8 +20,12 @@ use crate::settings::DynamoSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DynamoError {
+    /// Throttling, a 5xx, a timeout or no connection: worth retrying.
     #[error("DynamoDB request failed: {0}")]
     Request(String),
+    /// DynamoDB refused the request itself; retrying the same one will not help.
+    #[error("DynamoDB refused the request: {0}")]
+    Refused(String),
     #[error("building a DynamoDB request failed: {0}")]
     Build(#[from] BuildError),
     #[error("table {0} did not become active in time")]
@@ -30,12 +35,31 @@ pub enum DynamoError {
 }
 
 impl DynamoError {
-    pub fn from_sdk<E, R>(error: SdkError<E, R>) -> Self
+    pub fn from_sdk<E>(error: SdkError<E, HttpResponse>) -> Self
     where
-        E: std::error::Error + 'static,
-        R: std::fmt::Debug,
+        E: std::error::Error + ProvideErrorMetadata + 'static,
     {
-        Self::Request(aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string())
+        const RETRYABLE: [&str; 6] = [
+            "ThrottlingException",
+            "ProvisionedThroughputExceededException",
+            "RequestLimitExceeded",
+            "InternalServerError",
+            "ServiceUnavailable",
+            "TransactionInProgressException",
+        ];
+        let text = aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string();
+        match &error {
+            SdkError::ServiceError(service) => {
+                let code = service.err().code().unwrap_or_default();
+                let server_side = service.raw().status().is_server_error();
+                if server_side || RETRYABLE.contains(&code) {
+                    Self::Request(text)
+                } else {
+                    Self::Refused(text)
+                }
+            }
+            _ => Self::Request(text),
+        }
     }
 }
 

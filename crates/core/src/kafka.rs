@@ -10,6 +10,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -73,44 +74,72 @@ pub fn producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaFailure
         .map_err(KafkaFailure::Client)
 }
 
-/// Creates every topic of the pipeline and its dead-letter twin, keeping the
-/// ones that already exist. Safe to call from every service at start.
+/// Creates every topic of the pipeline and its dead-letter twin that does
+/// not exist yet. Safe to call from every service at start: once the topics
+/// exist it only reads metadata. Missing topics are created one request
+/// each, because tansu 0.6 stalled (admin timeouts) when many services sent
+/// multi-topic CreateTopics requests at the same moment.
 pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaFailure> {
     let admin: AdminClient<DefaultClientContext> = base_config(settings)
         .create()
         .map_err(KafkaFailure::Client)?;
-    let names: Vec<String> = topic::ALL
+    let wanted: Vec<String> = topic::ALL
         .iter()
         .flat_map(|base| {
             let name = settings.topic(base);
-            [topic::dead_letter(&name), name]
+            [name.clone(), topic::dead_letter(&name)]
         })
         .collect();
-    let new: Vec<NewTopic> = names
-        .iter()
-        .map(|name| NewTopic::new(name, settings.partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .create_topics(&new, &options)
+    // Asked topic by topic: tansu 0.6 drops the connection on a metadata
+    // request for all topics.
+    let existing: Vec<String> = {
+        let config = base_config(settings);
+        let names = wanted.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<String>, KafkaError> {
+            let client: BaseConsumer = config.create()?;
+            let mut existing = Vec::new();
+            for name in names {
+                let metadata = client.fetch_metadata(Some(&name), Duration::from_secs(10))?;
+                let found = metadata
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty());
+                if found {
+                    existing.push(name);
+                }
+            }
+            Ok(existing)
+        })
         .await
-        .map_err(KafkaFailure::Unreachable)?;
-    for result in results {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(KafkaFailure::CreateTopic { topic, code }),
+        .map_err(|_| KafkaFailure::Unreachable(KafkaError::Canceled))?
+        .map_err(KafkaFailure::Unreachable)?
+    };
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for name in wanted.iter().filter(|name| !existing.contains(name)) {
+        let new = NewTopic::new(name, settings.partitions, TopicReplication::Fixed(1));
+        let results = admin
+            .create_topics([&new], &options)
+            .await
+            .map_err(KafkaFailure::Unreachable)?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(KafkaFailure::CreateTopic { topic, code }),
+            }
         }
     }
     Ok(())
 }
 
-/// Asks the cluster for its metadata: the readiness probe of every service.
-pub async fn probe(producer: &FutureProducer) -> Result<(), KafkaFailure> {
+/// Asks the cluster for the metadata of `topic`: the readiness probe of
+/// every service.
+pub async fn probe(producer: &FutureProducer, topic: &str) -> Result<(), KafkaFailure> {
     let producer = producer.clone();
+    let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         producer
             .client()
-            .fetch_metadata(None, Duration::from_secs(2))
+            .fetch_metadata(Some(&topic), Duration::from_secs(2))
             .map(|_| ())
     })
     .await

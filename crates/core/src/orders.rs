@@ -205,6 +205,28 @@ impl OrderStore {
             {
                 self.conflict(order.order_id).await
             }
+            // The token was used with other values: another delivery of the
+            // same reservation is confirming this order right now. Wait for
+            // its write to land, then carry on from the stored status.
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_idempotent_parameter_mismatch_exception()) =>
+            {
+                let mut delay = std::time::Duration::from_millis(10);
+                for _ in 0..10 {
+                    if let Written::Conflict(current) = self.conflict(order.order_id).await?
+                        && current.status != OrderStatus::Paid
+                    {
+                        return Ok(Written::Conflict(current));
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(DynamoError::Request(format!(
+                    "order {} is being confirmed by another delivery that has not finished",
+                    order.order_id
+                )))
+            }
             Err(e) => Err(DynamoError::from_sdk(e)),
         }
     }

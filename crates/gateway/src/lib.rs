@@ -99,7 +99,7 @@ pub async fn start(
         Arc::new(move || {
             let gateway = ready.clone();
             Box::pin(async move {
-                kafka::probe(&gateway.producer)
+                kafka::probe(&gateway.producer, &gateway.purchase_topic)
                     .await
                     .map_err(|e| e.to_string())?;
                 gateway.stock.ping().await.map_err(|e| e.to_string())

@@ -151,7 +151,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         Arc::new(move || {
             let deps = ready.clone();
             Box::pin(async move {
-                kafka::probe(&deps.producer)
+                kafka::probe(&deps.producer, &deps.release_topic)
                     .await
                     .map_err(|e| e.to_string())?;
                 deps.stock.ping().await.map_err(|e| e.to_string())

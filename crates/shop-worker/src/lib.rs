@@ -151,7 +151,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
         Arc::new(move || {
             let shop = ready_shop.clone();
             Box::pin(async move {
-                kafka::probe(&shop.producer)
+                kafka::probe(&shop.producer, &shop.purchase_topic)
                     .await
                     .map_err(|e| e.to_string())?;
                 shop.stock.ping().await.map_err(|e| e.to_string())

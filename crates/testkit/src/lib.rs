@@ -19,8 +19,10 @@ use flashsale_core::kafka::{self, topic};
 use flashsale_core::payment::StubBehaviour;
 use flashsale_core::settings::{Env, KafkaSettings};
 use flashsale_core::stock::SaleRules;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 pub use flashsale_cli;
@@ -110,6 +112,14 @@ impl Pipeline {
             ("FLASHSALE_ORDER_METRICS_ADDR", any_port()),
             ("FLASHSALE_PAYMENT_URL", payment_url),
         ]);
+        let mut cli = CliConfig::from_env(&env)?;
+        // One creator at a time per test process (see kafka::ensure_topics);
+        // the services then find their topics in place.
+        {
+            static CREATING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+            let _one_at_a_time = CREATING.lock().await;
+            kafka::ensure_topics(&cli.kafka).await?;
+        }
 
         let gateway =
             flashsale_gateway::start(flashsale_gateway::Config::from_env(&env)?, shutdown.clone())
@@ -134,7 +144,6 @@ impl Pipeline {
             .await?;
             tasks.push(worker.task);
         }
-        let mut cli = CliConfig::from_env(&env)?;
         cli.gateway_url = gateway_url.clone();
         let stores = Stores::connect(&cli).await?;
         Ok(Self {
@@ -211,6 +220,52 @@ impl Pipeline {
             Ok(total)
         })
         .await?
+    }
+
+    /// Offsets the consumer group `group_base` has committed on a topic,
+    /// summed over its partitions (0 where nothing is committed yet).
+    pub async fn committed(&self, group_base: &str, topic_name: &str) -> anyhow::Result<i64> {
+        let settings = self.kafka.clone();
+        let group = self.kafka.group(group_base);
+        let topic_name = topic_name.to_owned();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
+            let consumer: BaseConsumer = kafka::base_config(&settings)
+                .set("group.id", &group)
+                .create()?;
+            let mut wanted = TopicPartitionList::new();
+            for partition in 0..settings.partitions {
+                wanted.add_partition(&topic_name, partition);
+            }
+            let committed = consumer.committed_offsets(wanted, Duration::from_secs(5))?;
+            Ok(committed
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(n) => Some(n),
+                    _ => None,
+                })
+                .sum())
+        })
+        .await?
+    }
+
+    /// The first record of a topic, waiting up to `deadline` for one.
+    pub async fn first_record(
+        &self,
+        topic_name: &str,
+        deadline: Duration,
+    ) -> anyhow::Result<OwnedMessage> {
+        let consumer: StreamConsumer = kafka::base_config(&self.kafka)
+            .set(
+                "group.id",
+                format!("{}reader-{}", self.prefix, uuid::Uuid::now_v7().simple()),
+            )
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        consumer.subscribe(&[topic_name])?;
+        let message = tokio::time::timeout(deadline, consumer.recv()).await??;
+        Ok(message.detach())
     }
 
     pub fn purchase_topic(&self) -> String {

@@ -47,3 +47,615 @@ async fn a_purchase_goes_all_the_way_to_confirmed() {
     assert_eq!((levels.available, levels.reserved, levels.sold), (1, 0, 1));
     p.stop().await;
 }
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use flashsale_testkit::flashsale_cli::surge::{self, Arrival, SurgeOptions};
+use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, UserId};
+use flashsale_testkit::flashsale_core::kafka::{self, topic};
+use flashsale_testkit::flashsale_core::messages::{
+    self, PurchaseRequest, Reservation, SCHEMA_VERSION,
+};
+use flashsale_testkit::flashsale_core::orders::OrderStatus;
+use flashsale_testkit::flashsale_core::payment::ChargeStatus;
+use flashsale_testkit::flashsale_core::stock::ReserveOutcome;
+use flashsale_testkit::flashsale_core::{audit, clock};
+use rdkafka::message::{Headers, Message};
+
+/// 2,000 buyers at once for 50 units with 20% of payments declined: no
+/// instant with more than 50 sold, every accepted purchase terminal, and the
+/// three stores agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_thousand_buyers_fifty_units_never_oversell() {
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let sku = p.sku("crowd");
+    let options = SurgeOptions {
+        gateway_url: p.gateway_url.clone(),
+        sku: sku.clone(),
+        stock: 50,
+        buyers: 2_000,
+        arrival: Arrival::Burst,
+        per_user_limit: 1,
+        payment_decline_rate: 0.2,
+        payment_latency_ms: 5,
+        connections: 128,
+        settle_timeout: Duration::from_secs(120),
+    };
+
+    // Samples the counters while the crowd runs: each read of the stock
+    // hash is atomic with respect to the scripts.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (stock, sku, stop) = (p.stores.stock.clone(), sku.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut samples, mut max_sold, mut bad) = (0u64, 0i64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(Some(l)) = stock.levels(&sku).await {
+                    samples += 1;
+                    max_sold = max_sold.max(l.sold);
+                    if l.sold > 50
+                        || l.available < 0
+                        || l.reserved < 0
+                        || l.available + l.reserved + l.sold != 50
+                    {
+                        bad.push(format!("{l:?}"));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            (samples, max_sold, bad)
+        })
+    };
+    let report = surge::run(&p.stores, &options).await.expect("surge runs");
+    stop.store(true, Ordering::Relaxed);
+    let (samples, max_sold, bad) = sampler.await.expect("sampler");
+    println!("{}", report.human());
+
+    assert!(
+        samples > 100,
+        "only {samples} samples of the stock were taken"
+    );
+    assert!(bad.is_empty(), "inconsistent stock seen: {bad:?}");
+    assert!(max_sold <= 50, "sold reached {max_sold}");
+    assert_eq!(report.errors, 0);
+    assert_eq!(report.unsettled, 0, "accepted purchases left unsettled");
+    let shed = report.shed.sold_out
+        + report.shed.rate_limited
+        + report.shed.overloaded
+        + report.shed.invalid;
+    assert_eq!(report.accepted + shed, 2_000);
+    assert_eq!(
+        report.accepted,
+        report.confirmed + report.cancelled + report.rejected
+    );
+    assert!(report.confirmed > 0 && report.cancelled > 0, "{report:?}");
+    assert!(report.audit_ok, "audit: {:?}", report.violations);
+
+    let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
+    assert_eq!(levels.reserved, 0);
+    assert_eq!(levels.available + levels.sold, 50);
+    let sale = p.stores.inventory.get(&sku).await.unwrap().unwrap();
+    let orders = p
+        .stores
+        .orders
+        .of_sale(&sku, &sale.rules.sale_id)
+        .await
+        .unwrap();
+    let confirmed = orders
+        .iter()
+        .filter(|o| o.status == OrderStatus::Confirmed)
+        .count() as i64;
+    let charges = p
+        .stores
+        .payment
+        .charges_of_sale(&sale.rules.sale_id)
+        .await
+        .unwrap();
+    let kept = charges
+        .iter()
+        .filter(|c| c.status == ChargeStatus::Succeeded && !c.refunded)
+        .count() as i64;
+    assert_eq!(levels.sold, confirmed);
+    assert_eq!(levels.sold, kept);
+    assert_eq!(levels.sold as u64, sale.sold);
+    assert_eq!(report.confirmed as i64, confirmed);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_idempotency_key_names_one_purchase() {
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let sku = p.sku("idem");
+    p.create_sale(&sku, 5, 5).await.unwrap();
+    let (first, a) = buy(&p, sku.as_str(), "carol", Some("order-7")).await;
+    let (second, b) = buy(&p, sku.as_str(), "carol", Some("order-7")).await;
+    assert_eq!((first, second), (202, 202), "{a} {b}");
+    assert_eq!(a["request_id"], b["request_id"]);
+    let done = terminal(&p, a["request_id"].as_str().unwrap()).await;
+    assert_eq!(done.status.as_str(), "confirmed");
+    // After the first one settled, the key still names the same purchase.
+    let (third, c) = buy(&p, sku.as_str(), "carol", Some("order-7")).await;
+    assert_eq!(third, 202);
+    assert_eq!(c["request_id"], a["request_id"]);
+    assert_eq!(c["status"], "confirmed");
+    // Another user with the same key is another purchase.
+    let (_, d) = buy(&p, sku.as_str(), "dave", Some("order-7")).await;
+    assert_ne!(d["request_id"], a["request_id"]);
+    terminal(&p, d["request_id"].as_str().unwrap()).await;
+    let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
+    assert_eq!(
+        levels.sold, 2,
+        "carol's three POSTs bought one unit, dave's one"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicate_messages_change_nothing() {
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let producer = p.producer().unwrap();
+    let send = |topic: String, key: String, payload: Vec<u8>, id: RequestId| {
+        let producer = producer.clone();
+        async move {
+            kafka::send(
+                &producer,
+                &topic,
+                &key,
+                &payload,
+                kafka::trace_headers(id),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("produced")
+        }
+    };
+
+    // A purchase request delivered twice to the shop-worker.
+    let sku = p.sku("dup-request");
+    p.create_sale(&sku, 10, 5).await.unwrap();
+    let request = PurchaseRequest {
+        v: SCHEMA_VERSION,
+        request_id: RequestId::fresh(),
+        sku: sku.clone(),
+        user_id: UserId::parse("erin").unwrap(),
+        quantity: Quantity::new(2).unwrap(),
+        accepted_at_ms: clock::now_ms(),
+    };
+    for _ in 0..2 {
+        send(
+            p.purchase_topic(),
+            sku.to_string(),
+            messages::encode(&request),
+            request.request_id,
+        )
+        .await;
+    }
+    eventually("both copies processed", SETTLE, || async {
+        (p.committed("flashsale-shop", &p.purchase_topic())
+            .await
+            .ok()?
+            == 2)
+            .then_some(())
+    })
+    .await;
+    terminal(&p, &request.request_id.to_string()).await;
+    // The replay republishes the reservation (a crash between the script and
+    // the publish must not strand it); the order stage absorbs the copy.
+    let reservations = p.topic(topic::RESERVATIONS);
+    let all_processed = || async {
+        let produced = p.records_in(&reservations).await.ok()?;
+        (p.committed("flashsale-orders", &reservations).await.ok()? == produced).then_some(())
+    };
+    eventually("the order stage to catch up", SETTLE, all_processed).await;
+    let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.reserved, levels.sold), (8, 0, 2));
+    let sale_id = p
+        .stores
+        .inventory
+        .get(&sku)
+        .await
+        .unwrap()
+        .unwrap()
+        .rules
+        .sale_id;
+    assert_eq!(
+        p.stores
+            .payment
+            .charges_of_sale(&sale_id)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A reservation delivered twice to the order-worker.
+    let sku = p.sku("dup-reservation");
+    p.create_sale(&sku, 10, 5).await.unwrap();
+    let request = PurchaseRequest {
+        request_id: RequestId::fresh(),
+        sku: sku.clone(),
+        ..request
+    };
+    let ReserveOutcome::Reserved {
+        expires_at_ms,
+        amount_cents,
+        sale_id,
+    } = p
+        .stores
+        .stock
+        .reserve(&request, clock::now_ms(), 60_000)
+        .await
+        .unwrap()
+    else {
+        panic!("the reservation was refused");
+    };
+    let reservation = Reservation {
+        v: SCHEMA_VERSION,
+        request_id: request.request_id,
+        sku: sku.clone(),
+        user_id: request.user_id.clone(),
+        quantity: request.quantity,
+        amount_cents,
+        sale_id: sale_id.clone(),
+        expires_at_ms,
+    };
+    for _ in 0..2 {
+        send(
+            reservations.clone(),
+            request.request_id.to_string(),
+            messages::encode(&reservation),
+            request.request_id,
+        )
+        .await;
+    }
+    eventually("both reservations processed", SETTLE, all_processed).await;
+    let order = p
+        .stores
+        .orders
+        .get(request.request_id)
+        .await
+        .unwrap()
+        .expect("one order");
+    assert_eq!(order.status, OrderStatus::Confirmed);
+    let charges = p.stores.payment.charges_of_sale(&sale_id).await.unwrap();
+    assert_eq!(charges.len(), 1, "charged once: {charges:?}");
+    let sale = p.stores.inventory.get(&sku).await.unwrap().unwrap();
+    assert_eq!(
+        sale.sold, 2,
+        "the confirm transaction counted the units once"
+    );
+    let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.reserved, levels.sold), (8, 0, 2));
+    let evidence = audit::gather(
+        &sku,
+        &p.stores.stock,
+        &p.stores.inventory,
+        &p.stores.orders,
+        &p.stores.payment,
+    )
+    .await
+    .unwrap();
+    let report = audit::check(&evidence, true);
+    assert!(report.ok(), "{:?}", report.violations);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_declined_payment_gives_the_unit_back_to_the_next_buyer() {
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let sku = p.sku("decline");
+    p.create_sale(&sku, 1, 1).await.unwrap();
+    p.set_payment(1.0, 5).await.unwrap();
+    let (status, body) = buy(&p, sku.as_str(), "frank", None).await;
+    assert_eq!(status, 202);
+    let id = body["request_id"].as_str().unwrap().to_owned();
+    let done = terminal(&p, &id).await;
+    assert_eq!(done.status.as_str(), "cancelled");
+    assert_eq!(done.reason.as_deref(), Some("payment_declined"));
+    let order = p
+        .stores
+        .orders
+        .get(RequestId::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(order.status, OrderStatus::Cancelled);
+    let levels = eventually("the unit back in stock", SETTLE, || async {
+        let l = p.stores.stock.levels(&sku).await.ok()??;
+        (l.available == 1).then_some(l)
+    })
+    .await;
+    assert_eq!(
+        (levels.reserved, levels.sold, levels.sold_out),
+        (0, 0, false)
+    );
+
+    p.set_payment(0.0, 5).await.unwrap();
+    let (status, body) = buy(&p, sku.as_str(), "grace", None).await;
+    assert_eq!(status, 202, "{body}");
+    let done = terminal(&p, body["request_id"].as_str().unwrap()).await;
+    assert_eq!(done.status.as_str(), "confirmed");
+    let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            levels.available,
+            levels.reserved,
+            levels.sold,
+            levels.sold_out
+        ),
+        (0, 0, 1, true)
+    );
+
+    // Sold out now: answered at the gateway, nothing more on Kafka.
+    let (status, body) = buy(&p, sku.as_str(), "heidi", None).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["type"], "sold-out");
+    assert_eq!(p.records_in(&p.purchase_topic()).await.unwrap(), 2);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_a_problem_and_never_reaches_kafka() {
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let sku = p.sku("bad-input");
+    p.create_sale(&sku, 5, 1).await.unwrap();
+    let s = sku.as_str();
+    let json = "application/json";
+    let long_key = "k".repeat(300);
+    // (what, content type, body, Idempotency-Key, expected status, problem type)
+    type Case<'a> = (&'a str, &'a str, String, Option<&'a str>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "malformed JSON",
+            json,
+            r#"{"sku": "#.into(),
+            None,
+            400,
+            "malformed-json",
+        ),
+        (
+            "not an object",
+            json,
+            "[1,2]".into(),
+            None,
+            422,
+            "invalid-field",
+        ),
+        (
+            "missing quantity",
+            json,
+            format!(r#"{{"sku":"{s}","user_id":"u"}}"#),
+            None,
+            422,
+            "invalid-field",
+        ),
+        (
+            "missing sku",
+            json,
+            r#"{"user_id":"u","quantity":1}"#.into(),
+            None,
+            422,
+            "invalid-field",
+        ),
+        (
+            "quantity 0",
+            json,
+            format!(r#"{{"sku":"{s}","user_id":"u","quantity":0}}"#),
+            None,
+            422,
+            "invalid-quantity",
+        ),
+        (
+            "quantity negative",
+            json,
+            format!(r#"{{"sku":"{s}","user_id":"u","quantity":-3}}"#),
+            None,
+            422,
+            "invalid-quantity",
+        ),
+        (
+            "quantity huge",
+            json,
+            format!(r#"{{"sku":"{s}","user_id":"u","quantity":1000000}}"#),
+            None,
+            422,
+            "invalid-quantity",
+        ),
+        (
+            "quantity beyond i64",
+            json,
+            format!(r#"{{"sku":"{s}","user_id":"u","quantity":99999999999999999999999}}"#),
+            None,
+            422,
+            "invalid-field",
+        ),
+        (
+            "quantity as text",
+            json,
+            format!(r#"{{"sku":"{s}","user_id":"u","quantity":"1"}}"#),
+            None,
+            422,
+            "invalid-field",
+        ),
+        (
+            "unknown field",
+            json,
+            format!(r#"{{"sku":"{s}","user_id":"u","quantity":1,"price":0}}"#),
+            None,
+            422,
+            "invalid-field",
+        ),
+        (
+            "unknown sku",
+            json,
+            r#"{"sku":"no-such-sku-anywhere","user_id":"u","quantity":1}"#.into(),
+            None,
+            422,
+            "unknown-sku",
+        ),
+        (
+            "unicode sku",
+            json,
+            r#"{"sku":"телевизор","user_id":"u","quantity":1}"#.into(),
+            None,
+            422,
+            "invalid-sku",
+        ),
+        (
+            "empty user",
+            json,
+            format!(r#"{{"sku":"{s}","user_id":"","quantity":1}}"#),
+            None,
+            422,
+            "invalid-user-id",
+        ),
+        (
+            "oversized body",
+            json,
+            format!(
+                r#"{{"sku":"{s}","user_id":"{}","quantity":1}}"#,
+                "u".repeat(10_000)
+            ),
+            None,
+            413,
+            "body-too-large",
+        ),
+        (
+            "wrong content type",
+            "text/plain",
+            format!(r#"{{"sku":"{s}","user_id":"u","quantity":1}}"#),
+            None,
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            "bad idempotency key",
+            json,
+            format!(r#"{{"sku":"{s}","user_id":"u","quantity":1}}"#),
+            Some(long_key.as_str()),
+            400,
+            "invalid-idempotency-key",
+        ),
+    ];
+    for (what, content_type, body, key, expected, kind) in cases {
+        let mut request = p
+            .http
+            .post(format!("{}/v1/purchases", p.gateway_url))
+            .header("content-type", content_type)
+            .body(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), expected, "{what}");
+        assert_eq!(
+            response
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some("application/problem+json"),
+            "{what}"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["type"], kind, "{what}: {problem}");
+        assert!(
+            problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{what}: {problem}"
+        );
+    }
+    for (what, method, path, expected) in [
+        (
+            "status of a non-uuid",
+            "GET",
+            "/v1/purchases/not-a-uuid".to_owned(),
+            400,
+        ),
+        (
+            "status of an unknown id",
+            "GET",
+            format!("/v1/purchases/{}", RequestId::fresh()),
+            404,
+        ),
+        (
+            "negative wait",
+            "GET",
+            format!("/v1/purchases/{}?wait=-1", RequestId::fresh()),
+            400,
+        ),
+        ("unknown route", "GET", "/v2/everything".to_owned(), 404),
+        ("wrong method", "DELETE", "/v1/purchases".to_owned(), 405),
+        (
+            "unknown sku availability",
+            "GET",
+            "/v1/skus/nothing-here".to_owned(),
+            404,
+        ),
+    ] {
+        let response = p
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", p.gateway_url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), expected, "{what}");
+        let problem: Value = response.json().await.unwrap();
+        assert!(
+            problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{what}: {problem}"
+        );
+    }
+    assert_eq!(
+        p.records_in(&p.purchase_topic()).await.unwrap(),
+        0,
+        "bad input reached Kafka"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_message_goes_to_the_dead_letter_topic_and_the_worker_goes_on() {
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let sku = p.sku("dlq");
+    p.create_sale(&sku, 3, 1).await.unwrap();
+    let producer = p.producer().unwrap();
+    let garbage = b"{this is not json".to_vec();
+    kafka::send(
+        &producer,
+        &p.purchase_topic(),
+        sku.as_str(),
+        &garbage,
+        kafka::trace_headers(RequestId::fresh()),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    // Same key, same partition, after the bad one: it must still be served.
+    let (status, body) = buy(&p, sku.as_str(), "ivan", None).await;
+    assert_eq!(status, 202);
+    let done = terminal(&p, body["request_id"].as_str().unwrap()).await;
+    assert_eq!(done.status.as_str(), "confirmed");
+
+    let dead = p
+        .first_record(&topic::dead_letter(&p.purchase_topic()), SETTLE)
+        .await
+        .expect("a dead letter");
+    assert_eq!(dead.payload(), Some(garbage.as_slice()));
+    assert_eq!(dead.key(), Some(sku.as_str().as_bytes()));
+    let error = kafka::dead_letter_error(&dead).expect("the error travels with it");
+    assert!(error.contains("not a valid message"), "{error}");
+    assert!(dead.headers().is_some_and(|h| h.count() >= 2));
+    p.stop().await;
+}
