@@ -79,17 +79,24 @@ impl Stub {
     }
 }
 
-/// FNV-1a: stable across runs and platforms, unlike `DefaultHasher`.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+/// FNV-1a followed by MurmurHash3's 64-bit finalizer: stable across runs
+/// and platforms (unlike `DefaultHasher`), and well spread even for short
+/// keys that differ in one character, which FNV alone is not.
+fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
         (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
+    });
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 /// Whether the charge under `key` is declined at `rate`: the same key gets
 /// the same answer for as long as the rate is unchanged.
 pub fn declines(key: &str, rate: f64) -> bool {
-    (fnv1a(key.as_bytes()) as f64 / u64::MAX as f64) < rate
+    (stable_hash(key.as_bytes()) as f64 / u64::MAX as f64) < rate
 }
 
 pub struct PaymentStub {
