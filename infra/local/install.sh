@@ -4,6 +4,8 @@
 # DynamoDB Local (from the npm package amplify-dynamodb-simulator).
 # Safe to run again: each step checks first.
 set -euo pipefail
+# cargo install puts tansu here; a fresh shell may not have it on PATH.
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 TANSU_VERSION=0.6.0
 DDB_NPM_PACKAGE=amplify-dynamodb-simulator

@@ -14,6 +14,7 @@ bin="${FLASHSALE_BIN_DIR:-$root/target/release}"
 services=(payment-stub gateway shop-worker order-worker)
 
 log() { printf '[services] %s\n' "$*" >&2; }
+. "$(dirname "$0")/lib.sh"
 
 ready() { # url
   [ "$(curl -s -o /dev/null -w '%{http_code}' "$1")" = "200" ]
@@ -50,17 +51,7 @@ start() {
 stop() {
   # Workers first, so they finish in-flight work while the rest still answers.
   for name in order-worker shop-worker gateway payment-stub; do
-    local pid_file="$state/$name.pid"
-    [ -f "$pid_file" ] || continue
-    local pid; pid="$(cat "$pid_file")"
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null || true
-      local deadline=$((SECONDS + 40))
-      while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null || true
-      log "stopped $name"
-    fi
-    rm -f "$pid_file"
+    stop_pid_file "$name" 40
   done
 }
 

@@ -9,6 +9,8 @@
 # FLASHSALE_DYNAMODB_PORT so the stack never takes over a user's own Redis
 # or Kafka.
 set -euo pipefail
+# cargo install puts tansu here; a fresh shell may not have it on PATH.
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 state="${FLASHSALE_STATE_DIR:-$root/.flashsale/demo}"
@@ -18,6 +20,7 @@ redis_port="${FLASHSALE_REDIS_PORT:-16379}"
 ddb_port="${FLASHSALE_DYNAMODB_PORT:-18000}"
 
 log() { printf '[stack] %s\n' "$*" >&2; }
+. "$(dirname "$0")/lib.sh"
 
 running() { # name
   local pid_file="$state/$1.pid"
@@ -76,21 +79,7 @@ start() {
   log "ready: kafka 127.0.0.1:$kafka_port, redis 127.0.0.1:$redis_port, dynamodb http://127.0.0.1:$ddb_port (state in $state)"
 }
 
-stop_one() { # name
-  local pid_file="$state/$1.pid"
-  [ -f "$pid_file" ] || return 0
-  local pid; pid="$(cat "$pid_file")"
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + 15))
-    while kill -0 "$pid" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    log "stopped $1"
-  fi
-  rm -f "$pid_file"
-}
-
-stop() { for name in kafka dynamodb redis; do stop_one "$name"; done; }
+stop() { for name in kafka dynamodb redis; do stop_pid_file "$name" 15; done; }
 
 status() {
   for name in redis dynamodb kafka; do

@@ -95,6 +95,47 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// The readiness check of a service that needs Kafka and Redis: metadata
+/// for one of its topics, and a Redis `PING`.
+pub fn kafka_and_redis_ready(
+    producer: rdkafka::producer::FutureProducer,
+    topic: String,
+    stock: crate::stock::StockStore,
+) -> ReadinessCheck {
+    Arc::new(move || {
+        let (producer, topic, stock) = (producer.clone(), topic.clone(), stock.clone());
+        Box::pin(async move {
+            crate::kafka::probe(&producer, &topic)
+                .await
+                .map_err(|e| e.to_string())?;
+            stock.ping().await.map_err(|e| e.to_string())
+        })
+    })
+}
+
+/// The `main` of every service: `--help` prints `help`; otherwise set up
+/// logging, read the typed config from the environment, log it, and hand it
+/// to `run` with a token that SIGTERM or Ctrl-C cancels.
+pub async fn service_main<C, Fut>(
+    name: &str,
+    help: &str,
+    config: impl FnOnce(&crate::settings::Env) -> Result<C, crate::settings::SettingError>,
+    run: impl FnOnce(C, CancellationToken) -> Fut,
+) -> anyhow::Result<()>
+where
+    C: std::fmt::Debug,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!("{help}");
+        return Ok(());
+    }
+    init_tracing();
+    let config = config(&crate::settings::Env::process())?;
+    tracing::info!(?config, "starting {name}");
+    run(config, shutdown_on_signal()).await
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

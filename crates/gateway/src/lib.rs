@@ -93,19 +93,12 @@ pub async fn start(
         max_wait: config.max_wait,
         metrics: metrics::Metrics::register(&registry)?,
     });
-    let ready = gateway.clone();
-    let app = api::router(gateway, config.max_body_bytes).merge(ops::router(
-        registry,
-        Arc::new(move || {
-            let gateway = ready.clone();
-            Box::pin(async move {
-                kafka::probe(&gateway.producer, &gateway.purchase_topic)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                gateway.stock.ping().await.map_err(|e| e.to_string())
-            })
-        }),
-    ));
+    let ready = ops::kafka_and_redis_ready(
+        gateway.producer.clone(),
+        gateway.purchase_topic.clone(),
+        gateway.stock.clone(),
+    );
+    let app = api::router(gateway, config.max_body_bytes).merge(ops::router(registry, ready));
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
         .map_err(|source| StartError::Bind {

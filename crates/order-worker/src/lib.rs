@@ -145,18 +145,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
 
     let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
     let metrics_addr = listener.local_addr()?;
-    let ready = deps.clone();
     let app = ops::router(
         registry,
-        Arc::new(move || {
-            let deps = ready.clone();
-            Box::pin(async move {
-                kafka::probe(&deps.producer, &deps.release_topic)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                deps.stock.ping().await.map_err(|e| e.to_string())
-            })
-        }),
+        ops::kafka_and_redis_ready(
+            deps.producer.clone(),
+            deps.release_topic.clone(),
+            deps.stock.clone(),
+        ),
     );
     let ops_task = tokio::spawn(ops::serve(listener, app, shutdown.clone()));
     tracing::info!(%metrics_addr, group = %options.group, "order-worker started");

@@ -1,19 +1,18 @@
 use anyhow::Context;
-use flashsale_core::{ops, settings::Env};
+use flashsale_core::ops;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if std::env::args().any(|a| a == "--help" || a == "-h") {
-        println!("{}", include_str!("../help.txt"));
-        return Ok(());
-    }
-    ops::init_tracing();
-    let config = flashsale_order_worker::Config::from_env(&Env::process())?;
-    tracing::info!(?config, "starting order-worker");
-    let shutdown = ops::shutdown_on_signal();
-    let worker = flashsale_order_worker::start(config, shutdown)
-        .await
-        .context("starting the order-worker")?;
-    worker.task.await?;
-    Ok(())
+    ops::service_main(
+        "order-worker",
+        include_str!("../help.txt"),
+        flashsale_order_worker::Config::from_env,
+        |config, shutdown| async move {
+            let started = flashsale_order_worker::start(config, shutdown)
+                .await
+                .context("starting the order-worker")?;
+            Ok(started.task.await?)
+        },
+    )
+    .await
 }

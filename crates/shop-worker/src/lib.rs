@@ -145,18 +145,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
 
     let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
     let metrics_addr = listener.local_addr()?;
-    let ready_shop = shop.clone();
     let app = ops::router(
         registry,
-        Arc::new(move || {
-            let shop = ready_shop.clone();
-            Box::pin(async move {
-                kafka::probe(&shop.producer, &shop.purchase_topic)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                shop.stock.ping().await.map_err(|e| e.to_string())
-            })
-        }),
+        ops::kafka_and_redis_ready(
+            shop.producer.clone(),
+            shop.purchase_topic.clone(),
+            shop.stock.clone(),
+        ),
     );
     let ops_shutdown = shutdown.clone();
     let ops_task = tokio::spawn(ops::serve(listener, app, ops_shutdown));
