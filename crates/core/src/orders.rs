@@ -11,6 +11,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
 
 use crate::dynamo::{DynamoError, Item, Tables, n, s};
 use crate::ids::{Quantity, RequestId, Sku, UserId};
+use crate::status::{PurchaseState, PurchaseStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OrderStatus {
@@ -64,6 +65,28 @@ pub struct Order {
     pub payment_id: Option<String>,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+}
+
+impl Order {
+    /// The purchase as a buyer sees it, from the order record: what the
+    /// gateway answers once the status board in Redis has forgotten it.
+    pub fn purchase_status(&self) -> PurchaseStatus {
+        PurchaseStatus {
+            request_id: self.order_id.to_string(),
+            sku: self.sku.to_string(),
+            user_id: self.user_id.to_string(),
+            quantity: self.quantity.get(),
+            status: match self.status {
+                // A PENDING order holds a reservation and waits for its charge.
+                OrderStatus::Pending => PurchaseState::Reserved,
+                OrderStatus::Paid => PurchaseState::Paid,
+                OrderStatus::Confirmed => PurchaseState::Confirmed,
+                OrderStatus::Cancelled => PurchaseState::Cancelled,
+            },
+            reason: self.reason.clone(),
+            updated_at_ms: self.updated_at_ms,
+        }
+    }
 }
 
 /// What a conditional write found.

@@ -18,7 +18,8 @@ use crate::status::{PurchaseState, PurchaseStatus};
 static POST: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/status.lua")));
 
-fn key(id: &str) -> String {
+/// The Redis key of a purchase's status.
+pub fn key(id: &str) -> String {
     format!("fs:purchase:{{{id}}}")
 }
 

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flashsale_core::clock;
+use flashsale_core::dynamo::DynamoError;
 use flashsale_core::ids::{IdempotencyKey, Quantity, RequestId, Sku, UserId};
 use flashsale_core::kafka;
 use flashsale_core::messages::{self, PurchaseRequest, SCHEMA_VERSION};
@@ -291,11 +292,15 @@ async fn get_purchase(
     };
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let status = gateway
+        let status = match gateway
             .board
             .get(id)
             .await
-            .map_err(|e| unavailable("the status store", e))?;
+            .map_err(|e| unavailable("the status store", e))?
+        {
+            Some(status) => Some(status),
+            None => archived(&gateway, id).await?,
+        };
         let done = status.as_ref().is_some_and(|s| s.status.is_terminal());
         if done || tokio::time::Instant::now() + POLL_EVERY > deadline {
             return status.map(Json).ok_or_else(|| {
@@ -307,6 +312,21 @@ async fn get_purchase(
             });
         }
         tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// A purchase the status board no longer holds (older than the retention)
+/// may still have its order in DynamoDB; a purchase rejected before it was
+/// reserved has none, and is then unknown.
+async fn archived(gateway: &Gateway, id: RequestId) -> Result<Option<PurchaseStatus>, Problem> {
+    match gateway.orders.get(id).await {
+        Ok(order) => Ok(order.map(|o| o.purchase_status())),
+        Err(DynamoError::Request(e)) => Err(unavailable("the order store", e)),
+        // No table yet, or the like: nothing archived to find.
+        Err(error) => {
+            tracing::debug!(%error, "order lookup refused");
+            Ok(None)
+        }
     }
 }
 

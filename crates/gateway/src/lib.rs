@@ -3,8 +3,10 @@
 //! It checks each purchase (shape, sku, quantity, idempotency key), answers
 //! a sold-out sku with `409` without touching Kafka, and queues the rest on
 //! `purchase-requests` (key = sku), answering `202` only once the broker has
-//! acknowledged the record. It never talks to DynamoDB: what a buyer reads
-//! back comes from the status board in Redis.
+//! acknowledged the record. It never talks to DynamoDB on the purchase path:
+//! what a buyer reads back comes from the status board in Redis, and only a
+//! purchase the board has forgotten (older than the retention) is looked up
+//! in the `orders` table.
 
 mod api;
 mod metrics;
@@ -13,9 +15,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flashsale_core::dynamo::{self, Tables};
 use flashsale_core::kafka::{self, KafkaFailure, topic};
 use flashsale_core::ops;
-use flashsale_core::settings::{Env, KafkaSettings, RedisSettings, SettingError};
+use flashsale_core::orders::OrderStore;
+use flashsale_core::settings::{DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError};
 use flashsale_core::status_board::StatusBoard;
 use flashsale_core::stock::{self, StockError, StockStore};
 use rdkafka::producer::FutureProducer;
@@ -28,6 +32,8 @@ pub struct Config {
     pub addr: SocketAddr,
     pub kafka: KafkaSettings,
     pub redis: RedisSettings,
+    /// Read only for the status of purchases the status board has forgotten.
+    pub dynamo: DynamoSettings,
     /// `FLASHSALE_GATEWAY_MAX_BODY_BYTES`: larger bodies get `413`.
     pub max_body_bytes: usize,
     /// `FLASHSALE_GATEWAY_MAX_WAIT_S`: the longest `?wait=` long-poll.
@@ -40,6 +46,7 @@ impl Config {
             addr: env.get("GATEWAY_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             kafka: KafkaSettings::from_env(env)?,
             redis: RedisSettings::from_env(env)?,
+            dynamo: DynamoSettings::from_env(env)?,
             max_body_bytes: env.get("GATEWAY_MAX_BODY_BYTES", 4096)?,
             max_wait: Duration::from_secs(env.get("GATEWAY_MAX_WAIT_S", 30)?),
         })
@@ -64,6 +71,7 @@ pub enum StartError {
 pub(crate) struct Gateway {
     pub stock: StockStore,
     pub board: StatusBoard,
+    pub orders: OrderStore,
     pub producer: FutureProducer,
     pub purchase_topic: String,
     pub produce_timeout: Duration,
@@ -87,6 +95,10 @@ pub async fn start(
     let gateway = Arc::new(Gateway {
         stock: StockStore::new(conn.clone(), &config.redis),
         board: StatusBoard::new(conn, &config.redis),
+        orders: OrderStore::new(
+            dynamo::client(&config.dynamo).await,
+            &Tables::new(&config.dynamo),
+        ),
         producer: kafka::producer(&config.kafka)?,
         purchase_topic: config.kafka.topic(topic::PURCHASE_REQUESTS),
         produce_timeout: config.kafka.produce_timeout,

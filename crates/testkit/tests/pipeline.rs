@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
+use flashsale_testkit::flashsale_core::status_board;
 use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
 use serde_json::{Value, json};
 
@@ -45,6 +46,31 @@ async fn a_purchase_goes_all_the_way_to_confirmed() {
     assert_eq!(done.status.as_str(), "confirmed", "{done:?}");
     let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
     assert_eq!((levels.available, levels.reserved, levels.sold), (1, 0, 1));
+
+    // Once the status board has forgotten it (retention), the gateway
+    // answers from the order in DynamoDB.
+    let mut redis = redis::Client::open(p.cli.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let removed: i64 = redis::cmd("DEL")
+        .arg(status_board::key(&id))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let archived: PurchaseStatus = p
+        .http
+        .get(format!("{}/v1/purchases/{id}", p.gateway_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(archived.status.as_str(), "confirmed");
+    assert_eq!(archived.sku, sku.as_str());
     p.stop().await;
 }
 
@@ -173,19 +199,23 @@ async fn the_same_idempotency_key_names_one_purchase() {
         .expect("pipeline starts");
     let sku = p.sku("idem");
     p.create_sale(&sku, 5, 5).await.unwrap();
-    let (first, a) = buy(&p, sku.as_str(), "carol", Some("order-7")).await;
-    let (second, b) = buy(&p, sku.as_str(), "carol", Some("order-7")).await;
+    // Request ids derive from (user, key), and Redis outlives a test run:
+    // users unique to this pipeline, like its skus.
+    let carol = format!("{}-carol", p.prefix);
+    let dave = format!("{}-dave", p.prefix);
+    let (first, a) = buy(&p, sku.as_str(), &carol, Some("order-7")).await;
+    let (second, b) = buy(&p, sku.as_str(), &carol, Some("order-7")).await;
     assert_eq!((first, second), (202, 202), "{a} {b}");
     assert_eq!(a["request_id"], b["request_id"]);
     let done = terminal(&p, a["request_id"].as_str().unwrap()).await;
     assert_eq!(done.status.as_str(), "confirmed");
     // After the first one settled, the key still names the same purchase.
-    let (third, c) = buy(&p, sku.as_str(), "carol", Some("order-7")).await;
+    let (third, c) = buy(&p, sku.as_str(), &carol, Some("order-7")).await;
     assert_eq!(third, 202);
     assert_eq!(c["request_id"], a["request_id"]);
     assert_eq!(c["status"], "confirmed");
     // Another user with the same key is another purchase.
-    let (_, d) = buy(&p, sku.as_str(), "dave", Some("order-7")).await;
+    let (_, d) = buy(&p, sku.as_str(), &dave, Some("order-7")).await;
     assert_ne!(d["request_id"], a["request_id"]);
     terminal(&p, d["request_id"].as_str().unwrap()).await;
     let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
