@@ -35,11 +35,17 @@ pub struct Reservation {
 }
 
 /// On `stock-releases`, key = sku: give the units of a failed purchase back.
+/// The shop-worker posts the purchase's `cancelled` state once it has, so a
+/// terminal state means the units are back in stock; hence the buyer and
+/// quantity travel with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StockRelease {
     pub v: u32,
     pub request_id: RequestId,
     pub sku: Sku,
+    pub user_id: UserId,
+    pub quantity: Quantity,
+    /// Why the purchase was cancelled (`status::reason`).
     pub reason: String,
 }
 
@@ -89,12 +95,12 @@ mod tests {
             decode::<StockRelease>(None),
             Err(DecodeError::Empty)
         ));
-        let v2 = br#"{"v":2,"request_id":"0190d6c4-7c1e-7cc0-8000-000000000000","sku":"a","reason":"x"}"#;
+        let v2 = br#"{"v":2,"request_id":"0190d6c4-7c1e-7cc0-8000-000000000000","sku":"a","user_id":"u","quantity":1,"reason":"x"}"#;
         assert!(matches!(
             decode::<StockRelease>(Some(v2)),
             Err(DecodeError::Version { found: 2 })
         ));
-        let bad_sku = br#"{"v":1,"request_id":"0190d6c4-7c1e-7cc0-8000-000000000000","sku":"a b","reason":"x"}"#;
+        let bad_sku = br#"{"v":1,"request_id":"0190d6c4-7c1e-7cc0-8000-000000000000","sku":"a b","user_id":"u","quantity":1,"reason":"x"}"#;
         assert!(decode::<StockRelease>(Some(bad_sku)).is_err());
     }
 

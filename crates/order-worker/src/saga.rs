@@ -8,7 +8,8 @@
 //! (none) ── put ──▶ PENDING ── charge ok ──▶ PAID ── Redis commit ──▶ CONFIRMED (+ inventory.sold)
 //!                      │ declined / refused       │ reservation expired: refund
 //!                      ▼                          ▼
-//!                  CANCELLED ◀────────────────────┘ ── stock release ──▶ units back
+//!                  CANCELLED ◀────────────────────┘ ── stock release ──▶ units back,
+//!                                                        then the shop-worker posts `cancelled`
 //! ```
 //!
 //! Every step is idempotent by the request id: the conditional writes, the
@@ -35,7 +36,8 @@ pub(crate) enum Step {
     Charge,
     Commit,
     AnnounceConfirmed,
-    ReleaseAndAnnounceCancelled,
+    /// The shop-worker posts `cancelled` once the units are back in stock.
+    Release,
 }
 
 pub(crate) fn next_step(status: OrderStatus) -> Step {
@@ -43,7 +45,7 @@ pub(crate) fn next_step(status: OrderStatus) -> Step {
         OrderStatus::Pending => Step::Charge,
         OrderStatus::Paid => Step::Commit,
         OrderStatus::Confirmed => Step::AnnounceConfirmed,
-        OrderStatus::Cancelled => Step::ReleaseAndAnnounceCancelled,
+        OrderStatus::Cancelled => Step::Release,
     }
 }
 
@@ -96,13 +98,12 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
                     .inc();
                 return announce(&deps, &order, PurchaseState::Confirmed).await;
             }
-            Step::ReleaseAndAnnounceCancelled => {
-                release(&deps, &order).await?;
+            Step::Release => {
                 deps.metrics
                     .outcomes
                     .with_label_values(&["cancelled"])
                     .inc();
-                return announce(&deps, &order, PurchaseState::Cancelled).await;
+                return release(&deps, &order).await;
             }
         };
     }
@@ -197,13 +198,15 @@ async fn transition(
     Ok(current(written))
 }
 
-/// Asks the shop-worker to give the units back; its release script acts
-/// once, however often this is sent.
+/// Asks the shop-worker to give the units back and then post `cancelled`;
+/// its release script acts once, however often this is sent.
 async fn release(deps: &Deps, order: &Order) -> Result<(), Abandoned> {
     let message = StockRelease {
         v: SCHEMA_VERSION,
         request_id: order.order_id,
         sku: order.sku.clone(),
+        user_id: order.user_id.clone(),
+        quantity: order.quantity,
         reason: order.reason.clone().unwrap_or_default(),
     };
     let payload = messages::encode(&message);

@@ -19,7 +19,7 @@ use flashsale_core::messages::{self, PurchaseRequest, Reservation, SCHEMA_VERSIO
 use flashsale_core::settings::{Env, KafkaSettings, RedisSettings, SettingError};
 use flashsale_core::status::PurchaseState;
 use flashsale_core::status_board::{StatusBoard, Subject};
-use flashsale_core::stock::{self, ReserveOutcome, StockStore};
+use flashsale_core::stock::{self, ReleaseOutcome, ReserveOutcome, StockStore};
 use flashsale_core::{clock, ops, retry};
 use prometheus::{IntCounterVec, Opts, Registry};
 use rdkafka::message::{Message, OwnedMessage};
@@ -268,8 +268,34 @@ impl Shop {
         .map_err(|e| Abandoned(e.to_string()))?;
         let label = format!("{outcome:?}").to_lowercase();
         self.metrics.releases.with_label_values(&[&label]).inc();
-        tracing::info!(request_id = %release.request_id, sku = %release.sku, outcome = %label, reason = %release.reason, "stock release");
-        Ok(consume::done())
+        tracing::debug!(request_id = %release.request_id, sku = %release.sku, outcome = %label, reason = %release.reason, "stock release");
+        if outcome == ReleaseOutcome::WasCommitted {
+            // A sold unit is never given back, and its order is confirmed:
+            // a release for it is a bug upstream, not a cancellation.
+            tracing::error!(request_id = %release.request_id, "release asked for a committed reservation; ignored");
+            return Ok(consume::done());
+        }
+        // The units are back (now or by an earlier delivery): only now is
+        // the purchase settled as cancelled.
+        Ok(Box::pin(async move {
+            let subject = Subject {
+                id: release.request_id,
+                sku: &release.sku,
+                user: &release.user_id,
+                quantity: release.quantity,
+            };
+            retry::until_done("post status", &self.shutdown, || {
+                self.board.post(
+                    &subject,
+                    PurchaseState::Cancelled,
+                    Some(release.reason.as_str()),
+                    clock::now_ms(),
+                )
+            })
+            .await?
+            .map(|_| ())
+            .map_err(|e| Abandoned(e.to_string()))
+        }))
     }
 
     async fn send(

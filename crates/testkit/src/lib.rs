@@ -63,6 +63,20 @@ impl Default for PipelineOptions {
     }
 }
 
+/// One worker of a pipeline, stoppable on its own (an operator scaling in).
+pub struct Worker {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    /// SIGTERM, in effect: finish in-flight work, commit, leave the group.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
 pub struct Pipeline {
     /// Unique to this pipeline: the prefix of its topics, groups and tables.
     pub prefix: String,
@@ -129,20 +143,10 @@ impl Pipeline {
             let _ = gateway.task.await;
         }));
         for _ in 0..options.shop_workers {
-            let worker = flashsale_shop_worker::start(
-                flashsale_shop_worker::Config::from_env(&env)?,
-                shutdown.clone(),
-            )
-            .await?;
-            tasks.push(worker.task);
+            tasks.push(start_shop_worker(&env, &shutdown).await?.task);
         }
         for _ in 0..options.order_workers {
-            let worker = flashsale_order_worker::start(
-                flashsale_order_worker::Config::from_env(&env)?,
-                shutdown.clone(),
-            )
-            .await?;
-            tasks.push(worker.task);
+            tasks.push(start_order_worker(&env, &shutdown).await?.task);
         }
         cli.gateway_url = gateway_url.clone();
         let stores = Stores::connect(&cli).await?;
@@ -157,6 +161,16 @@ impl Pipeline {
             shutdown,
             tasks,
         })
+    }
+
+    /// Another shop-worker in this pipeline's consumer group.
+    pub async fn add_shop_worker(&self) -> anyhow::Result<Worker> {
+        start_shop_worker(&self.env, &self.shutdown).await
+    }
+
+    /// Another order-worker in this pipeline's consumer group.
+    pub async fn add_order_worker(&self) -> anyhow::Result<Worker> {
+        start_order_worker(&self.env, &self.shutdown).await
     }
 
     /// A sku name no other test uses (Redis is shared between tests).
@@ -279,6 +293,32 @@ impl Pipeline {
             let _ = task.await;
         }
     }
+}
+
+async fn start_shop_worker(env: &Env, pipeline: &CancellationToken) -> anyhow::Result<Worker> {
+    let shutdown = pipeline.child_token();
+    let worker = flashsale_shop_worker::start(
+        flashsale_shop_worker::Config::from_env(env)?,
+        shutdown.clone(),
+    )
+    .await?;
+    Ok(Worker {
+        shutdown,
+        task: worker.task,
+    })
+}
+
+async fn start_order_worker(env: &Env, pipeline: &CancellationToken) -> anyhow::Result<Worker> {
+    let shutdown = pipeline.child_token();
+    let worker = flashsale_order_worker::start(
+        flashsale_order_worker::Config::from_env(env)?,
+        shutdown.clone(),
+    )
+    .await?;
+    Ok(Worker {
+        shutdown,
+        task: worker.task,
+    })
 }
 
 /// Polls `check` until it returns `Some`, or fails after `deadline`.

@@ -690,3 +690,65 @@ async fn an_unreadable_message_goes_to_the_dead_letter_topic_and_the_worker_goes
     assert!(dead.headers().is_some_and(|h| h.count() >= 2));
     p.stop().await;
 }
+
+/// Operators scale the consumer groups while the sale runs: members join
+/// and leave mid-surge, partitions move (with their committed offsets)
+/// between them, and still nothing is lost, doubled or left unsettled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_join_and_leave_while_the_sale_runs() {
+    let p = Pipeline::start(PipelineOptions {
+        shop_workers: 0,
+        order_workers: 0,
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let first_shop = p.add_shop_worker().await.unwrap();
+    let first_orders = p.add_order_worker().await.unwrap();
+    let sku = p.sku("scaling");
+    let options = SurgeOptions {
+        gateway_url: p.gateway_url.clone(),
+        sku: sku.clone(),
+        // More units than the crowd buys in its first seconds, so purchases
+        // keep flowing while the groups change.
+        stock: 2_000,
+        buyers: 3_000,
+        arrival: Arrival::Rate(600.0),
+        per_user_limit: 1,
+        payment_decline_rate: 0.2,
+        payment_latency_ms: 5,
+        connections: 64,
+        settle_timeout: Duration::from_secs(120),
+    };
+    let stores = p.stores.clone();
+    let surge = tokio::spawn(async move { surge::run(&stores, &options).await });
+
+    let queued_at_least = |n: i64| {
+        let p = &p;
+        move || async move { (p.records_in(&p.purchase_topic()).await.ok()? >= n).then_some(()) }
+    };
+    eventually("purchases flowing", SETTLE, queued_at_least(300)).await;
+    let second_shop = p.add_shop_worker().await.unwrap();
+    let second_orders = p.add_order_worker().await.unwrap();
+    eventually("more purchases", SETTLE, queued_at_least(1_000)).await;
+    first_shop.stop().await;
+    first_orders.stop().await;
+
+    let report = surge.await.unwrap().expect("surge runs");
+    println!("{}", report.human());
+    assert_eq!(report.errors, 0);
+    assert_eq!(report.unsettled, 0, "purchases lost across the rebalances");
+    assert!(report.audit_ok, "audit: {:?}", report.violations);
+    assert!(report.accepted >= 2_000, "{report:?}");
+    assert_eq!(
+        report.accepted,
+        report.confirmed + report.cancelled + report.rejected
+    );
+    assert!(
+        report.confirmed > 1_000 && report.cancelled > 0,
+        "{report:?}"
+    );
+    second_shop.stop().await;
+    second_orders.stop().await;
+    p.stop().await;
+}
