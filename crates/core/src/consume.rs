@@ -85,20 +85,27 @@ type Pending = FuturesOrdered<Pin<Box<dyn Future<Output = (Position, bool)> + Se
 
 /// Runs `handler` over the subscription until `shutdown`, then finishes
 /// in-flight work (up to the drain timeout), commits, and leaves the group.
+///
+/// Returns `Err` when it stopped on its own, because a message could not be
+/// processed: the caller should exit so that a supervisor restarts it and
+/// the message, left uncommitted, is delivered again, rather than idle on
+/// while looking healthy.
 pub async fn run<H: Handler>(
     consumer: StreamConsumer,
     handler: H,
     options: &ConsumerOptions,
     shutdown: CancellationToken,
-) {
+) -> Result<(), Abandoned> {
     let mut pending: Pending = FuturesOrdered::new();
-    let mut healthy = true;
-    while healthy {
+    let mut stopped_by: Option<String> = None;
+    while stopped_by.is_none() {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             Some((position, ok)) = pending.next(), if !pending.is_empty() => {
-                healthy = acknowledge(&consumer, position, ok);
+                if !acknowledge(&consumer, position, ok) {
+                    stopped_by = Some("a message could not be processed".into());
+                }
             }
             received = consumer.recv(), if pending.len() < options.max_in_flight => {
                 match received {
@@ -111,10 +118,7 @@ pub async fn run<H: Handler>(
                         };
                         match handler.start(message).await {
                             Ok(completion) => pending.push_back(spawned(position, completion)),
-                            Err(reason) => {
-                                tracing::warn!(%reason, "stopping the consumer");
-                                healthy = false;
-                            }
+                            Err(reason) => stopped_by = Some(reason.0),
                         }
                     }
                     // librdkafka reports broker hiccups here and recovers by itself.
@@ -141,6 +145,16 @@ pub async fn run<H: Handler>(
     }
     consumer.unsubscribe();
     tracing::info!(group = %options.group, "consumer left its group");
+    match stopped_by {
+        // Asked to stop: whatever was abandoned on the way was abandoned
+        // because of the shutdown.
+        _ if shutdown.is_cancelled() => Ok(()),
+        Some(reason) => {
+            tracing::error!(%reason, "consumer stopped");
+            Err(Abandoned(reason))
+        }
+        None => Ok(()),
+    }
 }
 
 fn spawned(

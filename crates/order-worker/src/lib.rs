@@ -101,7 +101,9 @@ pub(crate) struct Deps {
 
 pub struct OrderWorker {
     pub metrics_addr: SocketAddr,
-    pub task: tokio::task::JoinHandle<()>,
+    /// Ends when the worker has left its group: `Err` if it stopped because
+    /// a message could not be processed (its offset stays uncommitted).
+    pub task: tokio::task::JoinHandle<Result<(), Abandoned>>,
 }
 
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderWorker, StartError> {
@@ -156,8 +158,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
     let ops_task = tokio::spawn(ops::serve(listener, app, shutdown.clone()));
     tracing::info!(%metrics_addr, group = %options.group, "order-worker started");
     let task = tokio::spawn(async move {
-        consume::run(consumer, OrderHandler(deps), &options, shutdown).await;
+        let stopped = consume::run(consumer, OrderHandler(deps), &options, shutdown.clone()).await;
+        // The worker is of no use any more: stop answering probes too.
+        shutdown.cancel();
         let _ = ops_task.await;
+        stopped
     });
     Ok(OrderWorker { metrics_addr, task })
 }

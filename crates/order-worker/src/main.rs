@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<()> {
             let started = flashsale_order_worker::start(config, shutdown)
                 .await
                 .context("starting the order-worker")?;
-            Ok(started.task.await?)
+            Ok(started.task.await??)
         },
     )
     .await

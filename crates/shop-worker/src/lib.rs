@@ -111,7 +111,9 @@ struct Shop {
 /// A running shop-worker.
 pub struct ShopWorker {
     pub metrics_addr: SocketAddr,
-    pub task: tokio::task::JoinHandle<()>,
+    /// Ends when the worker has left its group: `Err` if it stopped because
+    /// a message could not be processed (its offset stays uncommitted).
+    pub task: tokio::task::JoinHandle<Result<(), Abandoned>>,
 }
 
 /// Connects, creates the topics if needed, joins the consumer group and
@@ -157,8 +159,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
     let ops_task = tokio::spawn(ops::serve(listener, app, ops_shutdown));
     tracing::info!(%metrics_addr, group = %options.group, "shop-worker started");
     let task = tokio::spawn(async move {
-        consume::run(consumer, ShopHandler(shop), &options, shutdown).await;
+        let stopped = consume::run(consumer, ShopHandler(shop), &options, shutdown.clone()).await;
+        // The worker is of no use any more: stop answering probes too.
+        shutdown.cancel();
         let _ = ops_task.await;
+        stopped
     });
     Ok(ShopWorker { metrics_addr, task })
 }

@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<()> {
             let started = flashsale_shop_worker::start(config, shutdown)
                 .await
                 .context("starting the shop-worker")?;
-            Ok(started.task.await?)
+            Ok(started.task.await??)
         },
     )
     .await

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use flashsale_cli::sale::{self, SaleSpec};
 use flashsale_cli::{Config as CliConfig, Stores};
+use flashsale_core::consume::Abandoned;
 use flashsale_core::ids::Sku;
 use flashsale_core::kafka::{self, topic};
 use flashsale_core::payment::StubBehaviour;
@@ -66,14 +67,15 @@ impl Default for PipelineOptions {
 /// One worker of a pipeline, stoppable on its own (an operator scaling in).
 pub struct Worker {
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), Abandoned>>,
 }
 
 impl Worker {
     /// SIGTERM, in effect: finish in-flight work, commit, leave the group.
-    pub async fn stop(self) {
+    /// `Err` if the worker had stopped on its own before.
+    pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        Ok(self.task.await??)
     }
 }
 
@@ -143,10 +145,16 @@ impl Pipeline {
             let _ = gateway.task.await;
         }));
         for _ in 0..options.shop_workers {
-            tasks.push(start_shop_worker(&env, &shutdown).await?.task);
+            let worker = start_shop_worker(&env, &shutdown).await?;
+            tasks.push(tokio::spawn(async move {
+                let _ = worker.task.await;
+            }));
         }
         for _ in 0..options.order_workers {
-            tasks.push(start_order_worker(&env, &shutdown).await?.task);
+            let worker = start_order_worker(&env, &shutdown).await?;
+            tasks.push(tokio::spawn(async move {
+                let _ = worker.task.await;
+            }));
         }
         cli.gateway_url = gateway_url.clone();
         let stores = Stores::connect(&cli).await?;

@@ -731,8 +731,14 @@ async fn workers_join_and_leave_while_the_sale_runs() {
     let second_shop = p.add_shop_worker().await.unwrap();
     let second_orders = p.add_order_worker().await.unwrap();
     eventually("more purchases", SETTLE, queued_at_least(1_000)).await;
-    first_shop.stop().await;
-    first_orders.stop().await;
+    first_shop
+        .stop()
+        .await
+        .expect("the first shop-worker stopped cleanly");
+    first_orders
+        .stop()
+        .await
+        .expect("the first order-worker stopped cleanly");
 
     let report = surge.await.unwrap().expect("surge runs");
     println!("{}", report.human());
@@ -748,7 +754,7 @@ async fn workers_join_and_leave_while_the_sale_runs() {
         report.confirmed > 1_000 && report.cancelled > 0,
         "{report:?}"
     );
-    second_shop.stop().await;
-    second_orders.stop().await;
+    second_shop.stop().await.expect("a clean stop");
+    second_orders.stop().await.expect("a clean stop");
     p.stop().await;
 }
