@@ -24,6 +24,11 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+if ! command -v curl >/dev/null; then
+  log "installing curl from Debian (readiness checks)"
+  apt_install curl ca-certificates
+fi
+
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
   log "installing redis-server from Debian"
   apt_install redis-server redis-tools
