@@ -152,12 +152,17 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
     })
     .await?;
     match outcome {
-        CommitOutcome::Committed => Ok(current(
-            durable("confirm order", deps, || {
-                deps.orders.confirm(order, clock::now_ms())
-            })
-            .await?,
-        )),
+        CommitOutcome::Committed => {
+            // One timestamp for every attempt: the transaction's token is the
+            // request id, and a retry must send exactly the same values.
+            let confirmed_at = clock::now_ms();
+            Ok(current(
+                durable("confirm order", deps, || {
+                    deps.orders.confirm(order, confirmed_at)
+                })
+                .await?,
+            ))
+        }
         CommitOutcome::Expired | CommitOutcome::Gone => {
             // Paid for units we no longer hold: give the money back first,
             // then cancel, so a crash in between repeats the (idempotent)
