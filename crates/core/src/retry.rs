@@ -50,6 +50,23 @@ where
     }
 }
 
+/// `until_done`, for effects that must happen: a permanent error abandons
+/// the message too (its offset stays uncommitted, so it is redelivered).
+pub async fn durable<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    attempt: F,
+) -> Result<T, Abandoned>
+where
+    E: Transience + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    until_done(what, shutdown, attempt)
+        .await?
+        .map_err(|e| Abandoned(format!("{what}: {e}")))
+}
+
 impl Transience for crate::stock::StockError {
     fn is_transient(&self) -> bool {
         crate::stock::StockError::is_transient(self)

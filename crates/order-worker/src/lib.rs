@@ -190,11 +190,10 @@ impl Handler for OrderHandler {
                     .with_label_values(&[message.topic()])
                     .inc();
                 Ok(Box::pin(async move {
-                    retry::until_done("dead-letter", &deps.shutdown, || {
+                    retry::durable("dead-letter", &deps.shutdown, || {
                         kafka::dead_letter(&deps.producer, &message, &error, deps.produce_timeout)
                     })
-                    .await?
-                    .map_err(|e| Abandoned(e.to_string()))
+                    .await
                 }))
             }
         }

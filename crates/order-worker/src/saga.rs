@@ -23,7 +23,7 @@ use flashsale_core::kafka;
 use flashsale_core::messages::{self, Reservation, SCHEMA_VERSION, StockRelease};
 use flashsale_core::orders::{Order, OrderStatus, Written};
 use flashsale_core::payment::{ChargeMetadata, ChargeOutcome, ChargeRequest, PaymentError};
-use flashsale_core::retry::{self, Transience};
+use flashsale_core::retry;
 use flashsale_core::status::{PurchaseState, reason};
 use flashsale_core::status_board::Subject;
 use flashsale_core::stock::CommitOutcome;
@@ -49,19 +49,6 @@ pub(crate) fn next_step(status: OrderStatus) -> Step {
     }
 }
 
-/// Unwraps a retried call: transient errors were retried already; a
-/// permanent one abandons the message (it is redelivered after a restart).
-async fn durable<T, E, F, Fut>(what: &str, deps: &Deps, attempt: F) -> Result<T, Abandoned>
-where
-    E: Transience + std::fmt::Display,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-{
-    retry::until_done(what, &deps.shutdown, attempt)
-        .await?
-        .map_err(|e| Abandoned(format!("{what}: {e}")))
-}
-
 fn current(written: Written) -> Order {
     match written {
         Written::Done(order) | Written::Conflict(order) => order,
@@ -84,7 +71,8 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
         created_at_ms: now,
         updated_at_ms: now,
     };
-    let mut order = current(durable("put order", &deps, || deps.orders.create(&fresh)).await?);
+    let mut order =
+        current(retry::durable("put order", &deps.shutdown, || deps.orders.create(&fresh)).await?);
     loop {
         let step = next_step(order.status);
         tracing::debug!(status = %order.status, ?step, "saga step");
@@ -146,7 +134,7 @@ async fn charge(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
 }
 
 async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
-    let outcome = durable("commit stock", deps, || {
+    let outcome = retry::durable("commit stock", &deps.shutdown, || {
         deps.stock
             .commit(&order.sku, order.order_id, clock::now_ms())
     })
@@ -157,7 +145,7 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
             // request id, and a retry must send exactly the same values.
             let confirmed_at = clock::now_ms();
             Ok(current(
-                durable("confirm order", deps, || {
+                retry::durable("confirm order", &deps.shutdown, || {
                     deps.orders.confirm(order, confirmed_at)
                 })
                 .await?,
@@ -168,7 +156,7 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
             // then cancel, so a crash in between repeats the (idempotent)
             // refund rather than leaving a charge behind.
             if let Some(charge_id) = &order.payment_id {
-                durable("refund", deps, || deps.payment.refund(charge_id)).await?;
+                retry::durable("refund", &deps.shutdown, || deps.payment.refund(charge_id)).await?;
             }
             transition(
                 deps,
@@ -189,7 +177,7 @@ async fn transition(
     why: Option<&str>,
     payment_id: Option<&str>,
 ) -> Result<Order, Abandoned> {
-    let written = durable("update order", deps, || {
+    let written = retry::durable("update order", &deps.shutdown, || {
         deps.orders.transition(
             order.order_id,
             order.status,
@@ -215,7 +203,7 @@ async fn release(deps: &Deps, order: &Order) -> Result<(), Abandoned> {
         reason: order.reason.clone().unwrap_or_default(),
     };
     let payload = messages::encode(&message);
-    durable("send stock release", deps, || {
+    retry::durable("send stock release", &deps.shutdown, || {
         kafka::send(
             &deps.producer,
             &deps.release_topic,
@@ -236,7 +224,7 @@ async fn announce(deps: &Deps, order: &Order, state: PurchaseState) -> Result<()
         user: &order.user_id,
         quantity: order.quantity,
     };
-    durable("post status", deps, || {
+    retry::durable("post status", &deps.shutdown, || {
         deps.board
             .post(&subject, state, order.reason.as_deref(), clock::now_ms())
     })

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use flashsale_core::payment::{ChargeStatus, StubBehaviour};
+use flashsale_core::payment::StubBehaviour;
 use flashsale_payment_stub::{Config, start};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -26,74 +26,62 @@ fn charge_body(amount: u64) -> Value {
            "metadata": {"order_id": "o-1", "sku": "tv", "sale_id": "s-1"}})
 }
 
+/// Sends a request with a JSON body; the status and the JSON answer.
+async fn send(request: reqwest::RequestBuilder, body: &Value) -> (u16, Value) {
+    let response = request.json(body).send().await.expect("the stub answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn charge(base: &str, key: Option<&str>, body: &Value) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(format!("{base}/v1/charges"));
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    send(request, body).await
+}
+
+async fn refund(base: &str, charge_id: &Value) -> (u16, Value) {
+    let request = reqwest::Client::new().post(format!("{base}/v1/refunds"));
+    send(request, &json!({"charge_id": charge_id})).await
+}
+
+async fn get(url: String) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
 #[tokio::test]
 async fn a_charge_is_idempotent_by_key_and_a_reused_key_is_refused() {
     let (base, shutdown) = stub(0.0).await;
-    let http = reqwest::Client::new();
-    let charge = |key: &'static str, body: Value| {
-        let http = http.clone();
-        let url = format!("{base}/v1/charges");
-        async move {
-            let r = http
-                .post(url)
-                .header("Idempotency-Key", key)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        }
-    };
-    let (first_status, first) = charge("k-1", charge_body(1999)).await;
-    let (again_status, again) = charge("k-1", charge_body(1999)).await;
+    let (first_status, first) = charge(&base, Some("k-1"), &charge_body(1999)).await;
+    let (again_status, again) = charge(&base, Some("k-1"), &charge_body(1999)).await;
     assert_eq!((first_status, again_status), (201, 201));
     assert_eq!(
         first["id"], again["id"],
         "a replay returns the first charge"
     );
-    let (reused, problem) = charge("k-1", charge_body(5)).await;
+    let (reused, problem) = charge(&base, Some("k-1"), &charge_body(5)).await;
     assert_eq!(reused, 422);
     assert_eq!(problem["type"], "idempotency-key-reused");
-    let missing = http
-        .post(format!("{base}/v1/charges"))
-        .json(&charge_body(1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(missing.status().as_u16(), 400);
+    let (missing, _) = charge(&base, None, &charge_body(1)).await;
+    assert_eq!(missing, 400);
 
-    let listed: Vec<Value> = http
-        .get(format!("{base}/v1/charges?sale_id=s-1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(listed.len(), 1, "one charge however often it was asked for");
+    let listed = get(format!("{base}/v1/charges?sale_id=s-1")).await;
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "one charge however often it was asked for"
+    );
 
-    let id = first["id"].as_str().unwrap();
-    let refund = |http: reqwest::Client| {
-        let url = format!("{base}/v1/refunds");
-        async move {
-            http.post(url)
-                .json(&json!({"charge_id": id}))
-                .send()
-                .await
-                .unwrap()
-        }
-    };
-    let r1: Value = refund(http.clone()).await.json().await.unwrap();
-    let r2: Value = refund(http.clone()).await.json().await.unwrap();
+    let (s1, r1) = refund(&base, &first["id"]).await;
+    let (s2, r2) = refund(&base, &first["id"]).await;
+    assert_eq!((s1, s2), (200, 200));
     assert_eq!(r1, r2, "a refund is idempotent");
-    let after: Value = http
-        .get(format!("{base}/v1/charges/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after = get(format!(
+        "{base}/v1/charges/{}",
+        first["id"].as_str().unwrap()
+    ))
+    .await;
     assert_eq!(after["refunded"], true);
     shutdown.cancel();
 }
@@ -101,46 +89,23 @@ async fn a_charge_is_idempotent_by_key_and_a_reused_key_is_refused() {
 #[tokio::test]
 async fn declines_are_402_and_cannot_be_refunded_and_the_rate_changes_at_run_time() {
     let (base, shutdown) = stub(1.0).await;
-    let http = reqwest::Client::new();
-    let declined = http
-        .post(format!("{base}/v1/charges"))
-        .header("Idempotency-Key", "k-2")
-        .json(&charge_body(100))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(declined.status().as_u16(), 402);
-    let charge: flashsale_core::payment::Charge = declined.json().await.unwrap();
-    assert_eq!(charge.status, ChargeStatus::Declined);
-    let refund = http
-        .post(format!("{base}/v1/refunds"))
-        .json(&json!({"charge_id": charge.id}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refund.status().as_u16(), 422);
+    let (status, declined) = charge(&base, Some("k-2"), &charge_body(100)).await;
+    assert_eq!(status, 402);
+    assert_eq!(declined["status"], "declined");
+    let (status, _) = refund(&base, &declined["id"]).await;
+    assert_eq!(status, 422);
 
-    let changed = http
-        .put(format!("{base}/admin/behaviour"))
-        .json(&json!({"decline_rate": 0.0, "latency_ms": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(changed.status().as_u16(), 200);
-    let ok = http
-        .post(format!("{base}/v1/charges"))
-        .header("Idempotency-Key", "k-3")
-        .json(&charge_body(100))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status().as_u16(), 201);
-    let invalid = http
-        .put(format!("{base}/admin/behaviour"))
-        .json(&json!({"decline_rate": 2.0, "latency_ms": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(invalid.status().as_u16(), 422);
+    let behaviour = |rate: f64| {
+        let request = reqwest::Client::new().put(format!("{base}/admin/behaviour"));
+        async move {
+            send(request, &json!({"decline_rate": rate, "latency_ms": 0}))
+                .await
+                .0
+        }
+    };
+    assert_eq!(behaviour(0.0).await, 200);
+    let (status, _) = charge(&base, Some("k-3"), &charge_body(100)).await;
+    assert_eq!(status, 201);
+    assert_eq!(behaviour(2.0).await, 422);
     shutdown.cancel();
 }

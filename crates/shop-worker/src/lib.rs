@@ -190,17 +190,13 @@ impl Shop {
         let span =
             tracing::info_span!("reserve", request_id = %request.request_id, sku = %request.sku);
         let _entered = span.enter();
-        let outcome = retry::until_done("reserve", &self.shutdown, || {
+        // A script answer we do not understand is a bug, not bad input:
+        // stop rather than guess and move stock.
+        let outcome = retry::durable("reserve", &self.shutdown, || {
             self.stock
                 .reserve(&request, clock::now_ms(), self.max_queue_age_ms)
         })
         .await?;
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            // A script answer we do not understand is a bug, not bad input:
-            // stop rather than guess and move stock.
-            Err(error) => return Err(Abandoned(error.to_string())),
-        };
         let label = match &outcome {
             ReserveOutcome::Reserved { .. } => "reserved",
             ReserveOutcome::Rejected { reason } => reason.as_str(),
@@ -252,13 +248,21 @@ impl Shop {
             }
             ReserveOutcome::Rejected { reason } => (PurchaseState::Rejected, Some(reason)),
         };
-        retry::until_done("post status", &self.shutdown, || {
-            self.board
-                .post(&subject, state, reason.as_deref(), clock::now_ms())
+        self.post(&subject, state, reason.as_deref()).await
+    }
+
+    /// Posts a purchase's state once its effect is durable.
+    async fn post(
+        &self,
+        subject: &Subject<'_>,
+        state: PurchaseState,
+        reason: Option<&str>,
+    ) -> Result<(), Abandoned> {
+        retry::durable("post status", &self.shutdown, || {
+            self.board.post(subject, state, reason, clock::now_ms())
         })
-        .await?
+        .await
         .map(|_| ())
-        .map_err(|e| Abandoned(e.to_string()))
     }
 
     async fn release(self: Arc<Self>, message: OwnedMessage) -> Result<Completion, Abandoned> {
@@ -266,11 +270,10 @@ impl Shop {
             Ok(release) => release,
             Err(error) => return self.dead_letter(message, error.to_string()).await,
         };
-        let outcome = retry::until_done("release", &self.shutdown, || {
+        let outcome = retry::durable("release", &self.shutdown, || {
             self.stock.release(&release.sku, release.request_id)
         })
-        .await?
-        .map_err(|e| Abandoned(e.to_string()))?;
+        .await?;
         let label = format!("{outcome:?}").to_lowercase();
         self.metrics.releases.with_label_values(&[&label]).inc();
         tracing::debug!(request_id = %release.request_id, sku = %release.sku, outcome = %label, reason = %release.reason, "stock release");
@@ -289,17 +292,12 @@ impl Shop {
                 user: &release.user_id,
                 quantity: release.quantity,
             };
-            retry::until_done("post status", &self.shutdown, || {
-                self.board.post(
-                    &subject,
-                    PurchaseState::Cancelled,
-                    Some(release.reason.as_str()),
-                    clock::now_ms(),
-                )
-            })
-            .await?
-            .map(|_| ())
-            .map_err(|e| Abandoned(e.to_string()))
+            self.post(
+                &subject,
+                PurchaseState::Cancelled,
+                Some(release.reason.as_str()),
+            )
+            .await
         }))
     }
 
@@ -310,7 +308,7 @@ impl Shop {
         id: RequestId,
         payload: &[u8],
     ) -> Result<(), Abandoned> {
-        retry::until_done("publish", &self.shutdown, || {
+        retry::durable("publish", &self.shutdown, || {
             kafka::send(
                 &self.producer,
                 topic,
@@ -320,9 +318,8 @@ impl Shop {
                 self.produce_timeout,
             )
         })
-        .await?
+        .await
         .map(|_| ())
-        .map_err(|e| Abandoned(e.to_string()))
     }
 
     async fn dead_letter(
@@ -336,11 +333,10 @@ impl Shop {
             .with_label_values(&[message.topic()])
             .inc();
         Ok(Box::pin(async move {
-            retry::until_done("dead-letter", &self.shutdown, || {
+            retry::durable("dead-letter", &self.shutdown, || {
                 kafka::dead_letter(&self.producer, &message, &error, self.produce_timeout)
             })
-            .await?
-            .map_err(|e| Abandoned(e.to_string()))
+            .await
         }))
     }
 }

@@ -144,14 +144,16 @@ impl Pipeline {
         tasks.push(tokio::spawn(async move {
             let _ = gateway.task.await;
         }));
+        let mut workers = Vec::new();
         for _ in 0..options.shop_workers {
-            let worker = start_shop_worker(&env, &shutdown).await?;
-            tasks.push(tokio::spawn(async move {
-                let _ = worker.task.await;
-            }));
+            workers.push(start_shop_worker(&env, &shutdown).await?);
         }
         for _ in 0..options.order_workers {
-            let worker = start_order_worker(&env, &shutdown).await?;
+            workers.push(start_order_worker(&env, &shutdown).await?);
+        }
+        for worker in workers {
+            // Stopped with the pipeline; how it ended is the tests' business
+            // only for the workers they add themselves.
             tasks.push(tokio::spawn(async move {
                 let _ = worker.task.await;
             }));
