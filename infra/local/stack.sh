@@ -22,44 +22,12 @@ ddb_port="${FLASHSALE_DYNAMODB_PORT:-18000}"
 log() { printf '[stack] %s\n' "$*" >&2; }
 . "$(dirname "$0")/lib.sh"
 
-running() { # name
-  local pid_file="$state/$1.pid"
-  [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null
-}
-
-port_open() { (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# Waits for a readiness check, with a deadline; never a fixed sleep.
-wait_for() { # what seconds command...
-  local what="$1" seconds="$2"; shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" >/dev/null 2>&1; do
-    if [ "$SECONDS" -ge "$deadline" ]; then
-      log "$what not ready after ${seconds}s; its log follows"
-      tail -n 30 "$state/$what.log" >&2 || true
-      return 1
-    fi
-    sleep 0.1
-  done
-}
-
 redis_ready() { [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = "PONG" ]; }
 ddb_ready() {
   curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:$ddb_port" \
     -H 'X-Amz-Target: DynamoDB_20120810.ListTables' -H 'Content-Type: application/x-amz-json-1.0' \
     -H 'Authorization: AWS4-HMAC-SHA256 Credential=local/20200101/us-east-1/dynamodb/aws4_request, SignedHeaders=host, Signature=x' \
     -d '{}' | grep -q 200
-}
-
-start_one() { # name port command...
-  local name="$1" port="$2"; shift 2
-  if running "$name"; then log "$name already running (pid $(cat "$state/$name.pid"))"; return; fi
-  if port_open "$port"; then
-    log "port $port ($name) is taken by a process this stack did not start; set FLASHSALE_${name^^}_PORT"
-    exit 1
-  fi
-  (cd "$state" && exec setsid "$@" >>"$state/$name.log" 2>&1 </dev/null) &
-  echo $! >"$state/$name.pid"
 }
 
 start() {

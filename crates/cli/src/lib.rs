@@ -11,6 +11,7 @@ use flashsale_core::dynamo::{self, Tables};
 use flashsale_core::inventory::InventoryStore;
 use flashsale_core::orders::OrderStore;
 use flashsale_core::payment::PaymentClient;
+use flashsale_core::recovery;
 use flashsale_core::settings::{
     self, DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
 };
@@ -52,12 +53,28 @@ pub struct Stores {
 }
 
 impl Stores {
+    /// Rebuilds `sku` in Redis after Redis was lost.
+    pub async fn recover(
+        &self,
+        config: &Config,
+        sku: &flashsale_core::ids::Sku,
+        force: bool,
+    ) -> Result<recovery::Recovered, recovery::RecoveryError> {
+        let sources = recovery::Sources {
+            stock: &self.stock,
+            inventory: &self.inventory,
+            orders: &self.orders,
+            kafka: &config.kafka,
+        };
+        recovery::recover(&sources, sku, force).await
+    }
+
     /// Connects, creating the DynamoDB tables if they are missing.
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
         let conn = stock::connect(&config.redis)
             .await
             .map_err(|e: StockError| {
-                anyhow::anyhow!("connecting to Redis at {}: {e}", config.redis.url)
+                anyhow::anyhow!("connecting to Redis at {}: {e}", config.redis.describe())
             })?;
         let client = dynamo::client(&config.dynamo).await;
         let tables = Tables::new(&config.dynamo);

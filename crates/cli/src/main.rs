@@ -48,30 +48,69 @@ enum Command {
     /// Send a crowd of buyers at the gateway, wait for every purchase to
     /// settle, audit, and report.
     Surge(SurgeArgs),
+    /// Rebuild a sku's stock in Redis after Redis was lost, from DynamoDB
+    /// (inventory and orders) and the reservations the order stage has not
+    /// processed yet. Workers wait for it: until it ran, every stock script
+    /// of the sku answers "unloaded".
+    Recover {
+        /// Repeatable; default: every sale in DynamoDB that Redis lacks.
+        #[arg(long)]
+        sku: Vec<String>,
+        /// Rebuild even though Redis still holds the sku (replaces it).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
 enum SaleCommand {
-    /// Create a sale, or reset the sku's sale (new sale id, fresh stock).
+    /// Create a sale. An sku whose sale is still open is refused unless
+    /// --replace (new sale id, fresh stock, per-user counts forgotten).
     Create {
         #[arg(long)]
         sku: String,
         /// Units on sale.
         #[arg(long)]
         stock: u64,
+        /// Units one buyer may hold (reserved or bought) at once.
         #[arg(long, default_value_t = 1)]
         per_user_limit: u64,
         #[arg(long, default_value_t = 1999)]
         price_cents: u64,
-        /// How long a reservation waits for payment.
+        /// How long a reservation waits for payment before the expiry
+        /// sweep gives its units back.
         #[arg(long, default_value_t = 600)]
         reservation_ttl_secs: u64,
-        /// How long the sale stays open, from now.
+        /// The sale opens this long from now (requests before: rejected,
+        /// sale_not_active).
+        #[arg(long, default_value_t = 0)]
+        start_in_secs: u64,
+        /// How long the sale stays open once it opened.
         #[arg(long, default_value_t = 3600)]
         duration_secs: u64,
+        /// Replace the sku's open sale.
+        #[arg(long)]
+        replace: bool,
     },
-    /// Show a sale's rules (DynamoDB) and stock (Redis).
+    /// Show a sale's rules (DynamoDB) and stock (Redis) as JSON.
     Show {
+        #[arg(long)]
+        sku: String,
+    },
+    /// Add units to a running sale; the sold-out flag clears.
+    Restock {
+        #[arg(long)]
+        sku: String,
+        #[arg(long)]
+        units: u64,
+        /// Give the id printed by an earlier attempt to retry it without
+        /// adding twice; default: a new one.
+        #[arg(long)]
+        operation_id: Option<String>,
+    },
+    /// Close a sale: new requests are rejected (sale_not_active); purchases
+    /// already reserved complete or are released.
+    Close {
         #[arg(long)]
         sku: String,
     },
@@ -143,15 +182,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             per_user_limit,
             price_cents,
             reservation_ttl_secs,
+            start_in_secs,
             duration_secs,
+            replace,
         }) => {
+            if per_user_limit == 0 || reservation_ttl_secs == 0 || duration_secs == 0 {
+                anyhow::bail!(
+                    "--per-user-limit, --reservation-ttl-secs and --duration-secs must be at least 1"
+                );
+            }
             let stores = Stores::connect(&config).await?;
+            let sku = sku(&raw)?;
+            if let Some(open) = stores.inventory.get(&sku).await?
+                && !open.closed
+                && !replace
+            {
+                anyhow::bail!(
+                    "{sku} already has an open sale ({}); close it first or pass --replace",
+                    open.rules.sale_id
+                );
+            }
             let spec = SaleSpec {
-                sku: sku(&raw)?,
+                sku,
                 stock,
                 per_user_limit,
                 price_cents,
                 reservation_ttl: Duration::from_secs(reservation_ttl_secs),
+                starts_in: Duration::from_secs(start_in_secs),
                 duration: Duration::from_secs(duration_secs),
             };
             let rules = sale::create(&stores, &spec).await?;
@@ -160,18 +217,50 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sale(SaleCommand::Show { sku: raw }) => {
             let stores = Stores::connect(&config).await?;
             let sku = sku(&raw)?;
-            let Some(sale) = stores.inventory.get(&sku).await? else {
+            let Some(view) = sale::show(&stores, &sku).await? else {
                 eprintln!("no sale for {sku}");
                 return Ok(ExitCode::from(1));
             };
-            let levels = stores.stock.levels(&sku).await?;
-            let shown = serde_json::json!({
-                "sku": sku.as_str(),
-                "rules": sale.rules,
-                "sold_in_dynamodb": sale.sold,
-                "redis": levels,
-            });
-            println!("{}", serde_json::to_string_pretty(&shown)?);
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        }
+        Command::Sale(SaleCommand::Restock {
+            sku: raw,
+            units,
+            operation_id,
+        }) => {
+            let stores = Stores::connect(&config).await?;
+            let sku = sku(&raw)?;
+            let operation_id = operation_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            eprintln!("restock operation id: {operation_id}");
+            let restocked = sale::restock(&stores, &sku, units, &operation_id).await?;
+            println!("{}", serde_json::to_string_pretty(&restocked)?);
+        }
+        Command::Sale(SaleCommand::Close { sku: raw }) => {
+            let stores = Stores::connect(&config).await?;
+            let sku = sku(&raw)?;
+            sale::close(&stores, &sku).await?;
+            println!("{sku}: closed");
+        }
+        Command::Recover { sku: raws, force } => {
+            let stores = Stores::connect(&config).await?;
+            let skus = if raws.is_empty() {
+                let mut lost = Vec::new();
+                for sku in stores.inventory.skus().await? {
+                    if stores.stock.status(&sku, 0).await?.is_none() {
+                        lost.push(sku);
+                    }
+                }
+                lost
+            } else {
+                raws.iter().map(|r| sku(r)).collect::<anyhow::Result<_>>()?
+            };
+            if skus.is_empty() {
+                println!("Redis holds every sale: nothing to recover");
+            }
+            for sku in &skus {
+                let recovered = stores.recover(&config, sku, force).await?;
+                println!("{}", serde_json::to_string_pretty(&recovered)?);
+            }
         }
         Command::Audit {
             sku: raws,

@@ -188,6 +188,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             per_user_limit: options.per_user_limit,
             price_cents: 1999,
             reservation_ttl: Duration::from_secs(600),
+            starts_in: Duration::ZERO,
             duration: Duration::from_secs(3600),
         },
     )

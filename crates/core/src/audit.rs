@@ -253,6 +253,7 @@ mod tests {
         Sale {
             sku: Sku::parse("s").unwrap(),
             sold,
+            closed: false,
             rules: SaleRules {
                 sale_id: "sale-1".into(),
                 total,
@@ -287,6 +288,7 @@ mod tests {
             status,
             reason: None,
             payment_id: payment_id.map(str::to_owned),
+            expires_at_ms: 0,
             created_at_ms: 0,
             updated_at_ms: 0,
         }

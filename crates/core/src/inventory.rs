@@ -2,6 +2,7 @@
 //! sale is (its total and rules) and for how many units were sold.
 
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::types::AttributeValue;
 
 use crate::dynamo::{DynamoError, Item, Tables, n, s};
 use crate::ids::Sku;
@@ -13,6 +14,16 @@ pub struct Sale {
     pub rules: SaleRules,
     /// Units whose order is `CONFIRMED`; moved only by the confirm transaction.
     pub sold: u64,
+    /// Closed by an operator: no new reservations, whatever the window says.
+    pub closed: bool,
+}
+
+/// What a restock found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestockWrite {
+    Applied,
+    /// This operation id was applied before (a retried command).
+    AlreadyApplied,
 }
 
 #[derive(Clone)]
@@ -43,6 +54,66 @@ impl InventoryStore {
             .item("reservation_ttl_ms", n(rules.reservation_ttl_ms))
             .item("starts_at_ms", n(rules.starts_at_ms))
             .item("ends_at_ms", n(rules.ends_at_ms))
+            .item("closed", AttributeValue::Bool(false))
+            .send()
+            .await
+            .map_err(DynamoError::from_sdk)?;
+        Ok(())
+    }
+
+    /// Adds `units` to the total of sale `sale_id`, once per `operation_id`
+    /// (the ids applied are kept in the item), so a retried restock does
+    /// not add twice.
+    pub async fn restock(
+        &self,
+        sku: &Sku,
+        sale_id: &str,
+        operation_id: &str,
+        units: u64,
+    ) -> Result<RestockWrite, DynamoError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("sku", s(sku.as_str()))
+            .update_expression("ADD #total :units, restocks :op")
+            .condition_expression(
+                "sale_id = :sale AND (attribute_not_exists(restocks) OR NOT contains(restocks, :id))",
+            )
+            .expression_attribute_names("#total", "total")
+            .expression_attribute_values(":units", n(units))
+            .expression_attribute_values(":op", AttributeValue::Ss(vec![operation_id.to_owned()]))
+            .expression_attribute_values(":id", s(operation_id))
+            .expression_attribute_values(":sale", s(sale_id))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(RestockWrite::Applied),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                match self.get(sku).await? {
+                    Some(sale) if sale.rules.sale_id == sale_id => Ok(RestockWrite::AlreadyApplied),
+                    _ => Err(DynamoError::Refused(format!(
+                        "{sku} no longer holds sale {sale_id}"
+                    ))),
+                }
+            }
+            Err(e) => Err(DynamoError::from_sdk(e)),
+        }
+    }
+
+    /// Marks sale `sale_id` closed.
+    pub async fn close(&self, sku: &Sku, sale_id: &str) -> Result<(), DynamoError> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("sku", s(sku.as_str()))
+            .update_expression("SET closed = :t")
+            .condition_expression("sale_id = :sale")
+            .expression_attribute_values(":t", AttributeValue::Bool(true))
+            .expression_attribute_values(":sale", s(sale_id))
             .send()
             .await
             .map_err(DynamoError::from_sdk)?;
@@ -97,6 +168,11 @@ impl InventoryStore {
         Ok(Some(Sale {
             sku: sku.clone(),
             sold: item.number("sold")?,
+            closed: attrs
+                .get("closed")
+                .and_then(|v| v.as_bool().ok())
+                .copied()
+                .unwrap_or(false),
             rules: SaleRules {
                 sale_id: item.string("sale_id")?,
                 total: item.number("total")?,

@@ -30,6 +30,12 @@ pub mod topic {
     }
 }
 
+/// Base names of the consumer groups; `KafkaSettings::group` adds the prefix.
+pub mod group {
+    pub const SHOP: &str = "flashsale-shop";
+    pub const ORDERS: &str = "flashsale-orders";
+}
+
 pub const TRACEPARENT: &str = "traceparent";
 const DLQ_ERROR: &str = "flashsale-error";
 const DLQ_ORIGIN: &str = "flashsale-origin";

@@ -63,6 +63,8 @@ pub struct Order {
     pub status: OrderStatus,
     pub reason: Option<String>,
     pub payment_id: Option<String>,
+    /// The reservation's deadline: past it, Redis refuses the commit.
+    pub expires_at_ms: u64,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
 }
@@ -314,6 +316,7 @@ fn to_item(order: &Order) -> std::collections::HashMap<String, AttributeValue> {
         ("quantity".to_owned(), n(u64::from(order.quantity.get()))),
         ("amount_cents".to_owned(), n(order.amount_cents)),
         ("status".to_owned(), s(order.status.as_str())),
+        ("expires_at_ms".to_owned(), n(order.expires_at_ms)),
         ("created_at_ms".to_owned(), n(order.created_at_ms)),
         ("updated_at_ms".to_owned(), n(order.updated_at_ms)),
     ]);
@@ -350,6 +353,7 @@ fn from_item(
         status: item.string("status")?.parse().map_err(malformed)?,
         reason: item.optional_string("reason"),
         payment_id: item.optional_string("payment_id"),
+        expires_at_ms: item.number("expires_at_ms")?,
         created_at_ms: item.number("created_at_ms")?,
         updated_at_ms: item.number("updated_at_ms")?,
     })

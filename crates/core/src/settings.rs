@@ -126,6 +126,10 @@ pub struct RedisSettings {
     /// request (and a purchase's status) is kept; replays older than this are
     /// not recognised, so it must outlast the longest possible redelivery.
     pub retention: Duration,
+    /// `FLASHSALE_REDIS_CLUSTER_NODES`: comma-separated `redis://` URLs of
+    /// some nodes of a Redis Cluster; when set, the cluster is used and
+    /// `FLASHSALE_REDIS_URL` is ignored.
+    pub cluster_nodes: Vec<String>,
 }
 
 impl RedisSettings {
@@ -133,7 +137,23 @@ impl RedisSettings {
         Ok(Self {
             url: env.string("REDIS_URL", "redis://127.0.0.1:16379"),
             retention: env.millis("REQUEST_RETENTION_MS", 24 * 3600 * 1000)?,
+            cluster_nodes: env
+                .string("REDIS_CLUSTER_NODES", "")
+                .split(',')
+                .map(str::trim)
+                .filter(|node| !node.is_empty())
+                .map(str::to_owned)
+                .collect(),
         })
+    }
+
+    /// Where Redis is, for messages to a person.
+    pub fn describe(&self) -> String {
+        if self.cluster_nodes.is_empty() {
+            self.url.clone()
+        } else {
+            format!("the cluster at {}", self.cluster_nodes.join(","))
+        }
     }
 }
 

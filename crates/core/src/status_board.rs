@@ -1,22 +1,22 @@
 //! Where every purchase's current state is posted for the buyer to read.
 //!
 //! One Redis hash per purchase, `fs:purchase:{<request id>}`, written only
-//! through `status.lua`, which refuses to move a state backwards. Each
+//! through `purchase_status.lua`, which refuses to move a state backwards. Each
 //! stage posts after its own effect is durable, and a redelivered message
 //! posts again harmlessly, so the board never shows a state that did not
 //! happen and ends at the purchase's terminal state.
 
 use std::collections::HashMap;
 
+use crate::redis_conn::RedisConn;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 use crate::ids::{Quantity, RequestId, Sku, UserId};
 use crate::settings::RedisSettings;
 use crate::status::{PurchaseState, PurchaseStatus};
 
 static POST: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/status.lua")));
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/purchase_status.lua")));
 
 /// The Redis key of a purchase's status.
 pub fn key(id: &str) -> String {
@@ -33,12 +33,12 @@ pub struct Subject<'a> {
 
 #[derive(Clone)]
 pub struct StatusBoard {
-    conn: ConnectionManager,
+    conn: RedisConn,
     retention_ms: u64,
 }
 
 impl StatusBoard {
-    pub fn new(conn: ConnectionManager, settings: &RedisSettings) -> Self {
+    pub fn new(conn: RedisConn, settings: &RedisSettings) -> Self {
         Self {
             conn,
             retention_ms: settings.retention.as_millis() as u64,

@@ -8,19 +8,35 @@
 use std::collections::HashMap;
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde::Serialize;
 
-use crate::ids::{RequestId, Sku};
+use crate::ids::{Quantity, RequestId, Sku, UserId};
 use crate::messages::PurchaseRequest;
+use crate::redis_conn::{self, RedisConn};
 use crate::settings::RedisSettings;
 
-static RESERVE: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/reserve.lua")));
-static COMMIT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/commit.lua")));
-static RELEASE: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/release.lua")));
+macro_rules! script {
+    ($name:ident, $file:literal) => {
+        static $name: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(include_str!($file)));
+    };
+}
+script!(OPEN, "lua/open.lua");
+script!(RESERVE, "lua/reserve.lua");
+script!(COMMIT, "lua/commit.lua");
+script!(RELEASE, "lua/release.lua");
+script!(EXPIRE, "lua/expire.lua");
+script!(RESTOCK, "lua/restock.lua");
+script!(CLOSE, "lua/close.lua");
+script!(STATUS, "lua/status.lua");
+
+/// The set of skus with a sale: what the expiry sweep walks. Outside any
+/// sku's hash tag, and written only by plain `SADD`, never by a script.
+pub const SALES_KEY: &str = "fs:sales";
+
+/// How long a sweep remembers what it released, for a retry after a lost
+/// reply; sweeps are retried within seconds.
+const SWEEP_MARKER_MS: u64 = 10 * 60 * 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StockError {
@@ -28,14 +44,20 @@ pub enum StockError {
     Redis(#[from] redis::RedisError),
     #[error("a stock script answered something unexpected: {0:?}")]
     UnexpectedReply(Vec<String>),
+    /// The sku has a sale but Redis holds no stock for it: Redis was lost.
+    /// Scripts change nothing until `flashsale recover --sku` rebuilt it.
+    #[error("Redis holds no stock for {0}: run `flashsale recover --sku {0}`")]
+    Unloaded(Sku),
 }
 
 impl StockError {
-    /// Worth retrying: the connection dropped or Redis is restarting.
+    /// Worth retrying: the connection dropped, Redis is restarting, or the
+    /// sku waits for its recovery.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Redis(e) => redis_is_transient(e),
             Self::UnexpectedReply(_) => false,
+            Self::Unloaded(_) => true,
         }
     }
 }
@@ -48,7 +70,10 @@ pub fn redis_is_transient(e: &redis::RedisError) -> bool {
         || e.is_timeout()
         || matches!(
             e.kind(),
-            redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain
+            redis::ErrorKind::BusyLoadingError
+                | redis::ErrorKind::TryAgain
+                | redis::ErrorKind::ClusterDown
+                | redis::ErrorKind::MasterDown
         )
 }
 
@@ -65,15 +90,24 @@ impl SkuKeys {
     pub fn users(&self) -> String {
         format!("{}:users", self.0)
     }
+    /// Sorted set of reserved request ids, scored by deadline.
+    pub fn deadlines(&self) -> String {
+        format!("{}:deadlines", self.0)
+    }
     pub fn processed(&self, id: RequestId) -> String {
         format!("{}:req:{id}", self.0)
     }
-    pub fn reservation(&self, id: RequestId) -> String {
-        format!("{}:res:{id}", self.0)
+    pub fn reservation_prefix(&self) -> String {
+        format!("{}:res:", self.0)
     }
-    /// Matches every key of the sku, for a reset.
-    pub fn pattern(&self) -> String {
-        format!("{}:*", self.0)
+    pub fn reservation(&self, id: RequestId) -> String {
+        format!("{}{id}", self.reservation_prefix())
+    }
+    pub fn sweep(&self, sweep_id: &str) -> String {
+        format!("{}:sweep:{sweep_id}", self.0)
+    }
+    pub fn restock(&self, operation_id: &str) -> String {
+        format!("{}:restock:{operation_id}", self.0)
     }
 }
 
@@ -102,6 +136,69 @@ pub struct StockLevels {
     pub sold_out: bool,
 }
 
+/// Everything Redis holds about a sku, read in one script.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkuStatus {
+    #[serde(flatten)]
+    pub levels: StockLevels,
+    pub closed: bool,
+    pub per_user_limit: i64,
+    pub reservation_ttl_ms: i64,
+    pub starts_at_ms: i64,
+    pub ends_at_ms: i64,
+    /// Reservations past their deadline that the sweep has not released yet.
+    pub overdue: i64,
+    pub next_deadline_ms: Option<i64>,
+}
+
+impl SkuStatus {
+    fn from_reply(reply: Vec<String>) -> Option<Self> {
+        if reply.is_empty() {
+            return None;
+        }
+        let fields: HashMap<&str, &str> = reply
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [k, v] => Some((k.as_str(), v.as_str())),
+                _ => None,
+            })
+            .collect();
+        let num = |name: &str| fields.get(name).and_then(|v| v.parse::<i64>().ok());
+        let get = |name: &str| num(name).unwrap_or(0);
+        Some(Self {
+            levels: StockLevels {
+                sale_id: fields
+                    .get("sale_id")
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                total: get("total"),
+                available: get("available"),
+                reserved: get("reserved"),
+                sold: get("sold"),
+                sold_out: get("sold_out") == 1,
+            },
+            closed: get("closed") == 1,
+            per_user_limit: get("per_user_limit"),
+            reservation_ttl_ms: get("ttl_ms"),
+            starts_at_ms: get("starts_at_ms"),
+            ends_at_ms: get("ends_at_ms"),
+            overdue: get("overdue"),
+            next_deadline_ms: num("next_deadline_ms"),
+        })
+    }
+}
+
+fn unexpected<T>(reply: &[String]) -> Result<T, StockError> {
+    Err(StockError::UnexpectedReply(reply.to_vec()))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenOutcome {
+    Opened,
+    /// This very sale was already open: a replayed create.
+    Unchanged,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReserveOutcome {
     Reserved {
@@ -115,7 +212,7 @@ pub enum ReserveOutcome {
 }
 
 impl ReserveOutcome {
-    pub fn from_reply(reply: Vec<String>) -> Result<Self, StockError> {
+    fn from_reply(sku: &Sku, reply: Vec<String>) -> Result<Self, StockError> {
         match reply.as_slice() {
             [kind, expires, amount, sale] if kind == "reserved" => {
                 match (expires.parse(), amount.parse()) {
@@ -124,75 +221,146 @@ impl ReserveOutcome {
                         amount_cents,
                         sale_id: sale.clone(),
                     }),
-                    _ => Err(StockError::UnexpectedReply(reply)),
+                    _ => unexpected(&reply),
                 }
             }
             [kind, reason] if kind == "rejected" => Ok(Self::Rejected {
                 reason: reason.clone(),
             }),
-            _ => Err(StockError::UnexpectedReply(reply)),
+            [kind] if kind == "unloaded" => Err(StockError::Unloaded(sku.clone())),
+            _ => unexpected(&reply),
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
     Committed,
     /// The deadline passed before payment finished: refund and cancel.
     Expired,
-    /// The units were already given back (or the sale was reset).
-    Gone,
+    /// The units were already given back, for this reason.
+    Released {
+        reason: String,
+    },
+    /// No record of this sale: its retention ended or the sale was replaced.
+    Missing,
 }
 
 impl CommitOutcome {
-    pub fn from_reply(reply: String) -> Result<Self, StockError> {
-        match reply.as_str() {
-            "committed" => Ok(Self::Committed),
-            "expired" => Ok(Self::Expired),
-            "released" | "missing" => Ok(Self::Gone),
-            _ => Err(StockError::UnexpectedReply(vec![reply])),
+    fn from_reply(sku: &Sku, reply: Vec<String>) -> Result<Self, StockError> {
+        match reply.as_slice() {
+            [kind] if kind == "committed" => Ok(Self::Committed),
+            [kind] if kind == "expired" => Ok(Self::Expired),
+            [kind, reason] if kind == "released" => Ok(Self::Released {
+                reason: reason.clone(),
+            }),
+            [kind] if kind == "missing" => Ok(Self::Missing),
+            [kind] if kind == "unloaded" => Err(StockError::Unloaded(sku.clone())),
+            _ => unexpected(&reply),
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReleaseOutcome {
-    Released,
-    AlreadyReleased,
+    /// The units are back in stock: released for `reason` by whichever
+    /// release came first (this one, an earlier delivery, or the sweep).
+    Released {
+        reason: String,
+    },
     /// Sold units are never given back.
     WasCommitted,
     Missing,
 }
 
 impl ReleaseOutcome {
-    pub fn from_reply(reply: String) -> Result<Self, StockError> {
-        match reply.as_str() {
-            "released" => Ok(Self::Released),
-            "already_released" => Ok(Self::AlreadyReleased),
-            "committed" => Ok(Self::WasCommitted),
-            "missing" => Ok(Self::Missing),
-            _ => Err(StockError::UnexpectedReply(vec![reply])),
+    fn from_reply(sku: &Sku, reply: Vec<String>) -> Result<Self, StockError> {
+        match reply.as_slice() {
+            [kind, reason] if kind == "released" => Ok(Self::Released {
+                reason: reason.clone(),
+            }),
+            [kind] if kind == "committed" => Ok(Self::WasCommitted),
+            [kind] if kind == "missing" => Ok(Self::Missing),
+            [kind] if kind == "unloaded" => Err(StockError::Unloaded(sku.clone())),
+            _ => unexpected(&reply),
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Released { .. } => "released",
+            Self::WasCommitted => "was_committed",
+            Self::Missing => "missing",
         }
     }
 }
 
-pub async fn connect(settings: &RedisSettings) -> Result<ConnectionManager, StockError> {
-    let client = redis::Client::open(settings.url.as_str())?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(std::time::Duration::from_secs(2))
-        .set_response_timeout(std::time::Duration::from_secs(5))
-        .set_number_of_retries(3);
-    Ok(ConnectionManager::new_with_config(client, config).await?)
+/// A reservation the sweep gave back because its deadline passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub id: RequestId,
+    pub user: UserId,
+    pub quantity: Quantity,
+}
+
+fn expired_from_reply(reply: Vec<String>) -> Result<Vec<Expired>, StockError> {
+    reply
+        .chunks(3)
+        .map(|chunk| match chunk {
+            [id, user, qty] => {
+                let parsed = (
+                    RequestId::parse(id),
+                    UserId::parse(user),
+                    qty.parse::<i64>().ok().and_then(|q| Quantity::new(q).ok()),
+                );
+                match parsed {
+                    (Ok(id), Ok(user), Some(quantity)) => Ok(Expired { id, user, quantity }),
+                    _ => unexpected(chunk),
+                }
+            }
+            _ => unexpected(chunk),
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Restocked {
+    pub total: i64,
+    pub available: i64,
+}
+
+/// The state of one reservation as recovery found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoredState {
+    Reserved,
+    Committed,
+    Released { reason: String },
+}
+
+/// A reservation to write back after Redis was lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredReservation {
+    pub id: RequestId,
+    pub user: UserId,
+    pub quantity: Quantity,
+    pub amount_cents: u64,
+    pub expires_at_ms: u64,
+    pub state: RestoredState,
+}
+
+/// Opens a connection as the settings say (single Redis or cluster).
+pub async fn connect(settings: &RedisSettings) -> Result<RedisConn, StockError> {
+    Ok(redis_conn::connect(settings).await?)
 }
 
 #[derive(Clone)]
 pub struct StockStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     retention_ms: u64,
 }
 
 impl StockStore {
-    pub fn new(conn: ConnectionManager, settings: &RedisSettings) -> Self {
+    pub fn new(conn: RedisConn, settings: &RedisSettings) -> Self {
         Self {
             conn,
             retention_ms: settings.retention.as_millis() as u64,
@@ -207,64 +375,55 @@ impl StockStore {
         Ok(())
     }
 
-    /// Replaces whatever Redis held for `sku` with a fresh sale.
-    pub async fn load_sale(&self, sku: &Sku, rules: &SaleRules) -> Result<(), StockError> {
-        let keys = SkuKeys::new(sku);
+    /// Opens a fresh sale of `sku`, replacing whatever Redis held for it.
+    pub async fn open_sale(&self, sku: &Sku, rules: &SaleRules) -> Result<OpenOutcome, StockError> {
         let mut conn = self.conn.clone();
-        let mut stale: Vec<String> = Vec::new();
-        {
-            let mut iter = conn.scan_match::<_, String>(keys.pattern()).await?;
-            while let Some(key) = futures::StreamExt::next(&mut iter).await {
-                stale.push(key);
-            }
+        // Registered first: a sku in the registry without stock is skipped
+        // by the sweep, while stock without registration would never expire.
+        conn.sadd::<_, _, ()>(SALES_KEY, sku.as_str()).await?;
+        let keys = SkuKeys::new(sku);
+        let reply: Vec<String> = OPEN
+            .key(keys.stock())
+            .key(keys.users())
+            .key(keys.deadlines())
+            .arg(&rules.sale_id)
+            .arg(rules.total)
+            .arg(rules.per_user_limit)
+            .arg(rules.price_cents)
+            .arg(rules.reservation_ttl_ms)
+            .arg(rules.starts_at_ms)
+            .arg(rules.ends_at_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("opened") => Ok(OpenOutcome::Opened),
+            Some("unchanged") => Ok(OpenOutcome::Unchanged),
+            _ => unexpected(&reply),
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for chunk in stale.chunks(500) {
-            pipe.del(chunk).ignore();
-        }
-        pipe.hset_multiple(
-            keys.stock(),
-            &[
-                ("sale_id", rules.sale_id.clone()),
-                ("total", rules.total.to_string()),
-                ("available", rules.total.to_string()),
-                ("reserved", "0".into()),
-                ("sold", "0".into()),
-                ("per_user_limit", rules.per_user_limit.to_string()),
-                ("price_cents", rules.price_cents.to_string()),
-                ("ttl_ms", rules.reservation_ttl_ms.to_string()),
-                ("starts_at_ms", rules.starts_at_ms.to_string()),
-                ("ends_at_ms", rules.ends_at_ms.to_string()),
-                ("sold_out", if rules.total == 0 { "1" } else { "0" }.into()),
-                ("closed", "0".into()),
-            ],
-        )
-        .ignore();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+    }
+
+    /// Every sku that has had a sale here: what the sweep walks.
+    pub async fn sale_skus(&self) -> Result<Vec<Sku>, StockError> {
+        let raw: Vec<String> = self.conn.clone().smembers(SALES_KEY).await?;
+        Ok(raw.iter().filter_map(|s| Sku::parse(s).ok()).collect())
+    }
+
+    pub async fn status(&self, sku: &Sku, now_ms: u64) -> Result<Option<SkuStatus>, StockError> {
+        let keys = SkuKeys::new(sku);
+        let reply: Vec<String> = STATUS
+            .key(keys.stock())
+            .key(keys.deadlines())
+            .arg(now_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(SkuStatus::from_reply(reply))
     }
 
     pub async fn levels(&self, sku: &Sku) -> Result<Option<StockLevels>, StockError> {
-        let mut conn = self.conn.clone();
-        let fields: HashMap<String, String> = conn.hgetall(SkuKeys::new(sku).stock()).await?;
-        if fields.is_empty() {
-            return Ok(None);
-        }
-        let num = |name: &str| {
-            fields
-                .get(name)
-                .and_then(|v| v.parse::<i64>().ok())
-                .unwrap_or(0)
-        };
-        Ok(Some(StockLevels {
-            sale_id: fields.get("sale_id").cloned().unwrap_or_default(),
-            total: num("total"),
-            available: num("available"),
-            reserved: num("reserved"),
-            sold: num("sold"),
-            sold_out: num("sold_out") == 1,
-        }))
+        Ok(self
+            .status(sku, crate::clock::now_ms())
+            .await?
+            .map(|status| status.levels))
     }
 
     /// Whether the sku exists and, if so, whether it is sold out: the one
@@ -280,27 +439,76 @@ impl StockStore {
         Ok(total.map(|_| sold_out.as_deref() == Some("1")))
     }
 
+    /// The keys and arguments of `reserve.lua` for one request.
+    fn reserve_call(
+        &self,
+        request: &PurchaseRequest,
+        now_ms: u64,
+        max_queue_age_ms: u64,
+    ) -> ([String; 5], [String; 7]) {
+        let keys = SkuKeys::new(&request.sku);
+        let id = request.request_id;
+        (
+            [
+                keys.stock(),
+                keys.users(),
+                keys.processed(id),
+                keys.reservation(id),
+                keys.deadlines(),
+            ],
+            [
+                id.to_string(),
+                request.user_id.to_string(),
+                request.quantity.get().to_string(),
+                now_ms.to_string(),
+                request.accepted_at_ms.to_string(),
+                max_queue_age_ms.to_string(),
+                self.retention_ms.to_string(),
+            ],
+        )
+    }
+
     pub async fn reserve(
         &self,
         request: &PurchaseRequest,
         now_ms: u64,
         max_queue_age_ms: u64,
     ) -> Result<ReserveOutcome, StockError> {
-        let keys = SkuKeys::new(&request.sku);
+        let (keys, args) = self.reserve_call(request, now_ms, max_queue_age_ms);
         let reply: Vec<String> = RESERVE
-            .key(keys.stock())
-            .key(keys.users())
-            .key(keys.processed(request.request_id))
-            .key(keys.reservation(request.request_id))
-            .arg(request.user_id.as_str())
-            .arg(request.quantity.get())
-            .arg(now_ms)
-            .arg(request.accepted_at_ms)
-            .arg(max_queue_age_ms)
-            .arg(self.retention_ms)
+            .key(&keys)
+            .arg(&args)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        ReserveOutcome::from_reply(reply)
+        ReserveOutcome::from_reply(&request.sku, reply)
+    }
+
+    /// Reserves many requests in one round trip (`EVALSHA`s in a pipeline,
+    /// the script loaded first). Each is still its own atomic script, run in
+    /// order; on a cluster, all requests must be of one sku.
+    pub async fn reserve_pipelined(
+        &self,
+        requests: &[PurchaseRequest],
+        now_ms: u64,
+        max_queue_age_ms: u64,
+    ) -> Result<Vec<Result<ReserveOutcome, StockError>>, StockError> {
+        let mut conn = self.conn.clone();
+        RESERVE.prepare_invoke().load_async(&mut conn).await?;
+        let mut pipe = redis::pipe();
+        for request in requests {
+            let (keys, args) = self.reserve_call(request, now_ms, max_queue_age_ms);
+            pipe.cmd("EVALSHA")
+                .arg(RESERVE.get_hash())
+                .arg(keys.len())
+                .arg(&keys)
+                .arg(&args);
+        }
+        let replies: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+        Ok(requests
+            .iter()
+            .zip(replies)
+            .map(|(request, reply)| ReserveOutcome::from_reply(&request.sku, reply))
+            .collect())
     }
 
     pub async fn commit(
@@ -310,24 +518,207 @@ impl StockStore {
         now_ms: u64,
     ) -> Result<CommitOutcome, StockError> {
         let keys = SkuKeys::new(sku);
-        let reply: String = COMMIT
+        let reply: Vec<String> = COMMIT
             .key(keys.stock())
+            .key(keys.deadlines())
             .key(keys.reservation(id))
+            .arg(id.to_string())
             .arg(now_ms)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        CommitOutcome::from_reply(reply)
+        CommitOutcome::from_reply(sku, reply)
     }
 
-    pub async fn release(&self, sku: &Sku, id: RequestId) -> Result<ReleaseOutcome, StockError> {
+    pub async fn release(
+        &self,
+        sku: &Sku,
+        id: RequestId,
+        reason: &str,
+    ) -> Result<ReleaseOutcome, StockError> {
         let keys = SkuKeys::new(sku);
-        let reply: String = RELEASE
+        let reply: Vec<String> = RELEASE
             .key(keys.stock())
             .key(keys.users())
+            .key(keys.deadlines())
             .key(keys.reservation(id))
+            .arg(id.to_string())
+            .arg(reason)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        ReleaseOutcome::from_reply(reply)
+        ReleaseOutcome::from_reply(sku, reply)
+    }
+
+    /// Releases up to `limit` reservations whose deadline is before `now`.
+    /// Retry a failed call with the same `sweep_id`: a sweep whose reply was
+    /// lost answers the same list again.
+    pub async fn expire(
+        &self,
+        sku: &Sku,
+        sweep_id: &str,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Expired>, StockError> {
+        let keys = SkuKeys::new(sku);
+        let reply: Vec<String> = EXPIRE
+            .key(keys.stock())
+            .key(keys.users())
+            .key(keys.deadlines())
+            .key(keys.sweep(sweep_id))
+            .arg(now_ms)
+            .arg(limit)
+            .arg(keys.reservation_prefix())
+            .arg(SWEEP_MARKER_MS)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        expired_from_reply(reply)
+    }
+
+    /// Adds `units`; replaying `operation_id` answers the first result.
+    pub async fn restock(
+        &self,
+        sku: &Sku,
+        operation_id: &str,
+        units: u64,
+    ) -> Result<Restocked, StockError> {
+        let keys = SkuKeys::new(sku);
+        let reply: Vec<String> = RESTOCK
+            .key(keys.stock())
+            .key(keys.restock(operation_id))
+            .arg(units)
+            .arg(self.retention_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match reply.as_slice() {
+            [kind, total, available] if kind == "restocked" => {
+                match (total.parse(), available.parse()) {
+                    (Ok(total), Ok(available)) => Ok(Restocked { total, available }),
+                    _ => unexpected(&reply),
+                }
+            }
+            [kind] if kind == "unloaded" => Err(StockError::Unloaded(sku.clone())),
+            _ => unexpected(&reply),
+        }
+    }
+
+    pub async fn close(&self, sku: &Sku) -> Result<(), StockError> {
+        let reply: Vec<String> = CLOSE
+            .key(SkuKeys::new(sku).stock())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("closed") => Ok(()),
+            Some("unloaded") => Err(StockError::Unloaded(sku.clone())),
+            _ => unexpected(&reply),
+        }
+    }
+
+    /// Forgets the sku's stock: every script then answers `unloaded` and
+    /// waits, as after a lost Redis. Recovery starts with this.
+    pub async fn unload(&self, sku: &Sku) -> Result<(), StockError> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        conn.del::<_, ()>(keys.stock()).await?;
+        conn.del::<_, ()>(&[keys.users(), keys.deadlines()]).await?;
+        Ok(())
+    }
+
+    /// Writes back a sku's state after Redis was lost: reservation records,
+    /// processed markers (so a redelivered request is not reserved again),
+    /// per-user counts and deadlines first, and the stock hash last, which
+    /// is what makes the sku usable again. Call `unload` first.
+    pub async fn restore(
+        &self,
+        sku: &Sku,
+        rules: &SaleRules,
+        closed: bool,
+        reservations: &[RestoredReservation],
+    ) -> Result<StockLevels, StockError> {
+        let keys = SkuKeys::new(sku);
+        let mut conn = self.conn.clone();
+        let mut users: HashMap<&str, i64> = HashMap::new();
+        let (mut reserved, mut sold) = (0i64, 0i64);
+        let record_life = rules.reservation_ttl_ms + self.retention_ms;
+        for chunk in reservations.chunks(500) {
+            let mut pipe = redis::pipe();
+            for r in chunk {
+                let qty = i64::from(r.quantity.get());
+                let (state, reason) = match &r.state {
+                    RestoredState::Reserved => ("reserved", ""),
+                    RestoredState::Committed => ("committed", ""),
+                    RestoredState::Released { reason } => ("released", reason.as_str()),
+                };
+                match r.state {
+                    RestoredState::Reserved => {
+                        reserved += qty;
+                        pipe.zadd(keys.deadlines(), r.id.to_string(), r.expires_at_ms)
+                            .ignore();
+                    }
+                    RestoredState::Committed => sold += qty,
+                    RestoredState::Released { .. } => {}
+                }
+                if !matches!(r.state, RestoredState::Released { .. }) {
+                    *users.entry(r.user.as_str()).or_default() += qty;
+                }
+                let record = keys.reservation(r.id);
+                pipe.hset_multiple(
+                    &record,
+                    &[
+                        ("user", r.user.to_string()),
+                        ("quantity", qty.to_string()),
+                        ("expires_at_ms", r.expires_at_ms.to_string()),
+                        ("state", state.to_owned()),
+                        ("sale_id", rules.sale_id.clone()),
+                        ("reason", reason.to_owned()),
+                    ],
+                )
+                .ignore();
+                pipe.pexpire(&record, record_life as i64).ignore();
+                let answer = serde_json::json!([
+                    "reserved",
+                    r.expires_at_ms.to_string(),
+                    r.amount_cents.to_string(),
+                    rules.sale_id
+                ]);
+                pipe.pset_ex(keys.processed(r.id), answer.to_string(), self.retention_ms)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        if !users.is_empty() {
+            let held: Vec<(&str, i64)> = users.into_iter().collect();
+            conn.hset_multiple::<_, _, _, ()>(keys.users(), &held)
+                .await?;
+        }
+        let total = rules.total as i64;
+        let available = total - reserved - sold;
+        let levels = StockLevels {
+            sale_id: rules.sale_id.clone(),
+            total,
+            available,
+            reserved,
+            sold,
+            sold_out: available <= 0,
+        };
+        conn.hset_multiple::<_, _, _, ()>(
+            keys.stock(),
+            &[
+                ("sale_id", rules.sale_id.clone()),
+                ("total", total.to_string()),
+                ("available", available.to_string()),
+                ("reserved", reserved.to_string()),
+                ("sold", sold.to_string()),
+                ("per_user_limit", rules.per_user_limit.to_string()),
+                ("price_cents", rules.price_cents.to_string()),
+                ("ttl_ms", rules.reservation_ttl_ms.to_string()),
+                ("starts_at_ms", rules.starts_at_ms.to_string()),
+                ("ends_at_ms", rules.ends_at_ms.to_string()),
+                ("sold_out", if levels.sold_out { "1" } else { "0" }.into()),
+                ("closed", if closed { "1" } else { "0" }.into()),
+            ],
+        )
+        .await?;
+        conn.sadd::<_, _, ()>(SALES_KEY, sku.as_str()).await?;
+        Ok(levels)
     }
 }
 
@@ -339,10 +730,14 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    fn sku() -> Sku {
+        Sku::parse("tv-1").unwrap()
+    }
+
     #[test]
     fn reserve_replies() {
         assert_eq!(
-            ReserveOutcome::from_reply(strings(&["reserved", "10", "500", "s1"])).unwrap(),
+            ReserveOutcome::from_reply(&sku(), strings(&["reserved", "10", "500", "s1"])).unwrap(),
             ReserveOutcome::Reserved {
                 expires_at_ms: 10,
                 amount_cents: 500,
@@ -350,51 +745,82 @@ mod tests {
             }
         );
         assert_eq!(
-            ReserveOutcome::from_reply(strings(&["rejected", "sold_out"])).unwrap(),
+            ReserveOutcome::from_reply(&sku(), strings(&["rejected", "sold_out"])).unwrap(),
             ReserveOutcome::Rejected {
                 reason: "sold_out".into()
             }
         );
+        assert!(matches!(
+            ReserveOutcome::from_reply(&sku(), strings(&["unloaded"])),
+            Err(StockError::Unloaded(_))
+        ));
         for bad in [
             strings(&[]),
             strings(&["reserved", "x", "1", "s"]),
             strings(&["maybe", "x"]),
         ] {
-            assert!(ReserveOutcome::from_reply(bad).is_err());
+            assert!(ReserveOutcome::from_reply(&sku(), bad).is_err());
         }
     }
 
     #[test]
     fn commit_and_release_replies() {
+        let commit = |v: &[&str]| CommitOutcome::from_reply(&sku(), strings(v));
+        assert_eq!(commit(&["committed"]).unwrap(), CommitOutcome::Committed);
+        assert_eq!(commit(&["expired"]).unwrap(), CommitOutcome::Expired);
+        assert_eq!(commit(&["missing"]).unwrap(), CommitOutcome::Missing);
         assert_eq!(
-            CommitOutcome::from_reply("committed".into()).unwrap(),
-            CommitOutcome::Committed
+            commit(&["released", "reservation_expired"]).unwrap(),
+            CommitOutcome::Released {
+                reason: "reservation_expired".into()
+            }
+        );
+        assert!(commit(&["?"]).is_err());
+        let unloaded = commit(&["unloaded"]).unwrap_err();
+        assert!(unloaded.is_transient(), "{unloaded}");
+        let release = |v: &[&str]| ReleaseOutcome::from_reply(&sku(), strings(v));
+        assert_eq!(
+            release(&["released", "payment_declined"]).unwrap(),
+            ReleaseOutcome::Released {
+                reason: "payment_declined".into()
+            }
         );
         assert_eq!(
-            CommitOutcome::from_reply("expired".into()).unwrap(),
-            CommitOutcome::Expired
+            release(&["committed"]).unwrap(),
+            ReleaseOutcome::WasCommitted
         );
+        assert!(release(&["released"]).is_err());
+    }
+
+    #[test]
+    fn expired_replies() {
+        let id = RequestId::fresh();
+        let list = expired_from_reply(strings(&[&id.to_string(), "u1", "2"])).unwrap();
         assert_eq!(
-            CommitOutcome::from_reply("missing".into()).unwrap(),
-            CommitOutcome::Gone
+            list,
+            vec![Expired {
+                id,
+                user: UserId::parse("u1").unwrap(),
+                quantity: Quantity::new(2).unwrap()
+            }]
         );
-        assert!(CommitOutcome::from_reply("?".into()).is_err());
-        assert_eq!(
-            ReleaseOutcome::from_reply("already_released".into()).unwrap(),
-            ReleaseOutcome::AlreadyReleased
-        );
-        assert!(ReleaseOutcome::from_reply("?".into()).is_err());
+        assert!(expired_from_reply(strings(&[&id.to_string(), "u1"])).is_err());
+        assert!(expired_from_reply(strings(&["nope", "u1", "1"])).is_err());
+        assert!(expired_from_reply(Vec::new()).unwrap().is_empty());
     }
 
     #[test]
     fn every_key_of_a_sku_shares_its_hash_tag() {
-        let keys = SkuKeys::new(&Sku::parse("tv-1").unwrap());
+        let keys = SkuKeys::new(&sku());
         let id = RequestId::fresh();
         for key in [
             keys.stock(),
             keys.users(),
+            keys.deadlines(),
             keys.processed(id),
             keys.reservation(id),
+            keys.sweep("s"),
+            keys.restock("r"),
         ] {
             assert!(key.starts_with("fs:{tv-1}:"), "{key}");
         }

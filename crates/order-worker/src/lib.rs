@@ -138,7 +138,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         shutdown: shutdown.clone(),
     });
     let options = ConsumerOptions {
-        group: config.kafka.group("flashsale-orders"),
+        group: config.kafka.group(kafka::group::ORDERS),
         topics: vec![config.kafka.topic(topic::RESERVATIONS)],
         max_in_flight: config.concurrency.max(1),
         drain_timeout: Duration::from_secs(30),

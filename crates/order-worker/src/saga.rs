@@ -68,6 +68,7 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
         status: OrderStatus::Pending,
         reason: None,
         payment_id: None,
+        expires_at_ms: reservation.expires_at_ms,
         created_at_ms: now,
         updated_at_ms: now,
     };
@@ -77,6 +78,17 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
         let step = next_step(order.status);
         tracing::debug!(status = %order.status, ?step, "saga step");
         order = match step {
+            Step::Charge if clock::now_ms() > order.expires_at_ms => {
+                // Charging now would only be refunded: the commit is refused.
+                transition(
+                    &deps,
+                    &order,
+                    OrderStatus::Cancelled,
+                    Some(reason::RESERVATION_EXPIRED),
+                    None,
+                )
+                .await?
+            }
             Step::Charge => charge(&deps, &order).await?,
             Step::Commit => commit(&deps, &order).await?,
             Step::AnnounceConfirmed => {
@@ -151,10 +163,12 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
                 .await?,
             ))
         }
-        CommitOutcome::Expired | CommitOutcome::Gone => {
-            // Paid for units we no longer hold: give the money back first,
-            // then cancel, so a crash in between repeats the (idempotent)
-            // refund rather than leaving a charge behind.
+        CommitOutcome::Expired | CommitOutcome::Released { .. } | CommitOutcome::Missing => {
+            // Paid for units we no longer hold (the deadline passed, the
+            // sweep gave them back, or the record outlived its retention):
+            // give the money back first, then cancel, so a crash in between
+            // repeats the (idempotent) refund rather than leaving a charge.
+            tracing::info!(?outcome, "reservation gone after payment; refunding");
             if let Some(charge_id) = &order.payment_id {
                 retry::durable("refund", &deps.shutdown, || deps.payment.refund(charge_id)).await?;
             }

@@ -21,7 +21,7 @@ use flashsale_core::status::PurchaseState;
 use flashsale_core::status_board::{StatusBoard, Subject};
 use flashsale_core::stock::{self, ReleaseOutcome, ReserveOutcome, StockStore};
 use flashsale_core::{clock, ops, retry};
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,13 @@ pub struct Config {
     /// `FLASHSALE_SHOP_MAX_IN_FLIGHT`: messages past their reservation
     /// whose publication may be outstanding at once.
     pub max_in_flight: usize,
+    /// `FLASHSALE_EXPIRY_SWEEP_MS`: pause between two expiry sweeps over
+    /// every sale; a reservation is released at most this long after its
+    /// deadline (plus the sweep itself).
+    pub sweep_interval: Duration,
+    /// `FLASHSALE_EXPIRY_BATCH`: reservations one `expire` call releases at
+    /// most, so a sweep never blocks Redis for long.
+    pub sweep_batch: usize,
 }
 
 impl Config {
@@ -52,6 +59,8 @@ impl Config {
             )?,
             max_queue_age: env.millis("MAX_QUEUE_AGE_MS", 60_000)?,
             max_in_flight: env.get("SHOP_MAX_IN_FLIGHT", 512)?,
+            sweep_interval: env.millis("EXPIRY_SWEEP_MS", 1_000)?,
+            sweep_batch: env.get("EXPIRY_BATCH", 256)?,
         })
     }
 }
@@ -73,6 +82,7 @@ struct Metrics {
     reservations: IntCounterVec,
     releases: IntCounterVec,
     dead_letters: IntCounterVec,
+    expired: IntCounter,
 }
 
 impl Metrics {
@@ -91,9 +101,19 @@ impl Metrics {
             )?,
             releases: counter("shop_release_total", "Stock releases by outcome", "outcome")?,
             dead_letters: counter("shop_dead_letters_total", "Messages sent to a DLQ", "topic")?,
+            expired: {
+                let c = IntCounter::new(
+                    "shop_expired_total",
+                    "Reservations released by the expiry sweep",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
         })
     }
 }
+
+mod sweep;
 
 struct Shop {
     stock: StockStore,
@@ -138,7 +158,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
         shutdown: shutdown.clone(),
     });
     let options = ConsumerOptions {
-        group: config.kafka.group("flashsale-shop"),
+        group: config.kafka.group(kafka::group::SHOP),
         topics: vec![shop.purchase_topic.clone(), shop.release_topic.clone()],
         max_in_flight: config.max_in_flight,
         drain_timeout: Duration::from_secs(10),
@@ -158,10 +178,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
     let ops_shutdown = shutdown.clone();
     let ops_task = tokio::spawn(ops::serve(listener, app, ops_shutdown));
     tracing::info!(%metrics_addr, group = %options.group, "shop-worker started");
+    let sweeper = tokio::spawn(sweep::run(
+        shop.clone(),
+        config.sweep_interval,
+        config.sweep_batch,
+    ));
     let task = tokio::spawn(async move {
         let stopped = consume::run(consumer, ShopHandler(shop), &options, shutdown.clone()).await;
         // The worker is of no use any more: stop answering probes too.
         shutdown.cancel();
+        let _ = sweeper.await;
         let _ = ops_task.await;
         stopped
     });
@@ -252,7 +278,7 @@ impl Shop {
     }
 
     /// Posts a purchase's state once its effect is durable.
-    async fn post(
+    pub(crate) async fn post(
         &self,
         subject: &Subject<'_>,
         state: PurchaseState,
@@ -271,11 +297,12 @@ impl Shop {
             Err(error) => return self.dead_letter(message, error.to_string()).await,
         };
         let outcome = retry::durable("release", &self.shutdown, || {
-            self.stock.release(&release.sku, release.request_id)
+            self.stock
+                .release(&release.sku, release.request_id, &release.reason)
         })
         .await?;
-        let label = format!("{outcome:?}").to_lowercase();
-        self.metrics.releases.with_label_values(&[&label]).inc();
+        let label = outcome.label();
+        self.metrics.releases.with_label_values(&[label]).inc();
         tracing::debug!(request_id = %release.request_id, sku = %release.sku, outcome = %label, reason = %release.reason, "stock release");
         if outcome == ReleaseOutcome::WasCommitted {
             // A sold unit is never given back, and its order is confirmed:
@@ -292,12 +319,15 @@ impl Shop {
                 user: &release.user_id,
                 quantity: release.quantity,
             };
-            self.post(
-                &subject,
-                PurchaseState::Cancelled,
-                Some(release.reason.as_str()),
-            )
-            .await
+            // The reason of the release that happened first: if the sweep
+            // expired the reservation before this release arrived, the buyer
+            // is told it expired.
+            let reason = match &outcome {
+                ReleaseOutcome::Released { reason } => reason.as_str(),
+                _ => release.reason.as_str(),
+            };
+            self.post(&subject, PurchaseState::Cancelled, Some(reason))
+                .await
         }))
     }
 

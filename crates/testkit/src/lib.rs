@@ -202,6 +202,7 @@ impl Pipeline {
                 per_user_limit,
                 price_cents: 1999,
                 reservation_ttl: Duration::from_secs(600),
+                starts_in: Duration::ZERO,
                 duration: Duration::from_secs(3600),
             },
         )

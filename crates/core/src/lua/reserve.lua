@@ -1,12 +1,16 @@
--- Reserves units for one purchase request, at most once per request id.
+-- Reserves units for one purchase request, at most once per request id:
+-- available -> reserved, with a deadline.
 --
 -- KEYS[1] stock hash of the sku     KEYS[2] units held per user
 -- KEYS[3] processed-request marker  KEYS[4] reservation record
--- ARGV[1] user id   ARGV[2] quantity   ARGV[3] now (ms)
--- ARGV[4] accepted at (ms)   ARGV[5] max queue age (ms)   ARGV[6] retention (ms)
+-- KEYS[5] reservation deadlines (sorted set, score = deadline)
+-- ARGV[1] request id   ARGV[2] user id   ARGV[3] quantity   ARGV[4] now (ms)
+-- ARGV[5] accepted at (ms)   ARGV[6] max queue age (ms)   ARGV[7] retention (ms)
 --
 -- Returns {"reserved", expires_at_ms, amount_cents, sale_id}
 --      or {"rejected", reason}
+--      or {"unloaded"}: the sku has no stock here (Redis was lost and not
+--         yet recovered); nothing is written, the caller waits.
 -- A replay returns the first answer unchanged: the marker holds it.
 
 local prior = redis.call('GET', KEYS[3])
@@ -14,22 +18,23 @@ if prior then
   return cjson.decode(prior)
 end
 
-local function answer(result)
-  redis.call('SET', KEYS[3], cjson.encode(result), 'PX', ARGV[6])
-  return result
-end
-
-local user, qty = ARGV[1], tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
 local sale = redis.call('HMGET', KEYS[1], 'available', 'per_user_limit', 'price_cents',
   'ttl_ms', 'starts_at_ms', 'ends_at_ms', 'sale_id', 'closed')
 if not sale[1] then
-  return answer({'rejected', 'sale_not_active'})
+  return {'unloaded'}
 end
+
+local function answer(result)
+  redis.call('SET', KEYS[3], cjson.encode(result), 'PX', ARGV[7])
+  return result
+end
+
+local id, user, qty = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now = tonumber(ARGV[4])
 if sale[8] == '1' or now < tonumber(sale[5]) or now >= tonumber(sale[6]) then
   return answer({'rejected', 'sale_not_active'})
 end
-if now - tonumber(ARGV[4]) > tonumber(ARGV[5]) then
+if now - tonumber(ARGV[5]) > tonumber(ARGV[6]) then
   return answer({'rejected', 'stale'})
 end
 local held = tonumber(redis.call('HGET', KEYS[2], user) or '0')
@@ -50,8 +55,11 @@ redis.call('HINCRBY', KEYS[2], user, qty)
 if available == qty then
   redis.call('HSET', KEYS[1], 'sold_out', '1')
 end
-local expires = tostring(now + tonumber(sale[4]))
+local expires = now + tonumber(sale[4])
 redis.call('HSET', KEYS[4], 'user', user, 'quantity', qty, 'expires_at_ms', expires,
   'state', 'reserved', 'sale_id', sale[7])
-redis.call('PEXPIRE', KEYS[4], ARGV[6])
-return answer({'reserved', expires, tostring(qty * tonumber(sale[3])), sale[7]})
+-- The record outlives its deadline by the retention, so a late commit or
+-- release still finds it.
+redis.call('PEXPIRE', KEYS[4], tonumber(sale[4]) + tonumber(ARGV[7]))
+redis.call('ZADD', KEYS[5], expires, id)
+return answer({'reserved', tostring(expires), tostring(qty * tonumber(sale[3])), sale[7]})

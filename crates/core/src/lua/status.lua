@@ -1,17 +1,19 @@
--- Posts the state of a purchase, never moving it backwards.
+-- One consistent reading of a sku: its rules, its counters, and how many
+-- reservations are overdue (past their deadline, not yet swept).
 --
--- KEYS[1] the purchase's status hash
--- ARGV[1] state  ARGV[2] rank  ARGV[3] reason  ARGV[4] now (ms)
--- ARGV[5] retention (ms)  ARGV[6] sku  ARGV[7] user id  ARGV[8] quantity
+-- KEYS[1] stock hash   KEYS[2] reservation deadlines
+-- ARGV[1] now (ms)
 --
--- Returns 1 if written, 0 if the stored state is as far along or further
--- (terminal states share the top rank: the first one written stays).
+-- Returns {field1, value1, ...} (the stock hash plus "overdue" and
+-- "next_deadline_ms", empty when none), or {} when the sku has no stock.
 
-local current = redis.call('HGET', KEYS[1], 'rank')
-if current and tonumber(current) >= tonumber(ARGV[2]) then
-  return 0
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then
+  return {}
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'rank', ARGV[2], 'reason', ARGV[3],
-  'updated_at_ms', ARGV[4], 'sku', ARGV[6], 'user_id', ARGV[7], 'quantity', ARGV[8])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
+table.insert(fields, 'overdue')
+table.insert(fields, tostring(redis.call('ZCOUNT', KEYS[2], '-inf', ARGV[1])))
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+table.insert(fields, 'next_deadline_ms')
+table.insert(fields, first[2] or '')
+return fields

@@ -1,0 +1,11 @@
+-- Closes a sale: new requests are rejected (sale_not_active); reservations
+-- already made still commit or are released.
+--
+-- KEYS[1] stock hash
+-- Returns {"closed"} or {"unloaded"}.
+
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'unloaded'}
+end
+redis.call('HSET', KEYS[1], 'closed', '1')
+return {'closed'}

@@ -1,0 +1,45 @@
+-- The expiry sweep: releases up to a limit of reservations whose deadline
+-- passed, earliest deadline first.
+--
+-- KEYS[1] stock hash   KEYS[2] units held per user   KEYS[3] reservation deadlines
+-- KEYS[4] this sweep's marker
+-- ARGV[1] now (ms)   ARGV[2] limit   ARGV[3] prefix of reservation records
+-- ("fs:{sku}:res:", same hash tag)   ARGV[4] marker retention (ms)
+--
+-- Returns {id1, user1, quantity1, id2, ...}: the reservations this sweep
+-- released. A replay with the same sweep id (after a lost reply) answers the
+-- same list, so the caller can still announce them; a reservation committed
+-- or released meanwhile is only dropped from the deadlines.
+
+local prior = redis.call('GET', KEYS[4])
+if prior then
+  return cjson.decode(prior)
+end
+local sale_id = redis.call('HGET', KEYS[1], 'sale_id')
+if not sale_id then
+  return {}
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local released = {}
+local units = 0
+for _, id in ipairs(due) do
+  local record = ARGV[3] .. id
+  local r = redis.call('HMGET', record, 'state', 'quantity', 'user', 'sale_id')
+  if r[1] == 'reserved' and r[4] == sale_id then
+    local qty = tonumber(r[2])
+    units = units + qty
+    redis.call('HINCRBY', KEYS[2], r[3], -qty)
+    redis.call('HSET', record, 'state', 'released', 'reason', 'reservation_expired')
+    table.insert(released, id)
+    table.insert(released, r[3])
+    table.insert(released, tostring(qty))
+  end
+  redis.call('ZREM', KEYS[3], id)
+end
+if units > 0 then
+  redis.call('HINCRBY', KEYS[1], 'reserved', -units)
+  redis.call('HINCRBY', KEYS[1], 'available', units)
+  redis.call('HSET', KEYS[1], 'sold_out', '0')
+end
+redis.call('SET', KEYS[4], cjson.encode(released), 'PX', ARGV[4])
+return released

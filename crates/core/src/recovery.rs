@@ -1,0 +1,243 @@
+//! Rebuilding a sku in Redis after Redis was lost.
+//!
+//! What Redis held is derived again from what outlives it:
+//!
+//! * DynamoDB `inventory`: the sale's rules, its total, and `sold`;
+//! * DynamoDB `orders` of the sale: `CONFIRMED` and `PAID` orders hold sold
+//!   units (a paid order's saga commits and confirms once Redis is back, so
+//!   its units are counted sold now), `PENDING` ones hold reserved units,
+//!   `CANCELLED` ones gave theirs back;
+//! * the `reservations` topic from the order-workers' committed offsets
+//!   on: reservations the order stage has not written to DynamoDB yet, all
+//!   reserved.
+//!
+//! Every recovered reservation also gets back its processed marker, so a
+//! purchase request redelivered after the loss is answered as before and
+//! never reserved twice. Until the stock hash is written (last), every
+//! script answers `unloaded` and the workers wait: nothing moves a unit of
+//! a sku while it is being recovered.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::message::Message;
+use serde::Serialize;
+
+use crate::dynamo::DynamoError;
+use crate::ids::{RequestId, Sku};
+use crate::inventory::{InventoryStore, Sale};
+use crate::kafka::{self, KafkaFailure, topic};
+use crate::messages::{self, Reservation};
+use crate::orders::{Order, OrderStatus, OrderStore};
+use crate::settings::KafkaSettings;
+use crate::stock::{RestoredReservation, RestoredState, StockError, StockLevels, StockStore};
+use crate::topic_reader::{self, PartitionRange};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("{0} has no sale in DynamoDB: nothing to recover")]
+    NoSale(Sku),
+    #[error(
+        "Redis still holds stock for {0}; recovering would overwrite it (pass --force if Redis is known to be wrong)"
+    )]
+    StillLoaded(Sku),
+    #[error(
+        "orders and inventory of {sku} kept changing under the recovery ({detail}); run it again"
+    )]
+    Unsettled { sku: Sku, detail: String },
+    #[error("{sku}: {reserved} reserved and {sold} sold exceed the total of {total}")]
+    Oversold {
+        sku: Sku,
+        total: u64,
+        reserved: i64,
+        sold: i64,
+    },
+    #[error(transparent)]
+    Dynamo(#[from] DynamoError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaFailure),
+    #[error(transparent)]
+    Redis(#[from] StockError),
+}
+
+/// What a recovery wrote back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recovered {
+    pub sku: String,
+    pub levels: StockLevels,
+    /// Reservations rebuilt from orders in DynamoDB.
+    pub from_orders: usize,
+    /// Reservations rebuilt from the `reservations` topic (no order yet).
+    pub from_topic: usize,
+}
+
+pub struct Sources<'a> {
+    pub stock: &'a StockStore,
+    pub inventory: &'a InventoryStore,
+    pub orders: &'a OrderStore,
+    pub kafka: &'a KafkaSettings,
+}
+
+/// Rebuilds `sku`. Refuses when Redis still holds the sku, unless `force`
+/// (which unloads it first, pausing its workers until the end).
+pub async fn recover(
+    sources: &Sources<'_>,
+    sku: &Sku,
+    force: bool,
+) -> Result<Recovered, RecoveryError> {
+    if sources.stock.status(sku, 0).await?.is_some() {
+        if !force {
+            return Err(RecoveryError::StillLoaded(sku.clone()));
+        }
+        sources.stock.unload(sku).await?;
+    }
+    let (sale, orders) = settled_snapshot(sources, sku).await?;
+    let known: HashMap<RequestId, &Order> = orders.iter().map(|o| (o.order_id, o)).collect();
+    let mut restored: Vec<RestoredReservation> = orders.iter().map(from_order).collect();
+    let from_orders = restored.len();
+
+    let pending = unprocessed_reservations(sources.kafka).await?;
+    let mut seen = std::collections::HashSet::new();
+    for reservation in pending {
+        let fresh = reservation.sku == *sku
+            && reservation.sale_id == sale.rules.sale_id
+            && !known.contains_key(&reservation.request_id)
+            && seen.insert(reservation.request_id);
+        if fresh {
+            restored.push(RestoredReservation {
+                id: reservation.request_id,
+                user: reservation.user_id,
+                quantity: reservation.quantity,
+                amount_cents: reservation.amount_cents,
+                expires_at_ms: reservation.expires_at_ms,
+                state: RestoredState::Reserved,
+            });
+        }
+    }
+    let from_topic = restored.len() - from_orders;
+
+    let units = |wanted: fn(&RestoredState) -> bool| -> i64 {
+        restored
+            .iter()
+            .filter(|r| wanted(&r.state))
+            .map(|r| i64::from(r.quantity.get()))
+            .sum()
+    };
+    let reserved = units(|s| *s == RestoredState::Reserved);
+    let sold = units(|s| *s == RestoredState::Committed);
+    if reserved + sold > sale.rules.total as i64 {
+        return Err(RecoveryError::Oversold {
+            sku: sku.clone(),
+            total: sale.rules.total,
+            reserved,
+            sold,
+        });
+    }
+    let levels = sources
+        .stock
+        .restore(sku, &sale.rules, sale.closed, &restored)
+        .await?;
+    tracing::info!(%sku, ?levels, from_orders, from_topic, "recovered");
+    Ok(Recovered {
+        sku: sku.to_string(),
+        levels,
+        from_orders,
+        from_topic,
+    })
+}
+
+fn from_order(order: &Order) -> RestoredReservation {
+    RestoredReservation {
+        id: order.order_id,
+        user: order.user_id.clone(),
+        quantity: order.quantity,
+        amount_cents: order.amount_cents,
+        expires_at_ms: order.expires_at_ms,
+        state: match order.status {
+            OrderStatus::Pending => RestoredState::Reserved,
+            // Paid orders are sold: their saga commits (now a no-op) and
+            // confirms, whatever their deadline did during the outage.
+            OrderStatus::Paid | OrderStatus::Confirmed => RestoredState::Committed,
+            OrderStatus::Cancelled => RestoredState::Released {
+                reason: order.reason.clone().unwrap_or_default(),
+            },
+        },
+    }
+}
+
+/// Orders of the sale and the inventory item, read so they agree: the
+/// inventory's `sold` must lie between the confirmed units and the
+/// confirmed-or-paid units of the orders read just before it. A confirm
+/// landing between the two reads makes them disagree: read again.
+async fn settled_snapshot(
+    sources: &Sources<'_>,
+    sku: &Sku,
+) -> Result<(Sale, Vec<Order>), RecoveryError> {
+    let mut detail = String::new();
+    for _ in 0..5 {
+        let Some(before) = sources.inventory.get(sku).await? else {
+            return Err(RecoveryError::NoSale(sku.clone()));
+        };
+        let orders = sources.orders.of_sale(sku, &before.rules.sale_id).await?;
+        let Some(sale) = sources.inventory.get(sku).await? else {
+            return Err(RecoveryError::NoSale(sku.clone()));
+        };
+        let units = |statuses: &[OrderStatus]| -> u64 {
+            orders
+                .iter()
+                .filter(|o| statuses.contains(&o.status))
+                .map(|o| u64::from(o.quantity.get()))
+                .sum()
+        };
+        let confirmed = units(&[OrderStatus::Confirmed]);
+        let paid_or_confirmed = units(&[OrderStatus::Confirmed, OrderStatus::Paid]);
+        if sale.rules.sale_id == before.rules.sale_id
+            && (confirmed..=paid_or_confirmed).contains(&sale.sold)
+        {
+            return Ok((sale, orders));
+        }
+        detail = format!(
+            "inventory sold {} but orders hold {confirmed} confirmed, {paid_or_confirmed} paid or confirmed",
+            sale.sold
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(RecoveryError::Unsettled {
+        sku: sku.clone(),
+        detail,
+    })
+}
+
+/// Reservations past the order-workers' committed offsets: everything
+/// before them has an order in DynamoDB already.
+async fn unprocessed_reservations(
+    settings: &KafkaSettings,
+) -> Result<Vec<Reservation>, RecoveryError> {
+    let topic_name = settings.topic(topic::RESERVATIONS);
+    let group = settings.group(kafka::group::ORDERS);
+    let committed: HashMap<i32, Option<i64>> =
+        topic_reader::committed(settings, &group, &topic_name)
+            .await?
+            .into_iter()
+            .collect();
+    let ranges: Vec<PartitionRange> = topic_reader::watermarks(settings, &topic_name)
+        .await?
+        .into_iter()
+        .map(|r| PartitionRange {
+            low: committed
+                .get(&r.partition)
+                .copied()
+                .flatten()
+                .unwrap_or(r.low)
+                .max(r.low),
+            ..r
+        })
+        .collect();
+    let records =
+        topic_reader::read(settings, &topic_name, ranges, Duration::from_secs(120)).await?;
+    Ok(records
+        .iter()
+        // Unreadable records went to the DLQ in the order stage: no order.
+        .filter_map(|m| messages::decode::<Reservation>(m.payload()).ok())
+        .collect())
+}

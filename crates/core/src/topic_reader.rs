@@ -1,0 +1,156 @@
+//! Reading a topic as data rather than as a consumer group member: its
+//! watermarks, a group's committed offsets, and every record in a range.
+//! For recovery, audits and tests; never on the hot path.
+//!
+//! librdkafka's calls here block, so each runs on the blocking pool.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::kafka::{KafkaFailure, base_config};
+use crate::settings::KafkaSettings;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where one partition's records are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionRange {
+    pub partition: i32,
+    pub low: i64,
+    pub high: i64,
+}
+
+fn reader(settings: &KafkaSettings, group: &str) -> Result<BaseConsumer, KafkaFailure> {
+    base_config(settings)
+        .set("group.id", group)
+        // A reader only looks: it must never move a group's offsets.
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .map_err(KafkaFailure::Client)
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, KafkaFailure> + Send + 'static,
+) -> Result<T, KafkaFailure> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(error) => {
+            tracing::error!(%error, "a Kafka reader task died");
+            Err(KafkaFailure::Client(rdkafka::error::KafkaError::Canceled))
+        }
+    }
+}
+
+/// Low and high watermarks of every partition of `topic`.
+pub async fn watermarks(
+    settings: &KafkaSettings,
+    topic: &str,
+) -> Result<Vec<PartitionRange>, KafkaFailure> {
+    let settings = settings.clone();
+    let topic = topic.to_owned();
+    blocking(move || {
+        let consumer = reader(&settings, "flashsale-watermarks")?;
+        (0..settings.partitions)
+            .map(|partition| {
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, partition, TIMEOUT)
+                    .map_err(KafkaFailure::Unreachable)?;
+                Ok(PartitionRange {
+                    partition,
+                    low,
+                    high,
+                })
+            })
+            .collect()
+    })
+    .await
+}
+
+/// The offsets `group` has committed on each partition of `topic`
+/// (`None` where it has committed nothing).
+pub async fn committed(
+    settings: &KafkaSettings,
+    group: &str,
+    topic: &str,
+) -> Result<Vec<(i32, Option<i64>)>, KafkaFailure> {
+    let settings = settings.clone();
+    let group = group.to_owned();
+    let topic = topic.to_owned();
+    blocking(move || {
+        let consumer = reader(&settings, &group)?;
+        let mut wanted = TopicPartitionList::new();
+        for partition in 0..settings.partitions {
+            wanted.add_partition(&topic, partition);
+        }
+        let committed = consumer
+            .committed_offsets(wanted, TIMEOUT)
+            .map_err(KafkaFailure::Unreachable)?;
+        Ok(committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(n) => (e.partition(), Some(n)),
+                _ => (e.partition(), None),
+            })
+            .collect())
+    })
+    .await
+}
+
+/// Every record of `topic` in `[low, high)` of each given partition.
+pub async fn read(
+    settings: &KafkaSettings,
+    topic: &str,
+    ranges: Vec<PartitionRange>,
+    deadline: Duration,
+) -> Result<Vec<OwnedMessage>, KafkaFailure> {
+    let settings = settings.clone();
+    let topic = topic.to_owned();
+    blocking(move || {
+        let ranges: Vec<PartitionRange> = ranges.into_iter().filter(|r| r.high > r.low).collect();
+        if ranges.is_empty() {
+            return Ok(Vec::new());
+        }
+        let consumer = reader(&settings, "flashsale-reader")?;
+        let mut assignment = TopicPartitionList::new();
+        for r in &ranges {
+            assignment
+                .add_partition_offset(&topic, r.partition, Offset::Offset(r.low))
+                .map_err(KafkaFailure::Client)?;
+        }
+        consumer.assign(&assignment).map_err(KafkaFailure::Client)?;
+        let mut remaining: std::collections::HashMap<i32, i64> =
+            ranges.iter().map(|r| (r.partition, r.high)).collect();
+        let mut records = Vec::new();
+        let until = Instant::now() + deadline;
+        while !remaining.is_empty() {
+            if Instant::now() > until {
+                return Err(KafkaFailure::Unreachable(
+                    rdkafka::error::KafkaError::MessageConsumption(
+                        rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+                    ),
+                ));
+            }
+            let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let message = polled.map_err(KafkaFailure::Unreachable)?;
+            let partition = message.partition();
+            let Some(&high) = remaining.get(&partition) else {
+                continue;
+            };
+            if message.offset() < high {
+                records.push(message.detach());
+            }
+            if message.offset() + 1 >= high {
+                remaining.remove(&partition);
+            }
+        }
+        Ok(records)
+    })
+    .await
+}

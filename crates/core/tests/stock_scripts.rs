@@ -1,0 +1,589 @@
+//! The stock scripts against a real Redis and a real 3-master Redis
+//! Cluster (both started by `./scripts/test`): concurrency with seeded
+//! random interleavings, replays, the expire/release race and the per-user
+//! limit. Time is simulated: the scripts take `now` from the caller.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
+use flashsale_core::messages::{PurchaseRequest, SCHEMA_VERSION};
+use flashsale_core::redis_conn::{self, RedisConn};
+use flashsale_core::settings::RedisSettings;
+use flashsale_core::stock::{
+    CommitOutcome, OpenOutcome, ReleaseOutcome, ReserveOutcome, SaleRules, SkuKeys, StockStore,
+};
+use redis::AsyncCommands;
+use tokio::sync::Mutex;
+
+const FOREVER: u64 = 1_000_000_000_000_000;
+const MAX_AGE: u64 = FOREVER;
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Single,
+    Cluster,
+}
+
+fn settings(backend: Backend) -> RedisSettings {
+    let url =
+        std::env::var("FLASHSALE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:26379".into());
+    let cluster_nodes = match backend {
+        Backend::Single => Vec::new(),
+        Backend::Cluster => std::env::var("FLASHSALE_TEST_REDIS_CLUSTER_NODES")
+            .expect(
+                "FLASHSALE_TEST_REDIS_CLUSTER_NODES is not set: run ./scripts/test, which starts the cluster",
+            )
+            .split(',')
+            .map(str::to_owned)
+            .collect(),
+    };
+    RedisSettings {
+        url,
+        retention: Duration::from_secs(24 * 3600),
+        cluster_nodes,
+    }
+}
+
+struct Fixture {
+    store: StockStore,
+    conn: RedisConn,
+    sku: Sku,
+}
+
+impl Fixture {
+    async fn new(backend: Backend, name: &str, rules: SaleRules) -> Self {
+        let settings = settings(backend);
+        let conn = redis_conn::connect(&settings)
+            .await
+            .expect("connect to Redis");
+        let store = StockStore::new(conn.clone(), &settings);
+        let sku = Sku::parse(&format!("{name}-{}", uuid::Uuid::now_v7().simple())).unwrap();
+        assert_eq!(
+            store.open_sale(&sku, &rules).await.unwrap(),
+            OpenOutcome::Opened
+        );
+        Self { store, conn, sku }
+    }
+
+    fn request(&self, user: &str, quantity: i64) -> PurchaseRequest {
+        PurchaseRequest {
+            v: SCHEMA_VERSION,
+            request_id: RequestId::fresh(),
+            sku: self.sku.clone(),
+            user_id: UserId::parse(user).unwrap(),
+            quantity: Quantity::new(quantity).unwrap(),
+            accepted_at_ms: 0,
+        }
+    }
+
+    /// Every key a script may change, as plain data.
+    async fn snapshot(&self, ids: &[RequestId]) -> BTreeMap<String, String> {
+        let keys = SkuKeys::new(&self.sku);
+        let mut conn = self.conn.clone();
+        let mut out = BTreeMap::new();
+        let hashes = [keys.stock(), keys.users()]
+            .into_iter()
+            .chain(ids.iter().map(|id| keys.reservation(*id)));
+        for key in hashes {
+            let fields: HashMap<String, String> = conn.hgetall(&key).await.unwrap();
+            for (field, value) in fields {
+                out.insert(format!("{key}.{field}"), value);
+            }
+        }
+        let deadlines: Vec<(String, u64)> = conn
+            .zrange_withscores(keys.deadlines(), 0, -1)
+            .await
+            .unwrap();
+        for (member, score) in deadlines {
+            out.insert(format!("deadline.{member}"), score.to_string());
+        }
+        for id in ids {
+            let marker: Option<String> = conn.get(keys.processed(*id)).await.unwrap();
+            if let Some(marker) = marker {
+                out.insert(format!("marker.{id}"), marker);
+            }
+        }
+        out
+    }
+
+    async fn levels(&self) -> flashsale_core::stock::StockLevels {
+        self.store
+            .levels(&self.sku)
+            .await
+            .unwrap()
+            .expect("the sku has stock")
+    }
+}
+
+fn rules(total: u64, per_user_limit: u64, ttl_ms: u64) -> SaleRules {
+    SaleRules {
+        sale_id: uuid::Uuid::now_v7().to_string(),
+        total,
+        per_user_limit,
+        price_cents: 250,
+        reservation_ttl_ms: ttl_ms,
+        starts_at_ms: 0,
+        ends_at_ms: FOREVER,
+    }
+}
+
+/// SplitMix64: small, seedable, good enough to pick operations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The counters must always add up, whatever ran in between.
+fn assert_balanced(levels: &flashsale_core::stock::StockLevels, context: &str) {
+    assert!(
+        levels.available >= 0 && levels.reserved >= 0 && levels.sold >= 0,
+        "{context}: negative counter {levels:?}"
+    );
+    assert_eq!(
+        levels.available + levels.reserved + levels.sold,
+        levels.total,
+        "{context}: counters do not add up: {levels:?}"
+    );
+    assert!(
+        levels.sold <= levels.total,
+        "{context}: OVERSOLD {levels:?}"
+    );
+}
+
+const TASKS: usize = 64;
+const OPS_PER_TASK: usize = 60;
+const TOTAL: u64 = 150;
+const LIMIT: u64 = 3;
+const TTL_MS: u64 = 400;
+
+async fn hammer(backend: Backend, seed: u64) {
+    let fixture = Arc::new(Fixture::new(backend, "hammer", rules(TOTAL, LIMIT, TTL_MS)).await);
+    let clock = Arc::new(AtomicU64::new(1_000));
+    let made: Arc<Mutex<Vec<PurchaseRequest>>> = Arc::default();
+    let answers: Arc<Mutex<HashMap<RequestId, ReserveOutcome>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+
+    // Reads the counters while the tasks run: they must add up at every instant.
+    let sampler = {
+        let fixture = fixture.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut samples = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                assert_balanced(&fixture.levels().await, &format!("seed {seed}, mid-run"));
+                samples += 1;
+            }
+            samples
+        })
+    };
+
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let fixture = fixture.clone();
+        let clock = clock.clone();
+        let made = made.clone();
+        let answers = answers.clone();
+        let mut rng = Rng(seed.wrapping_mul(1_000_003).wrapping_add(task as u64));
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..OPS_PER_TASK {
+                let now = clock.fetch_add(rng.below(3), Ordering::Relaxed);
+                let choice = rng.below(100);
+                let known = {
+                    let made = made.lock().await;
+                    // Mostly recent requests, whose reservations may still be alive.
+                    let len = made.len() as u64;
+                    let window = if rng.below(5) == 0 { len } else { len.min(64) };
+                    (len > 0).then(|| made[(len - 1 - rng.below(window.max(1))) as usize].clone())
+                };
+                match choice {
+                    0..=44 => {
+                        // A new purchase, or (one time in five) a replayed one.
+                        let request = match known.clone() {
+                            Some(old) if rng.below(5) == 0 => old,
+                            _ => fixture
+                                .request(&format!("u{}", rng.below(60)), 1 + rng.below(2) as i64),
+                        };
+                        let outcome = fixture.store.reserve(&request, now, MAX_AGE).await.unwrap();
+                        let mut answers = answers.lock().await;
+                        if let Some(first) = answers.get(&request.request_id) {
+                            assert_eq!(
+                                first, &outcome,
+                                "seed {seed}: a replayed reserve answered differently"
+                            );
+                        } else {
+                            answers.insert(request.request_id, outcome);
+                            made.lock().await.push(request);
+                        }
+                    }
+                    45..=64 => {
+                        if let Some(request) = known.clone() {
+                            fixture
+                                .store
+                                .commit(&fixture.sku, request.request_id, now)
+                                .await
+                                .unwrap();
+                        }
+                    }
+                    65..=82 => {
+                        if let Some(request) = known.clone() {
+                            let outcome = fixture
+                                .store
+                                .release(&fixture.sku, request.request_id, "payment_declined")
+                                .await
+                                .unwrap();
+                            if let ReleaseOutcome::Released { reason } = outcome {
+                                assert!(
+                                    ["payment_declined", "reservation_expired"]
+                                        .contains(&reason.as_str())
+                                );
+                            }
+                        }
+                    }
+                    _ => {
+                        let sweep = uuid::Uuid::now_v7().to_string();
+                        let limit = 1 + rng.below(8) as usize;
+                        let expired = fixture
+                            .store
+                            .expire(&fixture.sku, &sweep, now, limit)
+                            .await
+                            .unwrap();
+                        assert!(
+                            expired.len() <= limit,
+                            "seed {seed}: expire went past its limit"
+                        );
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("a hammering task panicked");
+    }
+    done.store(true, Ordering::Relaxed);
+    let samples = sampler.await.expect("the sampler saw a violation");
+
+    // At rest: the counters agree with the reservation records, record by record.
+    let made = made.lock().await.clone();
+    let ids: Vec<RequestId> = made.iter().map(|r| r.request_id).collect();
+    let state = fixture.snapshot(&ids).await;
+    let keys = SkuKeys::new(&fixture.sku);
+    let levels = fixture.levels().await;
+    assert_balanced(&levels, &format!("seed {seed}, at rest"));
+    let (mut reserved, mut sold) = (0i64, 0i64);
+    let mut held: HashMap<String, i64> = HashMap::new();
+    let mut reserved_ids = HashSet::new();
+    for request in &made {
+        let record = keys.reservation(request.request_id);
+        let Some(record_state) = state.get(&format!("{record}.state")) else {
+            continue;
+        };
+        let qty = i64::from(request.quantity.get());
+        match record_state.as_str() {
+            "reserved" => {
+                reserved += qty;
+                reserved_ids.insert(request.request_id.to_string());
+                *held.entry(request.user_id.to_string()).or_default() += qty;
+            }
+            "committed" => {
+                sold += qty;
+                *held.entry(request.user_id.to_string()).or_default() += qty;
+            }
+            "released" => {}
+            other => panic!("seed {seed}: unknown record state {other}"),
+        }
+    }
+    assert_eq!(
+        levels.reserved, reserved,
+        "seed {seed}: reserved counter vs records"
+    );
+    assert_eq!(levels.sold, sold, "seed {seed}: sold counter vs records");
+    for (user, units) in &held {
+        let counted: i64 = state
+            .get(&format!("{}.{user}", keys.users()))
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0);
+        assert_eq!(counted, *units, "seed {seed}: units held by {user}");
+        assert!(
+            *units <= LIMIT as i64,
+            "seed {seed}: {user} holds {units} > limit {LIMIT}"
+        );
+    }
+    let deadlines: HashSet<String> = state
+        .keys()
+        .filter_map(|k| k.strip_prefix("deadline.").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        deadlines, reserved_ids,
+        "seed {seed}: deadlines vs reserved records"
+    );
+    assert!(samples > 0, "the sampler never read the counters");
+    let reservations = made.len();
+    eprintln!(
+        "{backend:?} seed {seed}: {reservations} requests, {levels:?}, {samples} mid-run samples"
+    );
+    assert!(
+        sold > 0 && levels.reserved + levels.sold > 0,
+        "seed {seed}: the run exercised nothing"
+    );
+}
+
+const SEEDS: [u64; 3] = [1, 20261122, 0x5eed];
+
+async fn every_script_replays(backend: Backend) {
+    let f = Fixture::new(backend, "replay", rules(10, 5, 100)).await;
+    let mut sale = rules(10, 5, 100);
+    sale.sale_id = f.levels().await.sale_id;
+    assert_eq!(
+        f.store.open_sale(&f.sku, &sale).await.unwrap(),
+        OpenOutcome::Unchanged
+    );
+
+    let a = f.request("alice", 2);
+    let b = f.request("bob", 1);
+    let c = f.request("carol", 1);
+    let ids = [a.request_id, b.request_id, c.request_id];
+
+    macro_rules! twice {
+        ($what:literal, $call:expr) => {{
+            let first = $call;
+            let after_first = f.snapshot(&ids).await;
+            let second = $call;
+            assert_eq!(first, second, "{}: a replay answered differently", $what);
+            assert_eq!(
+                after_first,
+                f.snapshot(&ids).await,
+                "{}: a replay changed the state",
+                $what
+            );
+            first
+        }};
+    }
+
+    for request in [&a, &b, &c] {
+        let outcome = twice!(
+            "reserve",
+            f.store.reserve(request, 1_000, MAX_AGE).await.unwrap()
+        );
+        assert!(
+            matches!(
+                outcome,
+                ReserveOutcome::Reserved {
+                    expires_at_ms: 1_100,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(
+        twice!(
+            "commit",
+            f.store.commit(&f.sku, a.request_id, 1_050).await.unwrap()
+        ),
+        CommitOutcome::Committed
+    );
+    assert_eq!(
+        twice!(
+            "release",
+            f.store
+                .release(&f.sku, b.request_id, "payment_declined")
+                .await
+                .unwrap()
+        ),
+        ReleaseOutcome::Released {
+            reason: "payment_declined".into()
+        }
+    );
+    assert_eq!(
+        twice!(
+            "release of a sold unit",
+            f.store
+                .release(&f.sku, a.request_id, "payment_declined")
+                .await
+                .unwrap()
+        ),
+        ReleaseOutcome::WasCommitted
+    );
+    assert_eq!(
+        twice!(
+            "late commit",
+            f.store.commit(&f.sku, c.request_id, 1_101).await.unwrap()
+        ),
+        CommitOutcome::Expired
+    );
+    let expired = twice!(
+        "expire",
+        f.store.expire(&f.sku, "sweep-1", 1_200, 10).await.unwrap()
+    );
+    assert_eq!(
+        expired.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![c.request_id]
+    );
+    assert_eq!(
+        twice!(
+            "commit after expiry",
+            f.store.commit(&f.sku, c.request_id, 1_050).await.unwrap()
+        ),
+        CommitOutcome::Released {
+            reason: "reservation_expired".into()
+        }
+    );
+    let restocked = twice!("restock", f.store.restock(&f.sku, "op-1", 4).await.unwrap());
+    assert_eq!((restocked.total, restocked.available), (14, 12));
+    twice!("close", f.store.close(&f.sku).await.unwrap());
+    let status = twice!(
+        "status",
+        f.store.status(&f.sku, 1_200).await.unwrap().unwrap()
+    );
+    assert!(status.closed);
+    assert_eq!(
+        (status.levels.sold, status.levels.reserved, status.overdue),
+        (2, 0, 0)
+    );
+    let late = f.request("dave", 1);
+    assert_eq!(
+        f.store.reserve(&late, 1_300, MAX_AGE).await.unwrap(),
+        ReserveOutcome::Rejected {
+            reason: "sale_not_active".into()
+        }
+    );
+}
+
+async fn expire_and_release_race(backend: Backend) {
+    let rounds = 40;
+    let f = Arc::new(Fixture::new(backend, "race", rules(1, 1, 10)).await);
+    let (mut by_sweep, mut by_release) = (0, 0);
+    for round in 0..rounds {
+        let request = f.request(&format!("r{round}"), 1);
+        let now = 1_000 * (round + 1);
+        let reserved = f.store.reserve(&request, now, MAX_AGE).await.unwrap();
+        assert!(
+            matches!(reserved, ReserveOutcome::Reserved { .. }),
+            "round {round}: {reserved:?}"
+        );
+        let mut sweeps = Vec::new();
+        let mut releases = Vec::new();
+        for i in 0..4 {
+            let (f1, f2) = (f.clone(), f.clone());
+            let id = request.request_id;
+            sweeps.push(tokio::spawn(async move {
+                f1.store
+                    .expire(&f1.sku, &format!("race-{round}-{i}"), now + 11, 5)
+                    .await
+                    .unwrap()
+            }));
+            releases.push(tokio::spawn(async move {
+                f2.store
+                    .release(&f2.sku, id, "payment_declined")
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut swept = 0;
+        for sweep in sweeps {
+            swept += sweep
+                .await
+                .unwrap()
+                .iter()
+                .filter(|e| e.id == request.request_id)
+                .count();
+        }
+        let mut reasons = HashSet::new();
+        for release in releases {
+            match release.await.unwrap() {
+                ReleaseOutcome::Released { reason } => reasons.insert(reason),
+                other => panic!("round {round}: release answered {other:?}"),
+            };
+        }
+        assert_eq!(
+            reasons.len(),
+            1,
+            "round {round}: releases disagree on who released: {reasons:?}"
+        );
+        if reasons.contains("reservation_expired") {
+            assert_eq!(
+                swept, 1,
+                "round {round}: the sweep released it {swept} times"
+            );
+            by_sweep += 1;
+        } else {
+            assert_eq!(
+                swept, 0,
+                "round {round}: released by a release and by {swept} sweeps"
+            );
+            by_release += 1;
+        }
+        let levels = f.levels().await;
+        assert_eq!(
+            (levels.available, levels.reserved, levels.sold),
+            (1, 0, 0),
+            "round {round}"
+        );
+    }
+    eprintln!(
+        "{backend:?}: released by the sweep {by_sweep} times, by a release {by_release} times"
+    );
+}
+
+async fn one_user_hundred_requests(backend: Backend) {
+    let f = Arc::new(Fixture::new(backend, "limit", rules(50, 1, 60_000)).await);
+    let mut calls = Vec::new();
+    for _ in 0..100 {
+        let f = f.clone();
+        calls.push(tokio::spawn(async move {
+            let request = f.request("the-one-buyer", 1);
+            f.store.reserve(&request, 1_000, MAX_AGE).await.unwrap()
+        }));
+    }
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    for call in calls {
+        let label = match call.await.unwrap() {
+            ReserveOutcome::Reserved { .. } => "reserved".to_owned(),
+            ReserveOutcome::Rejected { reason } => reason,
+        };
+        *outcomes.entry(label).or_default() += 1;
+    }
+    assert_eq!(outcomes.get("reserved"), Some(&1), "{outcomes:?}");
+    assert_eq!(outcomes.get("user_limit"), Some(&99), "{outcomes:?}");
+    let levels = f.levels().await;
+    assert_eq!((levels.available, levels.reserved), (49, 1));
+}
+
+macro_rules! on_both {
+    ($($name:ident => $body:expr;)*) => {
+        mod single {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() { ($body)(Backend::Single).await })*
+        }
+        mod cluster {
+            use super::*;
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() { ($body)(Backend::Cluster).await })*
+        }
+    };
+}
+
+on_both! {
+    sixty_four_tasks_interleave_and_the_invariants_hold => |backend| async move {
+        for seed in SEEDS {
+            hammer(backend, seed).await;
+        }
+    };
+    every_script_replayed_twice_gives_the_same_result_and_state => every_script_replays;
+    a_reservation_racing_expire_and_release_is_released_once => expire_and_release_race;
+    one_user_with_a_limit_of_one_gets_exactly_one_of_a_hundred => one_user_hundred_requests;
+}
