@@ -11,12 +11,12 @@ use flashsale_core::dynamo::{self, Tables};
 use flashsale_core::inventory::InventoryStore;
 use flashsale_core::orders::OrderStore;
 use flashsale_core::payment::PaymentClient;
-use flashsale_core::recovery;
 use flashsale_core::settings::{
     self, DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
 };
 use flashsale_core::status_board::StatusBoard;
 use flashsale_core::stock::{self, StockError, StockStore};
+use flashsale_core::{audit, recovery};
 
 /// Where the command finds the pipeline: the same `FLASHSALE_*` settings
 /// the services read, so defaults reach the local stack.
@@ -53,6 +53,23 @@ pub struct Stores {
 }
 
 impl Stores {
+    /// Gathers what the audit of `sku` looks at and checks the invariants.
+    pub async fn audit(
+        &self,
+        sku: &flashsale_core::ids::Sku,
+        at_rest: bool,
+    ) -> Result<audit::Report, audit::GatherError> {
+        let evidence = audit::gather(
+            sku,
+            &self.stock,
+            &self.inventory,
+            &self.orders,
+            &self.payment,
+        )
+        .await?;
+        Ok(audit::check(&evidence, at_rest))
+    }
+
     /// Rebuilds `sku` in Redis after Redis was lost.
     pub async fn recover(
         &self,

@@ -11,7 +11,7 @@ use flashsale_cli::surge::{self, Arrival, SurgeOptions};
 use flashsale_cli::{Config, Stores};
 use flashsale_core::ids::Sku;
 use flashsale_core::settings::Env;
-use flashsale_core::{audit, kafka, ops};
+use flashsale_core::{kafka, ops};
 
 /// Set up, audit and load-test a flashsale pipeline.
 ///
@@ -276,15 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut clean = true;
             let mut reports = Vec::new();
             for sku in &skus {
-                let evidence = audit::gather(
-                    sku,
-                    &stores.stock,
-                    &stores.inventory,
-                    &stores.orders,
-                    &stores.payment,
-                )
-                .await?;
-                let report = audit::check(&evidence, at_rest);
+                let report = stores.audit(sku, at_rest).await?;
                 clean &= report.ok();
                 if !json {
                     println!(

@@ -11,7 +11,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashsale_core::audit;
 use flashsale_core::clock;
 use flashsale_core::ids::{RequestId, Sku};
 use flashsale_core::payment::StubBehaviour;
@@ -297,15 +296,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     }
     let unsettled = (accepted.len() - settled.len()) as u64;
 
-    let evidence = audit::gather(
-        &options.sku,
-        &stores.stock,
-        &stores.inventory,
-        &stores.orders,
-        &stores.payment,
-    )
-    .await?;
-    let report = audit::check(&evidence, unsettled == 0);
+    let report = stores.audit(&options.sku, unsettled == 0).await?;
     let duration_s = start.elapsed().as_secs_f64();
     Ok(SurgeReport {
         buyers: options.buyers,

@@ -187,7 +187,7 @@ impl OrderStore {
     }
 
     /// `PAID` → `CONFIRMED` and `inventory.sold += quantity` in one
-    /// transaction. The request id is the client request token, so a retry
+    /// transaction. Its client request token is derived from the order, so a retry
     /// within DynamoDB's ten-minute window is recognised; after it, the
     /// status condition refuses the second increment.
     pub async fn confirm(&self, order: &Order, now_ms: u64) -> Result<Written, DynamoError> {
@@ -213,7 +213,7 @@ impl OrderStore {
         let result = self
             .client
             .transact_write_items()
-            .client_request_token(&id)
+            .client_request_token(confirm_token(order))
             .transact_items(TransactWriteItem::builder().update(confirm_order).build())
             .transact_items(TransactWriteItem::builder().update(count_sold).build())
             .send()
@@ -305,6 +305,16 @@ impl OrderStore {
             }),
         }
     }
+}
+
+/// The confirm transaction's client request token: one per order of one
+/// sale. DynamoDB keeps tokens account-wide for ten minutes, and the same
+/// `(user, Idempotency-Key)` names the same request id in every sale, so
+/// the request id alone could collide with another sale's confirmation.
+fn confirm_token(order: &Order) -> String {
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1d_52c4_8a0e_4c8b_9a57_0e3f_4b6c_2d19);
+    let name = format!("{}/{}/{}", order.order_id, order.sku, order.sale_id);
+    uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
 }
 
 fn to_item(order: &Order) -> std::collections::HashMap<String, AttributeValue> {

@@ -35,6 +35,16 @@ impl Env {
         }
     }
 
+    /// Every `FLASHSALE_*` variable this environment holds.
+    pub fn vars(&self) -> HashMap<String, String> {
+        match &self.overrides {
+            Some(map) => map.clone(),
+            None => std::env::vars()
+                .filter(|(k, _)| k.starts_with("FLASHSALE_"))
+                .collect(),
+        }
+    }
+
     fn raw(&self, name: &str) -> Option<String> {
         match &self.overrides {
             Some(map) => map.get(name).cloned(),

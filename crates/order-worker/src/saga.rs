@@ -153,9 +153,15 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
     .await?;
     match outcome {
         CommitOutcome::Committed => {
-            // One timestamp for every attempt: the transaction's token is the
-            // request id, and a retry must send exactly the same values.
-            let confirmed_at = clock::now_ms();
+            // The transaction's token is the request id, and every attempt
+            // must send exactly the same values, including attempts of other
+            // deliveries of this reservation running at the same time (after
+            // a rebalance, or a recovery that republished it). A clock
+            // reading would differ between them, and DynamoDB would answer
+            // the later ones with IdempotentParameterMismatch for ten
+            // minutes. So the confirmation is stamped with the time the order
+            // was paid, which every delivery read from the same record.
+            let confirmed_at = order.updated_at_ms;
             Ok(current(
                 retry::durable("confirm order", &deps.shutdown, || {
                     deps.orders.confirm(order, confirmed_at)

@@ -25,6 +25,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// Settings of one shop-worker.
 #[derive(Debug, Clone)]
@@ -215,23 +216,22 @@ impl Shop {
         };
         let span =
             tracing::info_span!("reserve", request_id = %request.request_id, sku = %request.sku);
-        let _entered = span.enter();
         // A script answer we do not understand is a bug, not bad input:
         // stop rather than guess and move stock.
         let outcome = retry::durable("reserve", &self.shutdown, || {
             self.stock
                 .reserve(&request, clock::now_ms(), self.max_queue_age_ms)
         })
+        .instrument(span.clone())
         .await?;
         let label = match &outcome {
             ReserveOutcome::Reserved { .. } => "reserved",
             ReserveOutcome::Rejected { reason } => reason.as_str(),
         };
         self.metrics.reservations.with_label_values(&[label]).inc();
-        tracing::debug!(outcome = label, "reserve");
-        drop(_entered);
+        tracing::debug!(parent: &span, outcome = label, "reserve");
         Ok(Box::pin(
-            async move { self.publish(request, outcome).await },
+            async move { self.publish(request, outcome).await }.instrument(span),
         ))
     }
 

@@ -7,7 +7,6 @@
 //! without seeing each other's data. Sku names are unique per pipeline too,
 //! because Redis is shared.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,10 +19,10 @@ use flashsale_core::kafka::{self, topic};
 use flashsale_core::payment::StubBehaviour;
 use flashsale_core::settings::{Env, KafkaSettings};
 use flashsale_core::stock::SaleRules;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use flashsale_core::topic_reader;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 pub use flashsale_cli;
@@ -32,13 +31,108 @@ pub use flashsale_core;
 /// The process environment's `FLASHSALE_*` settings (the stack's ports),
 /// with `overrides` on top.
 pub fn env_with(overrides: &[(&str, String)]) -> Env {
-    let mut vars: HashMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("FLASHSALE_"))
-        .collect();
-    for (k, v) in overrides {
+    env_with_more(&Env::process(), overrides)
+}
+
+fn env_with_more(env: &Env, more: &[(&str, String)]) -> Env {
+    let mut vars = env.vars();
+    for (k, v) in more {
         vars.insert((*k).to_owned(), v.clone());
     }
     Env::from_map(vars)
+}
+
+/// A `redis-server` child process of one pipeline, with the local stack's
+/// durability (`appendfsync always`), that a test may kill and wipe.
+pub struct OwnRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl OwnRedis {
+    async fn start(prefix: &str) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let base = std::env::var("FLASHSALE_STATE_DIR").unwrap_or_else(|_| "/tmp".into());
+        let own = Self {
+            port,
+            dir: std::path::Path::new(&base).join(format!("redis-{prefix}")),
+            child: std::sync::Mutex::new(None),
+        };
+        own.spawn().await?;
+        Ok(own)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        *self.child.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(child);
+        let client = redis::Client::open(self.url())?;
+        eventually(
+            "the pipeline's own Redis to answer",
+            Duration::from_secs(10),
+            || {
+                let client = client.clone();
+                async move {
+                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .ok()
+                }
+            },
+        )
+        .await;
+        Ok(())
+    }
+
+    /// SIGKILL: no shutdown, no final fsync beyond what `always` did.
+    pub fn kill(&self) -> anyhow::Result<()> {
+        if let Some(mut child) = self
+            .child
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .take()
+        {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Redis lost entirely: its data directory deleted, an empty one started
+    /// on the same port.
+    pub async fn wipe_and_restart(&self) -> anyhow::Result<()> {
+        self.kill()?;
+        std::fs::remove_dir_all(&self.dir)?;
+        self.spawn().await
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn any_port() -> String {
@@ -51,6 +145,11 @@ pub struct PipelineOptions {
     pub payment_latency_ms: u64,
     pub shop_workers: usize,
     pub order_workers: usize,
+    /// A Redis of the pipeline's own (a child process) instead of the shared
+    /// one, for tests that kill and wipe it.
+    pub own_redis: bool,
+    /// More `FLASHSALE_*` settings for every service of the pipeline.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for PipelineOptions {
@@ -60,6 +159,8 @@ impl Default for PipelineOptions {
             payment_latency_ms: 5,
             shop_workers: 1,
             order_workers: 1,
+            own_redis: false,
+            env: Vec::new(),
         }
     }
 }
@@ -88,6 +189,8 @@ pub struct Pipeline {
     pub stores: Stores,
     pub gateway_url: String,
     pub http: reqwest::Client,
+    /// The pipeline's own Redis, when `own_redis` was asked for.
+    pub redis: Option<OwnRedis>,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -110,6 +213,11 @@ impl Pipeline {
         ]);
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
+        let redis = if options.own_redis {
+            Some(OwnRedis::start(&prefix).await?)
+        } else {
+            None
+        };
 
         let stub = flashsale_payment_stub::start(
             flashsale_payment_stub::Config::from_env(&stub_env)?,
@@ -127,7 +235,14 @@ impl Pipeline {
             ("FLASHSALE_SHOP_METRICS_ADDR", any_port()),
             ("FLASHSALE_ORDER_METRICS_ADDR", any_port()),
             ("FLASHSALE_PAYMENT_URL", payment_url),
+            // Expired reservations come back quickly in tests that wait for it.
+            ("FLASHSALE_EXPIRY_SWEEP_MS", "100".into()),
         ]);
+        let env = match &redis {
+            Some(own) => env_with_more(&env, &[("FLASHSALE_REDIS_URL", own.url())]),
+            None => env,
+        };
+        let env = env_with_more(&env, &options.env);
         let mut cli = CliConfig::from_env(&env)?;
         // One creator at a time per test process (see kafka::ensure_topics);
         // the services then find their topics in place.
@@ -168,6 +283,7 @@ impl Pipeline {
             stores,
             gateway_url,
             http: reqwest::Client::new(),
+            redis,
             shutdown,
             tasks,
         })
@@ -194,19 +310,25 @@ impl Pipeline {
         stock: u64,
         per_user_limit: u64,
     ) -> anyhow::Result<SaleRules> {
-        sale::create(
-            &self.stores,
-            &SaleSpec {
-                sku: sku.clone(),
-                stock,
-                per_user_limit,
-                price_cents: 1999,
-                reservation_ttl: Duration::from_secs(600),
-                starts_in: Duration::ZERO,
-                duration: Duration::from_secs(3600),
-            },
-        )
-        .await
+        self.create_sale_with(&Self::spec(sku, stock, per_user_limit))
+            .await
+    }
+
+    /// The sale `create_sale` makes, to adjust before `create_sale_with`.
+    pub fn spec(sku: &Sku, stock: u64, per_user_limit: u64) -> SaleSpec {
+        SaleSpec {
+            sku: sku.clone(),
+            stock,
+            per_user_limit,
+            price_cents: 1999,
+            reservation_ttl: Duration::from_secs(600),
+            starts_in: Duration::ZERO,
+            duration: Duration::from_secs(3600),
+        }
+    }
+
+    pub async fn create_sale_with(&self, spec: &SaleSpec) -> anyhow::Result<SaleRules> {
+        sale::create(&self.stores, spec).await
     }
 
     pub async fn set_payment(&self, decline_rate: f64, latency_ms: u64) -> anyhow::Result<()> {
@@ -230,48 +352,23 @@ impl Pipeline {
 
     /// How many records a topic holds (sum of high watermarks).
     pub async fn records_in(&self, topic_name: &str) -> anyhow::Result<i64> {
-        let settings = self.kafka.clone();
-        let topic_name = topic_name.to_owned();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-            let consumer: BaseConsumer = kafka::base_config(&settings)
-                .set("group.id", "flashsale-test-watermarks")
-                .create()?;
-            let mut total = 0;
-            for partition in 0..settings.partitions {
-                let (low, high) =
-                    consumer.fetch_watermarks(&topic_name, partition, Duration::from_secs(5))?;
-                total += high - low;
-            }
-            Ok(total)
-        })
-        .await?
+        Ok(topic_reader::watermarks(&self.kafka, topic_name)
+            .await?
+            .iter()
+            .map(|r| r.high - r.low)
+            .sum())
     }
 
     /// Offsets the consumer group `group_base` has committed on a topic,
     /// summed over its partitions (0 where nothing is committed yet).
     pub async fn committed(&self, group_base: &str, topic_name: &str) -> anyhow::Result<i64> {
-        let settings = self.kafka.clone();
-        let group = self.kafka.group(group_base);
-        let topic_name = topic_name.to_owned();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-            let consumer: BaseConsumer = kafka::base_config(&settings)
-                .set("group.id", &group)
-                .create()?;
-            let mut wanted = TopicPartitionList::new();
-            for partition in 0..settings.partitions {
-                wanted.add_partition(&topic_name, partition);
-            }
-            let committed = consumer.committed_offsets(wanted, Duration::from_secs(5))?;
-            Ok(committed
-                .elements()
+        Ok(
+            topic_reader::committed(&self.kafka, &self.kafka.group(group_base), topic_name)
+                .await?
                 .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(n) => Some(n),
-                    _ => None,
-                })
-                .sum())
-        })
-        .await?
+                .filter_map(|(_, offset)| *offset)
+                .sum(),
+        )
     }
 
     /// The first record of a topic, waiting up to `deadline` for one.

@@ -78,6 +78,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use flashsale_testkit::flashsale_cli::surge::{self, Arrival, SurgeOptions};
+use flashsale_testkit::flashsale_core::clock;
 use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, UserId};
 use flashsale_testkit::flashsale_core::kafka::{self, topic};
 use flashsale_testkit::flashsale_core::messages::{
@@ -86,7 +87,6 @@ use flashsale_testkit::flashsale_core::messages::{
 use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::payment::ChargeStatus;
 use flashsale_testkit::flashsale_core::stock::ReserveOutcome;
-use flashsale_testkit::flashsale_core::{audit, clock};
 use rdkafka::message::{Headers, Message};
 
 /// 2,000 buyers at once for 50 units with 20% of payments declined: no
@@ -364,16 +364,7 @@ async fn duplicate_messages_change_nothing() {
     );
     let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
     assert_eq!((levels.available, levels.reserved, levels.sold), (8, 0, 2));
-    let evidence = audit::gather(
-        &sku,
-        &p.stores.stock,
-        &p.stores.inventory,
-        &p.stores.orders,
-        &p.stores.payment,
-    )
-    .await
-    .unwrap();
-    let report = audit::check(&evidence, true);
+    let report = p.stores.audit(&sku, true).await.unwrap();
     assert!(report.ok(), "{:?}", report.violations);
     p.stop().await;
 }

@@ -1,0 +1,357 @@
+//! The stock model through the whole pipeline: reservations that expire,
+//! restock and close, the sale window, and losing Redis mid-surge.
+
+use std::time::Duration;
+
+use flashsale_testkit::flashsale_cli::sale;
+use flashsale_testkit::flashsale_core::ids::RequestId;
+use flashsale_testkit::flashsale_core::orders::OrderStatus;
+use flashsale_testkit::flashsale_core::status::PurchaseStatus;
+use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
+use serde_json::{Value, json};
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+async fn buy(p: &Pipeline, sku: &str, user: &str, key: Option<&str>) -> (u16, Value) {
+    let mut request = p
+        .http
+        .post(format!("{}/v1/purchases", p.gateway_url))
+        .json(&json!({"sku": sku, "user_id": user, "quantity": 1}));
+    if let Some(key) = key {
+        request = request.header("Idempotency-Key", key);
+    }
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.json().await.unwrap_or(Value::Null))
+        }
+        Err(error) => (0, json!({ "error": error.to_string() })),
+    }
+}
+
+/// GET with a long poll: `None` while the gateway does not know the id.
+async fn status_of(p: &Pipeline, id: &str, wait_secs: u64) -> Option<PurchaseStatus> {
+    let url = format!("{}/v1/purchases/{id}?wait={wait_secs}", p.gateway_url);
+    let response = p.http.get(&url).send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.json().await.ok()
+}
+
+async fn terminal(p: &Pipeline, id: &str) -> PurchaseStatus {
+    eventually("a terminal state", SETTLE, || async {
+        status_of(p, id, 5).await.filter(|s| s.status.is_terminal())
+    })
+    .await
+}
+
+async fn accepted(p: &Pipeline, sku: &str, user: &str) -> String {
+    let (status, body) = buy(p, sku, user, None).await;
+    assert_eq!(status, 202, "{body}");
+    body["request_id"]
+        .as_str()
+        .expect("a request id")
+        .to_owned()
+}
+
+/// A charge slower than the reservation's TTL: the sweep gives the unit
+/// back and tells the buyer; the order-worker's commit is then refused, it
+/// refunds the charge and cancels the order; the unit sells again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reservation_that_outlives_its_ttl_is_swept_refunded_and_resold() {
+    // The charge must start before the deadline and finish after it: a
+    // TTL well above the time to reach the charge on a loaded machine, a
+    // payment slower than the TTL, and a client that waits for it.
+    let p = Pipeline::start(PipelineOptions {
+        env: vec![("FLASHSALE_PAYMENT_TIMEOUT_MS", "10000".into())],
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("ttl");
+    let mut spec = Pipeline::spec(&sku, 1, 1);
+    spec.reservation_ttl = Duration::from_millis(2_000);
+    p.create_sale_with(&spec).await.unwrap();
+    p.set_payment(0.0, 4_000).await.unwrap();
+
+    let slow = accepted(&p, sku.as_str(), "slow-payer").await;
+    let swept = terminal(&p, &slow).await;
+    assert_eq!(swept.status.as_str(), "cancelled", "{swept:?}");
+    assert_eq!(swept.reason.as_deref(), Some("reservation_expired"));
+    let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.reserved, levels.sold), (1, 0, 0));
+
+    // The charge went through after the deadline: refunded, order cancelled.
+    let id = RequestId::parse(&slow).unwrap();
+    let order = eventually("the late-paid order cancelled", SETTLE, || async {
+        let order = p.stores.orders.get(id).await.ok()??;
+        (order.status == OrderStatus::Cancelled).then_some(order)
+    })
+    .await;
+    assert_eq!(order.reason.as_deref(), Some("reservation_expired"));
+    let charge_id = order.payment_id.expect("the late charge is on the order");
+    let charges = p
+        .stores
+        .payment
+        .charges_of_sale(&levels.sale_id)
+        .await
+        .unwrap();
+    let charge = charges.iter().find(|c| c.id == charge_id).expect("charge");
+    assert!(charge.refunded, "{charge:?}");
+
+    p.set_payment(0.0, 5).await.unwrap();
+    let next = accepted(&p, sku.as_str(), "next-buyer").await;
+    assert_eq!(terminal(&p, &next).await.status.as_str(), "confirmed");
+    let report = eventually("a clean audit at rest", SETTLE, || async {
+        let report = p.stores.audit(&sku, true).await.ok()?;
+        report.ok().then_some(report)
+    })
+    .await;
+    assert_eq!(
+        (
+            report.sold,
+            report.confirmed_orders,
+            report.cancelled_orders
+        ),
+        (1, 1, 1)
+    );
+    p.stop().await;
+}
+
+/// Restock reopens a sold-out sale (the flag clears, new units sell);
+/// the same restock retried adds nothing; a closed sale or one not yet
+/// open rejects with `sale_not_active`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restock_reopens_a_sold_out_sale_and_close_or_the_window_rejects() {
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let sku = p.sku("restock");
+    p.create_sale(&sku, 1, 1).await.unwrap();
+    let first = accepted(&p, sku.as_str(), "ann").await;
+    assert_eq!(terminal(&p, &first).await.status.as_str(), "confirmed");
+    let (status, body) = buy(&p, sku.as_str(), "ben", None).await;
+    assert_eq!(status, 409, "sold out at the gateway: {body}");
+
+    let restocked = sale::restock(&p.stores, &sku, 2, "restock-1")
+        .await
+        .unwrap();
+    assert_eq!((restocked.total, restocked.available), (3, 2));
+    let again = sale::restock(&p.stores, &sku, 2, "restock-1")
+        .await
+        .unwrap();
+    assert_eq!(again, restocked, "a retried restock adds nothing");
+    let inventory = p.stores.inventory.get(&sku).await.unwrap().unwrap();
+    assert_eq!(
+        inventory.rules.total, 3,
+        "DynamoDB counted the restock once"
+    );
+    let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
+    assert!(!levels.sold_out);
+    for user in ["ben", "cat"] {
+        let id = accepted(&p, sku.as_str(), user).await;
+        assert_eq!(terminal(&p, &id).await.status.as_str(), "confirmed");
+    }
+    assert_eq!(buy(&p, sku.as_str(), "dan", None).await.0, 409);
+
+    sale::restock(&p.stores, &sku, 5, "restock-2")
+        .await
+        .unwrap();
+    sale::close(&p.stores, &sku).await.unwrap();
+    let late = accepted(&p, sku.as_str(), "eve").await;
+    let rejected = terminal(&p, &late).await;
+    assert_eq!(
+        (rejected.status.as_str(), rejected.reason.as_deref()),
+        ("rejected", Some("sale_not_active"))
+    );
+    let view = sale::show(&p.stores, &sku).await.unwrap().unwrap();
+    assert!(view.closed && view.redis.as_ref().is_some_and(|r| r.closed));
+    let report = p.stores.audit(&sku, true).await.unwrap();
+    assert!(report.ok(), "{:?}", report.violations);
+    assert_eq!((report.total, report.sold), (8, 3));
+
+    let later = p.sku("later");
+    let mut spec = Pipeline::spec(&later, 5, 1);
+    spec.starts_in = Duration::from_secs(3600);
+    p.create_sale_with(&spec).await.unwrap();
+    let early = accepted(&p, later.as_str(), "fay").await;
+    let rejected = terminal(&p, &early).await;
+    assert_eq!(
+        (rejected.status.as_str(), rejected.reason.as_deref()),
+        ("rejected", Some("sale_not_active"))
+    );
+    p.stop().await;
+}
+
+#[derive(Debug)]
+enum Outcome {
+    /// 409 at the gateway: sold out, never queued.
+    Shed,
+    Settled(PurchaseStatus),
+}
+
+/// A buyer as a well-behaved client: retries with the same Idempotency-Key
+/// while the gateway cannot answer (503, or the sku unknown while Redis is
+/// being recovered), and asks again with it when the purchase's status was
+/// lost with Redis.
+async fn persistent_buyer(p: &Pipeline, sku: &str, user: &str) -> Outcome {
+    // Request ids derive from (user, key): unique per run, or DynamoDB's
+    // and Redis's memory of earlier runs would answer for this one.
+    let key = format!("{}-{user}", p.prefix);
+    let until = tokio::time::Instant::now() + Duration::from_secs(150);
+    'purchase: loop {
+        assert!(tokio::time::Instant::now() < until, "{user} never settled");
+        let (status, body) = buy(p, sku, user, Some(&key)).await;
+        let id = match status {
+            202 => body["request_id"].as_str().expect("request id").to_owned(),
+            409 => return Outcome::Shed,
+            0 | 404 | 500..=599 => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            other => panic!("{user}: unexpected {other}: {body}"),
+        };
+        let mut last = None;
+        loop {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "{user} ({id}) never settled; last seen {last:?}"
+            );
+            match status_of(p, &id, 2).await {
+                Some(s) if s.status.is_terminal() => return Outcome::Settled(s),
+                Some(s) => last = Some(s),
+                // Forgotten (Redis lost) or Redis unreachable: ask again.
+                None => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue 'purchase;
+                }
+            }
+        }
+    }
+}
+
+/// Redis is killed with SIGKILL while buyers arrive, its data deleted, an
+/// empty Redis started, and `flashsale recover` rebuilds the sku from
+/// DynamoDB and the reservations topic. The sale then finishes: every
+/// buyer settles, nothing is oversold, and the audit is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_lost_mid_surge_is_recovered_and_the_sale_finishes_clean() {
+    let p = std::sync::Arc::new(
+        Pipeline::start(PipelineOptions {
+            decline_rate: 0.2,
+            payment_latency_ms: 20,
+            own_redis: true,
+            ..PipelineOptions::default()
+        })
+        .await
+        .expect("pipeline starts"),
+    );
+    let sku = p.sku("lost");
+    let total = 150;
+    p.create_sale(&sku, total, 1).await.unwrap();
+
+    let buyers = 500;
+    let mut crowd = Vec::new();
+    let mut killed = false;
+    for n in 0..buyers {
+        let (pipeline, sku_name) = (p.clone(), sku.to_string());
+        crowd.push(tokio::spawn(async move {
+            persistent_buyer(&pipeline, &sku_name, &format!("buyer-{n}")).await
+        }));
+        // A few hundred arrivals a second: the loss lands mid-surge.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
+        // Lose Redis once some units are sold and others are in flight.
+        if !killed && n >= buyers / 3 && levels.sold >= 20 && levels.reserved > 0 {
+            killed = true;
+            let own = p.redis.as_ref().expect("own redis");
+            own.kill().unwrap();
+            own.wipe_and_restart().await.unwrap();
+            eprintln!("Redis killed and wiped at {levels:?}");
+            // The client reconnects on its first failed command.
+            let empty = eventually("the empty Redis", SETTLE, || async {
+                p.stores.stock.status(&sku, 0).await.ok()
+            })
+            .await;
+            assert!(empty.is_none(), "the new Redis is empty");
+            let recovered = eventually("a recovery", SETTLE, || async {
+                match p.stores.recover(&p.cli, &sku, false).await {
+                    Ok(recovered) => Some(recovered),
+                    Err(error) => {
+                        eprintln!("recover: {error}");
+                        None
+                    }
+                }
+            })
+            .await;
+            eprintln!("recovered: {recovered:?}");
+            assert!(recovered.from_orders + recovered.from_topic > 0);
+        }
+    }
+    assert!(killed, "the surge ended before Redis could be lost mid-way");
+    let (mut shed, mut confirmed, mut other) = (0, 0, 0);
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut settled = Vec::new();
+    for buyer in crowd {
+        match buyer.await.expect("a buyer panicked") {
+            Outcome::Shed => shed += 1,
+            Outcome::Settled(s) => {
+                if s.status.as_str() == "confirmed" {
+                    confirmed += 1;
+                } else {
+                    other += 1;
+                }
+                *seen
+                    .entry(format!("{} {:?}", s.status.as_str(), s.reason))
+                    .or_default() += 1;
+                settled.push(s);
+            }
+        }
+    }
+    let mut disagree: std::collections::BTreeMap<String, usize> = Default::default();
+    for s in &settled {
+        let order = p
+            .stores
+            .orders
+            .get(RequestId::parse(&s.request_id).unwrap())
+            .await
+            .unwrap();
+        let stored = order.map(|o| o.status.as_str()).unwrap_or("no order");
+        *disagree
+            .entry(format!("saw {} / order {stored}", s.status.as_str()))
+            .or_default() += 1;
+    }
+    eprintln!("seen: {seen:?}\nagainst orders: {disagree:?}");
+    // What each buyer was told is what the order stage recorded.
+    for (pair, count) in &disagree {
+        assert!(
+            [
+                "saw confirmed / order CONFIRMED",
+                "saw cancelled / order CANCELLED",
+                "saw rejected / order no order"
+            ]
+            .contains(&pair.as_str()),
+            "{count} buyers: {pair}"
+        );
+    }
+    let report = eventually("a clean audit at rest", SETTLE, || async {
+        let report = p.stores.audit(&sku, true).await.ok()?;
+        report.ok().then_some(report)
+    })
+    .await;
+    eprintln!(
+        "buyers: {confirmed} confirmed, {other} rejected or cancelled, {shed} shed; {report:?}"
+    );
+    assert!(report.sold <= total as i64, "OVERSOLD: {report:?}");
+    assert_eq!(report.sold as usize, report.confirmed_orders);
+    assert!(
+        confirmed <= report.confirmed_orders,
+        "{confirmed} buyers saw confirmed but only {} orders are",
+        report.confirmed_orders
+    );
+    // Every unit is accounted for (declines late in the sale leave some
+    // available once the queue has drained: that is not a loss).
+    assert_eq!(report.sold + report.available, total as i64, "{report:?}");
+    assert!(report.sold > 0 && report.cancelled_orders > 0, "{report:?}");
+}
