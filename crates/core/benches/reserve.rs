@@ -84,7 +84,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed().max(Duration::from_micros(1));
     let memory_after = used_memory(&mut conn).await?;
-    anyhow::ensure!(reserved == requests, "only {reserved} of {requests} reserved");
+    anyhow::ensure!(
+        reserved == requests,
+        "only {reserved} of {requests} reserved"
+    );
 
     let keys = SkuKeys::new(&sku);
     let sample = all[requests / 2].request_id;
