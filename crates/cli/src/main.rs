@@ -29,7 +29,7 @@ struct Cli {
 enum Command {
     /// Create the Kafka topics and DynamoDB tables (services do it too, at start).
     Setup,
-    /// Create or inspect a sale.
+    /// Create, inspect, restock or close a sale.
     #[command(subcommand)]
     Sale(SaleCommand),
     /// Check DESIGN.md's invariants across Redis, DynamoDB and the payment
@@ -64,7 +64,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum SaleCommand {
-    /// Create a sale. An sku whose sale is still open is refused unless
+    /// Create a sale. A sku whose sale is still open is refused unless
     /// --replace (new sale id, fresh stock, per-user counts forgotten).
     Create {
         #[arg(long)]
