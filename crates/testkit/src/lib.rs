@@ -18,6 +18,7 @@ use flashsale_core::ids::Sku;
 use flashsale_core::kafka::{self, topic};
 use flashsale_core::payment::StubBehaviour;
 use flashsale_core::settings::{Env, KafkaSettings};
+use flashsale_core::status::PurchaseStatus;
 use flashsale_core::stock::SaleRules;
 use flashsale_core::topic_reader;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -340,6 +341,55 @@ impl Pipeline {
                 latency_ms,
             })
             .await?)
+    }
+
+    /// POSTs a purchase of one unit; `Err` only if the gateway could not
+    /// be reached at all.
+    pub async fn try_buy(
+        &self,
+        sku: &str,
+        user: &str,
+        key: Option<&str>,
+    ) -> reqwest::Result<(u16, serde_json::Value)> {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/purchases", self.gateway_url))
+            .json(&serde_json::json!({"sku": sku, "user_id": user, "quantity": 1}));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        Ok((
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        ))
+    }
+
+    /// `try_buy`, for gateways that must answer.
+    pub async fn buy(&self, sku: &str, user: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+        self.try_buy(sku, user, key).await.expect("gateway answers")
+    }
+
+    /// GET with a long poll: `None` while the gateway does not know the id
+    /// (or cannot answer).
+    pub async fn status_of(&self, id: &str, wait_secs: u64) -> Option<PurchaseStatus> {
+        let url = format!("{}/v1/purchases/{id}?wait={wait_secs}", self.gateway_url);
+        let response = self.http.get(&url).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json().await.ok()
+    }
+
+    /// Waits (up to a minute) for the purchase's terminal state.
+    pub async fn terminal(&self, id: &str) -> PurchaseStatus {
+        eventually("a terminal state", Duration::from_secs(60), || async {
+            self.status_of(id, 5)
+                .await
+                .filter(|s| s.status.is_terminal())
+        })
+        .await
     }
 
     pub fn topic(&self, base: &str) -> String {

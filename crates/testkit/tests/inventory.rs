@@ -8,46 +8,12 @@ use flashsale_testkit::flashsale_core::ids::RequestId;
 use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
 use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const SETTLE: Duration = Duration::from_secs(60);
 
-async fn buy(p: &Pipeline, sku: &str, user: &str, key: Option<&str>) -> (u16, Value) {
-    let mut request = p
-        .http
-        .post(format!("{}/v1/purchases", p.gateway_url))
-        .json(&json!({"sku": sku, "user_id": user, "quantity": 1}));
-    if let Some(key) = key {
-        request = request.header("Idempotency-Key", key);
-    }
-    match request.send().await {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            (status, response.json().await.unwrap_or(Value::Null))
-        }
-        Err(error) => (0, json!({ "error": error.to_string() })),
-    }
-}
-
-/// GET with a long poll: `None` while the gateway does not know the id.
-async fn status_of(p: &Pipeline, id: &str, wait_secs: u64) -> Option<PurchaseStatus> {
-    let url = format!("{}/v1/purchases/{id}?wait={wait_secs}", p.gateway_url);
-    let response = p.http.get(&url).send().await.ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    response.json().await.ok()
-}
-
-async fn terminal(p: &Pipeline, id: &str) -> PurchaseStatus {
-    eventually("a terminal state", SETTLE, || async {
-        status_of(p, id, 5).await.filter(|s| s.status.is_terminal())
-    })
-    .await
-}
-
 async fn accepted(p: &Pipeline, sku: &str, user: &str) -> String {
-    let (status, body) = buy(p, sku, user, None).await;
+    let (status, body) = p.buy(sku, user, None).await;
     assert_eq!(status, 202, "{body}");
     body["request_id"]
         .as_str()
@@ -76,7 +42,7 @@ async fn a_reservation_that_outlives_its_ttl_is_swept_refunded_and_resold() {
     p.set_payment(0.0, 4_000).await.unwrap();
 
     let slow = accepted(&p, sku.as_str(), "slow-payer").await;
-    let swept = terminal(&p, &slow).await;
+    let swept = p.terminal(&slow).await;
     assert_eq!(swept.status.as_str(), "cancelled", "{swept:?}");
     assert_eq!(swept.reason.as_deref(), Some("reservation_expired"));
     let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
@@ -102,7 +68,7 @@ async fn a_reservation_that_outlives_its_ttl_is_swept_refunded_and_resold() {
 
     p.set_payment(0.0, 5).await.unwrap();
     let next = accepted(&p, sku.as_str(), "next-buyer").await;
-    assert_eq!(terminal(&p, &next).await.status.as_str(), "confirmed");
+    assert_eq!(p.terminal(&next).await.status.as_str(), "confirmed");
     let report = eventually("a clean audit at rest", SETTLE, || async {
         let report = p.stores.audit(&sku, true).await.ok()?;
         report.ok().then_some(report)
@@ -130,8 +96,8 @@ async fn restock_reopens_a_sold_out_sale_and_close_or_the_window_rejects() {
     let sku = p.sku("restock");
     p.create_sale(&sku, 1, 1).await.unwrap();
     let first = accepted(&p, sku.as_str(), "ann").await;
-    assert_eq!(terminal(&p, &first).await.status.as_str(), "confirmed");
-    let (status, body) = buy(&p, sku.as_str(), "ben", None).await;
+    assert_eq!(p.terminal(&first).await.status.as_str(), "confirmed");
+    let (status, body) = p.buy(sku.as_str(), "ben", None).await;
     assert_eq!(status, 409, "sold out at the gateway: {body}");
 
     let restocked = sale::restock(&p.stores, &sku, 2, "restock-1")
@@ -151,16 +117,16 @@ async fn restock_reopens_a_sold_out_sale_and_close_or_the_window_rejects() {
     assert!(!levels.sold_out);
     for user in ["ben", "cat"] {
         let id = accepted(&p, sku.as_str(), user).await;
-        assert_eq!(terminal(&p, &id).await.status.as_str(), "confirmed");
+        assert_eq!(p.terminal(&id).await.status.as_str(), "confirmed");
     }
-    assert_eq!(buy(&p, sku.as_str(), "dan", None).await.0, 409);
+    assert_eq!(p.buy(sku.as_str(), "dan", None).await.0, 409);
 
     sale::restock(&p.stores, &sku, 5, "restock-2")
         .await
         .unwrap();
     sale::close(&p.stores, &sku).await.unwrap();
     let late = accepted(&p, sku.as_str(), "eve").await;
-    let rejected = terminal(&p, &late).await;
+    let rejected = p.terminal(&late).await;
     assert_eq!(
         (rejected.status.as_str(), rejected.reason.as_deref()),
         ("rejected", Some("sale_not_active"))
@@ -176,7 +142,7 @@ async fn restock_reopens_a_sold_out_sale_and_close_or_the_window_rejects() {
     spec.starts_in = Duration::from_secs(3600);
     p.create_sale_with(&spec).await.unwrap();
     let early = accepted(&p, later.as_str(), "fay").await;
-    let rejected = terminal(&p, &early).await;
+    let rejected = p.terminal(&early).await;
     assert_eq!(
         (rejected.status.as_str(), rejected.reason.as_deref()),
         ("rejected", Some("sale_not_active"))
@@ -202,7 +168,10 @@ async fn persistent_buyer(p: &Pipeline, sku: &str, user: &str) -> Outcome {
     let until = tokio::time::Instant::now() + Duration::from_secs(150);
     'purchase: loop {
         assert!(tokio::time::Instant::now() < until, "{user} never settled");
-        let (status, body) = buy(p, sku, user, Some(&key)).await;
+        let (status, body) = match p.try_buy(sku, user, Some(&key)).await {
+            Ok(answer) => answer,
+            Err(error) => (0, json!({ "error": error.to_string() })),
+        };
         let id = match status {
             202 => body["request_id"].as_str().expect("request id").to_owned(),
             409 => return Outcome::Shed,
@@ -218,7 +187,7 @@ async fn persistent_buyer(p: &Pipeline, sku: &str, user: &str) -> Outcome {
                 tokio::time::Instant::now() < until,
                 "{user} ({id}) never settled; last seen {last:?}"
             );
-            match status_of(p, &id, 2).await {
+            match p.status_of(&id, 2).await {
                 Some(s) if s.status.is_terminal() => return Outcome::Settled(s),
                 Some(s) => last = Some(s),
                 // Forgotten (Redis lost) or Redis unreachable: ask again.

@@ -6,31 +6,9 @@ use std::time::Duration;
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
 use flashsale_testkit::flashsale_core::status_board;
 use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-async fn buy(p: &Pipeline, sku: &str, user: &str, key: Option<&str>) -> (u16, Value) {
-    let mut request = p
-        .http
-        .post(format!("{}/v1/purchases", p.gateway_url))
-        .json(&json!({"sku": sku, "user_id": user, "quantity": 1}));
-    if let Some(key) = key {
-        request = request.header("Idempotency-Key", key);
-    }
-    let response = request.send().await.expect("gateway answers");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-async fn terminal(p: &Pipeline, request_id: &str) -> PurchaseStatus {
-    let url = format!("{}/v1/purchases/{request_id}?wait=5", p.gateway_url);
-    eventually("a terminal state", SETTLE, || async {
-        let status: PurchaseStatus = p.http.get(&url).send().await.ok()?.json().await.ok()?;
-        status.status.is_terminal().then_some(status)
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_purchase_goes_all_the_way_to_confirmed() {
@@ -39,10 +17,10 @@ async fn a_purchase_goes_all_the_way_to_confirmed() {
         .expect("pipeline starts");
     let sku = p.sku("smoke");
     p.create_sale(&sku, 2, 1).await.expect("sale created");
-    let (status, body) = buy(&p, sku.as_str(), "alice", None).await;
+    let (status, body) = p.buy(sku.as_str(), "alice", None).await;
     assert_eq!(status, 202, "{body}");
     let id = body["request_id"].as_str().expect("request id").to_owned();
-    let done = terminal(&p, &id).await;
+    let done = p.terminal(&id).await;
     assert_eq!(done.status.as_str(), "confirmed", "{done:?}");
     let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
     assert_eq!((levels.available, levels.reserved, levels.sold), (1, 0, 1));
@@ -203,21 +181,21 @@ async fn the_same_idempotency_key_names_one_purchase() {
     // users unique to this pipeline, like its skus.
     let carol = format!("{}-carol", p.prefix);
     let dave = format!("{}-dave", p.prefix);
-    let (first, a) = buy(&p, sku.as_str(), &carol, Some("order-7")).await;
-    let (second, b) = buy(&p, sku.as_str(), &carol, Some("order-7")).await;
+    let (first, a) = p.buy(sku.as_str(), &carol, Some("order-7")).await;
+    let (second, b) = p.buy(sku.as_str(), &carol, Some("order-7")).await;
     assert_eq!((first, second), (202, 202), "{a} {b}");
     assert_eq!(a["request_id"], b["request_id"]);
-    let done = terminal(&p, a["request_id"].as_str().unwrap()).await;
+    let done = p.terminal(a["request_id"].as_str().unwrap()).await;
     assert_eq!(done.status.as_str(), "confirmed");
     // After the first one settled, the key still names the same purchase.
-    let (third, c) = buy(&p, sku.as_str(), &carol, Some("order-7")).await;
+    let (third, c) = p.buy(sku.as_str(), &carol, Some("order-7")).await;
     assert_eq!(third, 202);
     assert_eq!(c["request_id"], a["request_id"]);
     assert_eq!(c["status"], "confirmed");
     // Another user with the same key is another purchase.
-    let (_, d) = buy(&p, sku.as_str(), &dave, Some("order-7")).await;
+    let (_, d) = p.buy(sku.as_str(), &dave, Some("order-7")).await;
     assert_ne!(d["request_id"], a["request_id"]);
-    terminal(&p, d["request_id"].as_str().unwrap()).await;
+    p.terminal(d["request_id"].as_str().unwrap()).await;
     let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
     assert_eq!(
         levels.sold, 2,
@@ -276,7 +254,7 @@ async fn duplicate_messages_change_nothing() {
             .then_some(())
     })
     .await;
-    terminal(&p, &request.request_id.to_string()).await;
+    p.terminal(&request.request_id.to_string()).await;
     // The replay republishes the reservation (a crash between the script and
     // the publish must not strand it); the order stage absorbs the copy.
     let reservations = p.topic(topic::RESERVATIONS);
@@ -377,10 +355,10 @@ async fn a_declined_payment_gives_the_unit_back_to_the_next_buyer() {
     let sku = p.sku("decline");
     p.create_sale(&sku, 1, 1).await.unwrap();
     p.set_payment(1.0, 5).await.unwrap();
-    let (status, body) = buy(&p, sku.as_str(), "frank", None).await;
+    let (status, body) = p.buy(sku.as_str(), "frank", None).await;
     assert_eq!(status, 202);
     let id = body["request_id"].as_str().unwrap().to_owned();
-    let done = terminal(&p, &id).await;
+    let done = p.terminal(&id).await;
     assert_eq!(done.status.as_str(), "cancelled");
     assert_eq!(done.reason.as_deref(), Some("payment_declined"));
     let order = p
@@ -402,9 +380,9 @@ async fn a_declined_payment_gives_the_unit_back_to_the_next_buyer() {
     );
 
     p.set_payment(0.0, 5).await.unwrap();
-    let (status, body) = buy(&p, sku.as_str(), "grace", None).await;
+    let (status, body) = p.buy(sku.as_str(), "grace", None).await;
     assert_eq!(status, 202, "{body}");
-    let done = terminal(&p, body["request_id"].as_str().unwrap()).await;
+    let done = p.terminal(body["request_id"].as_str().unwrap()).await;
     assert_eq!(done.status.as_str(), "confirmed");
     let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
     assert_eq!(
@@ -418,7 +396,7 @@ async fn a_declined_payment_gives_the_unit_back_to_the_next_buyer() {
     );
 
     // Sold out now: answered at the gateway, nothing more on Kafka.
-    let (status, body) = buy(&p, sku.as_str(), "heidi", None).await;
+    let (status, body) = p.buy(sku.as_str(), "heidi", None).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["type"], "sold-out");
     assert_eq!(p.records_in(&p.purchase_topic()).await.unwrap(), 2);
@@ -665,9 +643,9 @@ async fn an_unreadable_message_goes_to_the_dead_letter_topic_and_the_worker_goes
     .await
     .unwrap();
     // Same key, same partition, after the bad one: it must still be served.
-    let (status, body) = buy(&p, sku.as_str(), "ivan", None).await;
+    let (status, body) = p.buy(sku.as_str(), "ivan", None).await;
     assert_eq!(status, 202);
-    let done = terminal(&p, body["request_id"].as_str().unwrap()).await;
+    let done = p.terminal(body["request_id"].as_str().unwrap()).await;
     assert_eq!(done.status.as_str(), "confirmed");
 
     let dead = p
