@@ -88,6 +88,12 @@ enum SaleCommand {
         /// How long the sale stays open once it opened.
         #[arg(long, default_value_t = 3600)]
         duration_secs: u64,
+        /// Purchases the gateways let into the queue per available unit: at
+        /// most ceil(available x overbook) wait at once; more are answered
+        /// 429 (or 409 once sold out). Above 1 so that failed purchases do
+        /// not leave units unsold.
+        #[arg(long, default_value_t = flashsale_core::stock::DEFAULT_OVERBOOK)]
+        overbook: f64,
         /// Replace the sku's open sale.
         #[arg(long)]
         replace: bool,
@@ -138,6 +144,9 @@ struct SurgeArgs {
     payment_latency_ms: u64,
     #[arg(long, default_value_t = 1)]
     per_user_limit: u64,
+    /// Purchases the gateways let into the queue per available unit.
+    #[arg(long, default_value_t = flashsale_core::stock::DEFAULT_OVERBOOK)]
+    overbook: f64,
     /// Concurrent connections to the gateway.
     #[arg(long, default_value_t = 256)]
     connections: usize,
@@ -184,12 +193,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reservation_ttl_secs,
             start_in_secs,
             duration_secs,
+            overbook,
             replace,
         }) => {
             if per_user_limit == 0 || reservation_ttl_secs == 0 || duration_secs == 0 {
                 anyhow::bail!(
                     "--per-user-limit, --reservation-ttl-secs and --duration-secs must be at least 1"
                 );
+            }
+            if !(overbook.is_finite() && (1.0..=100.0).contains(&overbook)) {
+                anyhow::bail!("--overbook must be a number from 1 to 100, got {overbook}");
             }
             let stores = Stores::connect(&config).await?;
             let sku = sku(&raw)?;
@@ -210,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reservation_ttl: Duration::from_secs(reservation_ttl_secs),
                 starts_in: Duration::from_secs(start_in_secs),
                 duration: Duration::from_secs(duration_secs),
+                overbook,
             };
             let rules = sale::create(&stores, &spec).await?;
             println!("{}", serde_json::to_string_pretty(&rules)?);
@@ -329,6 +343,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 buyers: args.buyers,
                 arrival,
                 per_user_limit: args.per_user_limit,
+                overbook: args.overbook,
                 payment_decline_rate: args.payment_decline_rate,
                 payment_latency_ms: args.payment_latency_ms,
                 connections: args.connections,

@@ -26,6 +26,8 @@ pub struct SaleSpec {
     pub starts_in: Duration,
     /// From the opening; the sale rejects purchases after it.
     pub duration: Duration,
+    /// Purchases let into the queue per available unit (`SaleRules::overbook`).
+    pub overbook: f64,
 }
 
 /// Creates the sale, or replaces the sku's sale: a new sale id, fresh stock,
@@ -41,6 +43,7 @@ pub async fn create(stores: &Stores, spec: &SaleSpec) -> anyhow::Result<SaleRule
         reservation_ttl_ms: spec.reservation_ttl.as_millis() as u64,
         starts_at_ms,
         ends_at_ms: starts_at_ms.saturating_add(spec.duration.as_millis() as u64),
+        overbook: spec.overbook,
     };
     stores.inventory.put(&spec.sku, &rules).await?;
     let stored = existing(stores, &spec.sku).await?;

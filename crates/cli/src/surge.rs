@@ -39,6 +39,8 @@ pub struct SurgeOptions {
     pub buyers: u64,
     pub arrival: Arrival,
     pub per_user_limit: u64,
+    /// The sale's overbook (`SaleRules::overbook`).
+    pub overbook: f64,
     pub payment_decline_rate: f64,
     pub payment_latency_ms: u64,
     /// Concurrent HTTP connections to the gateway.
@@ -189,6 +191,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             reservation_ttl: Duration::from_secs(600),
             starts_in: Duration::ZERO,
             duration: Duration::from_secs(3600),
+            overbook: options.overbook,
         },
     )
     .await?;

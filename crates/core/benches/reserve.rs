@@ -56,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
         reservation_ttl_ms: 600_000,
         starts_at_ms: 0,
         ends_at_ms: u64::MAX / 2,
+        overbook: 1.5,
     };
     store.open_sale(&sku, &rules).await?;
     let all: Vec<PurchaseRequest> = (0..requests)

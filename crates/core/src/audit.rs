@@ -262,6 +262,7 @@ mod tests {
                 reservation_ttl_ms: 1000,
                 starts_at_ms: 0,
                 ends_at_ms: u64::MAX,
+                overbook: 1.5,
             },
         }
     }

@@ -54,6 +54,7 @@ impl InventoryStore {
             .item("reservation_ttl_ms", n(rules.reservation_ttl_ms))
             .item("starts_at_ms", n(rules.starts_at_ms))
             .item("ends_at_ms", n(rules.ends_at_ms))
+            .item("overbook", AttributeValue::N(rules.overbook.to_string()))
             .item("closed", AttributeValue::Bool(false))
             .send()
             .await
@@ -181,6 +182,12 @@ impl InventoryStore {
                 reservation_ttl_ms: item.number("reservation_ttl_ms")?,
                 starts_at_ms: item.number("starts_at_ms")?,
                 ends_at_ms: item.number("ends_at_ms")?,
+                // Sales created before admission control have none.
+                overbook: attrs
+                    .get("overbook")
+                    .and_then(|v| v.as_n().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(crate::stock::DEFAULT_OVERBOOK),
             },
         }))
     }

@@ -87,6 +87,8 @@ impl Order {
             },
             reason: self.reason.clone(),
             updated_at_ms: self.updated_at_ms,
+            record: None,
+            queue_position: None,
         }
     }
 }

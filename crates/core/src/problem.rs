@@ -17,6 +17,9 @@ pub struct Problem {
     pub detail: String,
     #[serde(skip)]
     pub retry_after_s: Option<u64>,
+    /// More response headers (the `RateLimit-*` of a refusal).
+    #[serde(skip)]
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Problem {
@@ -27,7 +30,13 @@ impl Problem {
             status: status.as_u16(),
             detail: detail.into(),
             retry_after_s: None,
+            headers: Vec::new(),
         }
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl ToString) -> Self {
+        self.headers.push((name, value.to_string()));
+        self
     }
 
     pub fn retry_after(mut self, seconds: u64) -> Self {
@@ -45,6 +54,11 @@ impl IntoResponse for Problem {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         if let Some(seconds) = self.retry_after_s {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        for (name, value) in &self.headers {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(*name, value);
+            }
         }
         response
     }

@@ -99,6 +99,13 @@ pub struct PurchaseStatus {
     pub reason: Option<String>,
     /// Unix ms of the last state change.
     pub updated_at_ms: u64,
+    /// Partition and offset of the purchase's record in `purchase-requests`.
+    #[serde(skip)]
+    pub record: Option<(i32, i64)>,
+    /// While `queued`: about how many purchases of its partition the
+    /// shop-workers still have to answer, this one included (1 = next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
 }
 
 #[cfg(test)]

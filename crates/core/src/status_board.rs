@@ -54,18 +54,42 @@ impl StatusBoard {
         reason: Option<&str>,
         now_ms: u64,
     ) -> Result<bool, redis::RedisError> {
-        let written: i64 = POST
-            .key(key(&subject.id.to_string()))
-            .arg(state.as_str())
+        self.write(subject, state, reason, now_ms, None).await
+    }
+
+    /// Posts `queued` with where the purchase's record is (partition,
+    /// offset), from which its place in the queue is told.
+    pub async fn post_queued(
+        &self,
+        subject: &Subject<'_>,
+        record: (i32, i64),
+        now_ms: u64,
+    ) -> Result<bool, redis::RedisError> {
+        self.write(subject, PurchaseState::Queued, None, now_ms, Some(record))
+            .await
+    }
+
+    async fn write(
+        &self,
+        subject: &Subject<'_>,
+        state: PurchaseState,
+        reason: Option<&str>,
+        now_ms: u64,
+        record: Option<(i32, i64)>,
+    ) -> Result<bool, redis::RedisError> {
+        let mut call = POST.key(key(&subject.id.to_string()));
+        call.arg(state.as_str())
             .arg(state.rank())
             .arg(reason.unwrap_or(""))
             .arg(now_ms)
             .arg(self.retention_ms)
             .arg(subject.sku.as_str())
             .arg(subject.user.as_str())
-            .arg(subject.quantity.get())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(subject.quantity.get());
+        if let Some((partition, offset)) = record {
+            call.arg(partition).arg(offset);
+        }
+        let written: i64 = call.invoke_async(&mut self.conn.clone()).await?;
         Ok(written == 1)
     }
 
@@ -110,5 +134,10 @@ fn from_fields(id: RequestId, fields: HashMap<String, String>) -> Option<Purchas
             .get("updated_at_ms")
             .and_then(|t| t.parse().ok())
             .unwrap_or(0),
+        record: fields
+            .get("partition")
+            .and_then(|p| p.parse().ok())
+            .zip(fields.get("offset").and_then(|o| o.parse().ok())),
+        queue_position: None,
     })
 }

@@ -20,15 +20,32 @@ macro_rules! script {
         static $name: std::sync::LazyLock<redis::Script> =
             std::sync::LazyLock::new(|| redis::Script::new(include_str!($file)));
     };
+    // A script that can flip the sold-out or closed flag gets the helpers
+    // that publish the flip (see `FLAGS_CHANNEL`).
+    ($name:ident, $file:literal, with flags) => {
+        static $name: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(concat!(include_str!("lua/flags.lua"), include_str!($file)))
+        });
+    };
 }
-script!(OPEN, "lua/open.lua");
-script!(RESERVE, "lua/reserve.lua");
+script!(OPEN, "lua/open.lua", with flags);
+script!(RESERVE, "lua/reserve.lua", with flags);
 script!(COMMIT, "lua/commit.lua");
-script!(RELEASE, "lua/release.lua");
-script!(EXPIRE, "lua/expire.lua");
-script!(RESTOCK, "lua/restock.lua");
-script!(CLOSE, "lua/close.lua");
+script!(RELEASE, "lua/release.lua", with flags);
+script!(EXPIRE, "lua/expire.lua", with flags);
+script!(RESTOCK, "lua/restock.lua", with flags);
+script!(CLOSE, "lua/close.lua", with flags);
 script!(STATUS, "lua/status.lua");
+script!(ADMIT, "lua/admit.lua");
+
+/// Where the scripts publish "<sku> <sold_out> <closed>" (each `0` or `1`)
+/// whenever a sku's sold-out or closed flag changes (`lua/flags.lua`).
+/// Outside any hash tag: Redis Cluster forwards a publish to every node.
+pub const FLAGS_CHANNEL: &str = "fs:sku-flags";
+
+/// Purchases a gateway may let into a sku's queue per available unit, when
+/// the sale does not say.
+pub const DEFAULT_OVERBOOK: f64 = 1.5;
 
 /// The set of skus with a sale: what the expiry sweep walks. Outside any
 /// sku's hash tag, and written only by plain `SADD`, never by a script.
@@ -109,6 +126,11 @@ impl SkuKeys {
     pub fn restock(&self, operation_id: &str) -> String {
         format!("{}:restock:{operation_id}", self.0)
     }
+    /// Sorted set of request ids the gateways let into the queue and no
+    /// shop-worker has answered yet, scored by when (`admit.lua`).
+    pub fn admitted(&self) -> String {
+        format!("{}:admitted", self.0)
+    }
 }
 
 /// The rules of a sale as the scripts need them.
@@ -123,6 +145,10 @@ pub struct SaleRules {
     pub reservation_ttl_ms: u64,
     pub starts_at_ms: u64,
     pub ends_at_ms: u64,
+    /// The gateways let at most `ceil(available * overbook)` purchases of
+    /// the sku wait in the queue; more than 1 so that purchases that fail
+    /// (declined, over the user limit) do not leave units unsold.
+    pub overbook: f64,
 }
 
 /// The counters of one sku at one instant.
@@ -137,7 +163,7 @@ pub struct StockLevels {
 }
 
 /// Everything Redis holds about a sku, read in one script.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SkuStatus {
     #[serde(flatten)]
     pub levels: StockLevels,
@@ -149,6 +175,9 @@ pub struct SkuStatus {
     /// Reservations past their deadline that the sweep has not released yet.
     pub overdue: i64,
     pub next_deadline_ms: Option<i64>,
+    pub overbook: f64,
+    /// Purchases the gateways admitted that no shop-worker answered yet.
+    pub queued: i64,
 }
 
 impl SkuStatus {
@@ -184,6 +213,11 @@ impl SkuStatus {
             ends_at_ms: get("ends_at_ms"),
             overdue: get("overdue"),
             next_deadline_ms: num("next_deadline_ms"),
+            overbook: fields
+                .get("overbook")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_OVERBOOK),
+            queued: get("queued"),
         })
     }
 }
@@ -230,6 +264,97 @@ impl ReserveOutcome {
             [kind] if kind == "unloaded" => Err(StockError::Unloaded(sku.clone())),
             _ => unexpected(&reply),
         }
+    }
+}
+
+/// What `admit.lua` decided about one purchase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// In the window: produce it now.
+    Admitted,
+    /// Admitted earlier (the same request id) and not answered yet.
+    Duplicate {
+        admitted_at_ms: u64,
+    },
+    /// A shop-worker already answered this request id.
+    Processed(ReserveOutcome),
+    /// The window is full; units still reserved may come back.
+    Full {
+        queued: u64,
+        limit: u64,
+    },
+    SoldOut,
+    /// Closed or over (`None`), or opening in this many ms.
+    NotActive {
+        starts_in_ms: Option<u64>,
+    },
+    /// Redis holds no stock for the sku.
+    Unknown,
+}
+
+impl Admission {
+    fn from_reply(sku: &Sku, reply: Vec<String>) -> Result<Self, StockError> {
+        let number = |raw: &str| raw.parse::<f64>().ok().map(|n| n as u64);
+        Ok(match reply.as_slice() {
+            [kind] if kind == "admitted" => Self::Admitted,
+            [kind, at] if kind == "duplicate" => match number(at) {
+                Some(admitted_at_ms) => Self::Duplicate { admitted_at_ms },
+                None => return unexpected(&reply),
+            },
+            [kind, answer] if kind == "processed" => {
+                match serde_json::from_str::<Vec<String>>(answer) {
+                    Ok(answer) => Self::Processed(ReserveOutcome::from_reply(sku, answer)?),
+                    Err(_) => return unexpected(&reply),
+                }
+            }
+            [kind, queued, limit] if kind == "full" => match (number(queued), number(limit)) {
+                (Some(queued), Some(limit)) => Self::Full { queued, limit },
+                _ => return unexpected(&reply),
+            },
+            [kind] if kind == "sold_out" => Self::SoldOut,
+            [kind, starts_in] if kind == "not_active" => Self::NotActive {
+                starts_in_ms: number(starts_in),
+            },
+            [kind] if kind == "unknown" => Self::Unknown,
+            _ => return unexpected(&reply),
+        })
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Admitted => "admitted",
+            Self::Duplicate { .. } => "duplicate",
+            Self::Processed(_) => "processed",
+            Self::Full { .. } => "full",
+            Self::SoldOut => "sold_out",
+            Self::NotActive { .. } => "not_active",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// A sku's flags as the gateways keep them in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SkuFlags {
+    pub sold_out: bool,
+    pub closed: bool,
+}
+
+impl SkuFlags {
+    /// Parses a message of `FLAGS_CHANNEL`: "<sku> <sold_out> <closed>".
+    pub fn from_message(message: &str) -> Option<(Sku, Self)> {
+        let mut parts = message.split(' ');
+        let sku = Sku::parse(parts.next()?).ok()?;
+        let flag = |part: Option<&str>| match part {
+            Some("1") => Some(true),
+            Some("0") => Some(false),
+            _ => None,
+        };
+        let flags = Self {
+            sold_out: flag(parts.next())?,
+            closed: flag(parts.next())?,
+        };
+        parts.next().is_none().then_some((sku, flags))
     }
 }
 
@@ -393,6 +518,7 @@ impl StockStore {
             .arg(rules.reservation_ttl_ms)
             .arg(rules.starts_at_ms)
             .arg(rules.ends_at_ms)
+            .arg(rules.overbook)
             .invoke_async(&mut conn)
             .await?;
         match reply.first().map(String::as_str) {
@@ -413,6 +539,7 @@ impl StockStore {
         let reply: Vec<String> = STATUS
             .key(keys.stock())
             .key(keys.deadlines())
+            .key(keys.admitted())
             .arg(now_ms)
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -426,17 +553,57 @@ impl StockStore {
             .map(|status| status.levels))
     }
 
-    /// Whether the sku exists and, if so, whether it is sold out: the one
-    /// question the gateway asks before queueing a purchase.
-    pub async fn sold_out(&self, sku: &Sku) -> Result<Option<bool>, StockError> {
+    /// The sku's flags, `None` when Redis holds no stock for it: what a
+    /// gateway rereads when it may have missed a published change.
+    pub async fn flags(&self, sku: &Sku) -> Result<Option<SkuFlags>, StockError> {
         let mut conn = self.conn.clone();
-        let (total, sold_out): (Option<String>, Option<String>) = redis::cmd("HMGET")
-            .arg(SkuKeys::new(sku).stock())
-            .arg("total")
-            .arg("sold_out")
-            .query_async(&mut conn)
+        let (total, sold_out, closed): (Option<String>, Option<String>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(SkuKeys::new(sku).stock())
+                .arg("total")
+                .arg("sold_out")
+                .arg("closed")
+                .query_async(&mut conn)
+                .await?;
+        Ok(total.map(|_| SkuFlags {
+            sold_out: sold_out.as_deref() == Some("1"),
+            closed: closed.as_deref() == Some("1"),
+        }))
+    }
+
+    /// Lets request `id` into the sku's queue if the window allows
+    /// (`admit.lua`). `lease_ms`: how long an admitted request may stay
+    /// unanswered before the window forgets it.
+    pub async fn admit(
+        &self,
+        sku: &Sku,
+        id: RequestId,
+        now_ms: u64,
+        lease_ms: u64,
+        default_overbook: f64,
+    ) -> Result<Admission, StockError> {
+        let keys = SkuKeys::new(sku);
+        let reply: Vec<String> = ADMIT
+            .key(keys.stock())
+            .key(keys.admitted())
+            .key(keys.processed(id))
+            .arg(id.to_string())
+            .arg(now_ms)
+            .arg(lease_ms)
+            .arg(default_overbook)
+            .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(total.map(|_| sold_out.as_deref() == Some("1")))
+        Admission::from_reply(sku, reply)
+    }
+
+    /// Gives back the place of an admitted request that never reached
+    /// Kafka (the produce failed).
+    pub async fn unadmit(&self, sku: &Sku, id: RequestId) -> Result<(), StockError> {
+        self.conn
+            .clone()
+            .zrem::<_, _, ()>(SkuKeys::new(sku).admitted(), id.to_string())
+            .await?;
+        Ok(())
     }
 
     /// The keys and arguments of `reserve.lua` for one request.
@@ -445,7 +612,7 @@ impl StockStore {
         request: &PurchaseRequest,
         now_ms: u64,
         max_queue_age_ms: u64,
-    ) -> ([String; 5], [String; 7]) {
+    ) -> ([String; 6], [String; 7]) {
         let keys = SkuKeys::new(&request.sku);
         let id = request.request_id;
         (
@@ -455,6 +622,7 @@ impl StockStore {
                 keys.processed(id),
                 keys.reservation(id),
                 keys.deadlines(),
+                keys.admitted(),
             ],
             [
                 id.to_string(),
@@ -712,11 +880,15 @@ impl StockStore {
                 ("ttl_ms", rules.reservation_ttl_ms.to_string()),
                 ("starts_at_ms", rules.starts_at_ms.to_string()),
                 ("ends_at_ms", rules.ends_at_ms.to_string()),
+                ("overbook", rules.overbook.to_string()),
                 ("sold_out", if levels.sold_out { "1" } else { "0" }.into()),
                 ("closed", if closed { "1" } else { "0" }.into()),
             ],
         )
         .await?;
+        // Gateways that still remember the sku learn its flags now.
+        let flags = format!("{sku} {} {}", u8::from(levels.sold_out), u8::from(closed));
+        conn.publish::<_, _, ()>(FLAGS_CHANNEL, flags).await?;
         conn.sadd::<_, _, ()>(SALES_KEY, sku.as_str()).await?;
         Ok(levels)
     }

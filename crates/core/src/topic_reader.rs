@@ -77,28 +77,51 @@ pub async fn committed(
     group: &str,
     topic: &str,
 ) -> Result<Vec<(i32, Option<i64>)>, KafkaFailure> {
-    let settings = settings.clone();
-    let group = group.to_owned();
-    let topic = topic.to_owned();
-    blocking(move || {
-        let consumer = reader(&settings, &group)?;
-        let mut wanted = TopicPartitionList::new();
-        for partition in 0..settings.partitions {
-            wanted.add_partition(&topic, partition);
-        }
-        let committed = consumer
-            .committed_offsets(wanted, TIMEOUT)
-            .map_err(KafkaFailure::Unreachable)?;
-        Ok(committed
-            .elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(n) => (e.partition(), Some(n)),
-                _ => (e.partition(), None),
-            })
-            .collect())
-    })
-    .await
+    GroupProgress::new(settings, group, topic)?
+        .committed()
+        .await
+}
+
+/// A long-lived handle on one group's committed offsets of one topic, for
+/// asking often without a new client each time.
+#[derive(Clone)]
+pub struct GroupProgress {
+    consumer: std::sync::Arc<BaseConsumer>,
+    topic: String,
+    partitions: i32,
+}
+
+impl GroupProgress {
+    pub fn new(settings: &KafkaSettings, group: &str, topic: &str) -> Result<Self, KafkaFailure> {
+        Ok(Self {
+            consumer: std::sync::Arc::new(reader(settings, group)?),
+            topic: topic.to_owned(),
+            partitions: settings.partitions,
+        })
+    }
+
+    pub async fn committed(&self) -> Result<Vec<(i32, Option<i64>)>, KafkaFailure> {
+        let this = self.clone();
+        blocking(move || {
+            let mut wanted = TopicPartitionList::new();
+            for partition in 0..this.partitions {
+                wanted.add_partition(&this.topic, partition);
+            }
+            let committed = this
+                .consumer
+                .committed_offsets(wanted, TIMEOUT)
+                .map_err(KafkaFailure::Unreachable)?;
+            Ok(committed
+                .elements()
+                .iter()
+                .map(|e| match e.offset() {
+                    Offset::Offset(n) => (e.partition(), Some(n)),
+                    _ => (e.partition(), None),
+                })
+                .collect())
+        })
+        .await
+    }
 }
 
 /// Every record of `topic` in `[low, high)` of each given partition.

@@ -13,8 +13,10 @@ use flashsale_core::messages::{PurchaseRequest, SCHEMA_VERSION};
 use flashsale_core::redis_conn::{self, RedisConn};
 use flashsale_core::settings::RedisSettings;
 use flashsale_core::stock::{
-    CommitOutcome, OpenOutcome, ReleaseOutcome, ReserveOutcome, SaleRules, SkuKeys, StockStore,
+    Admission, CommitOutcome, FLAGS_CHANNEL, OpenOutcome, ReleaseOutcome, ReserveOutcome,
+    SaleRules, SkuFlags, SkuKeys, StockStore,
 };
+use futures::StreamExt;
 use redis::AsyncCommands;
 use tokio::sync::Mutex;
 
@@ -127,6 +129,7 @@ fn rules(total: u64, per_user_limit: u64, ttl_ms: u64) -> SaleRules {
         reservation_ttl_ms: ttl_ms,
         starts_at_ms: 0,
         ends_at_ms: FOREVER,
+        overbook: 1.5,
     }
 }
 
@@ -562,6 +565,183 @@ async fn one_user_hundred_requests(backend: Backend) {
     assert_eq!((levels.available, levels.reserved), (49, 1));
 }
 
+/// The admission window shared by gateways: exactly ceil(available x
+/// overbook) admitted under concurrency, freed as shop-workers answer,
+/// reopened by a release, forgiving after the lease; and every flip of a
+/// flag is published (on a cluster, heard on a node that does not own the
+/// sku's slot as well).
+async fn next_flip(flips: &mut redis::aio::PubSubStream, sku: &Sku) -> SkuFlags {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(5), flips.next())
+            .await
+            .expect("a flag message within 5 s")
+            .expect("still subscribed");
+        let payload: String = message.get_payload().unwrap();
+        // Other tests publish on the same channel.
+        if let Some((of, flags)) = SkuFlags::from_message(&payload)
+            && &of == sku
+        {
+            return flags;
+        }
+    }
+}
+
+async fn admission_window(backend: Backend) {
+    const LEASE: u64 = 60_000;
+    let f = Arc::new(Fixture::new(backend, "admit", rules(10, 1, 60_000)).await);
+    let node = match &settings(backend).cluster_nodes[..] {
+        [] => settings(backend).url,
+        nodes => nodes[nodes.len() - 1].clone(),
+    };
+    let mut pubsub = redis::Client::open(node)
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub.subscribe(FLAGS_CHANNEL).await.unwrap();
+    let mut flips = pubsub.into_on_message();
+
+    // 4 gateways x 40 buyers at once for 10 units: 15 in the window.
+    let requests: Vec<PurchaseRequest> = (0..160).map(|n| f.request(&format!("u{n}"), 1)).collect();
+    let mut calls = Vec::new();
+    for chunk in requests.chunks(40) {
+        let (f, chunk) = (f.clone(), chunk.to_vec());
+        calls.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for r in chunk {
+                let answer = f
+                    .store
+                    .admit(&f.sku, r.request_id, 1_000, LEASE, 9.0)
+                    .await
+                    .unwrap();
+                out.push((r, answer));
+            }
+            out
+        }));
+    }
+    let mut admitted = Vec::new();
+    for call in calls {
+        for (request, answer) in call.await.unwrap() {
+            match answer {
+                Admission::Admitted => admitted.push(request),
+                Admission::Full { queued, limit } => assert_eq!((queued, limit), (15, 15)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert_eq!(admitted.len(), 15);
+    let status = f.store.status(&f.sku, 1_000).await.unwrap().unwrap();
+    assert_eq!((status.queued, status.overbook), (15, 1.5));
+    assert_eq!(
+        f.store
+            .admit(&f.sku, admitted[0].request_id, 1_200, LEASE, 1.5)
+            .await
+            .unwrap(),
+        Admission::Duplicate {
+            admitted_at_ms: 1_000
+        }
+    );
+
+    // A shop-worker answers them in order: 10 reserved, the last one sells
+    // out the sku (published), 5 rejected; each leaves the window.
+    for r in &admitted {
+        f.store.reserve(r, 2_000, MAX_AGE).await.unwrap();
+    }
+    let status = f.store.status(&f.sku, 2_000).await.unwrap().unwrap();
+    assert_eq!((status.queued, status.levels.available), (0, 0));
+    let flags = next_flip(&mut flips, &f.sku).await;
+    assert!(flags.sold_out && !flags.closed);
+    let fresh = f.request("late", 1);
+    assert_eq!(
+        f.store
+            .admit(&f.sku, fresh.request_id, 2_000, LEASE, 1.5)
+            .await
+            .unwrap(),
+        Admission::SoldOut
+    );
+    assert!(matches!(
+        f.store
+            .admit(&f.sku, admitted[0].request_id, 2_000, LEASE, 1.5)
+            .await
+            .unwrap(),
+        Admission::Processed(ReserveOutcome::Reserved { .. })
+    ));
+    assert!(matches!(
+        f.store
+            .admit(&f.sku, admitted[14].request_id, 2_000, LEASE, 1.5)
+            .await
+            .unwrap(),
+        Admission::Processed(ReserveOutcome::Rejected { .. })
+    ));
+
+    // A release brings one unit back: the flag clears and two may queue.
+    f.store
+        .release(&f.sku, admitted[0].request_id, "payment_declined")
+        .await
+        .unwrap();
+    assert_eq!(next_flip(&mut flips, &f.sku).await, SkuFlags::default());
+    let mut answers = Vec::new();
+    for n in 0..3 {
+        let r = f.request(&format!("again{n}"), 1);
+        answers.push(
+            f.store
+                .admit(&f.sku, r.request_id, 3_000, LEASE, 1.5)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(answers[..2], [Admission::Admitted, Admission::Admitted]);
+    assert!(matches!(
+        answers[2],
+        Admission::Full {
+            queued: 2,
+            limit: 2
+        }
+    ));
+    // Nobody answers those two (their gateway died): after the lease the
+    // window forgets them.
+    let r = f.request("patient", 1);
+    assert_eq!(
+        f.store
+            .admit(&f.sku, r.request_id, 3_000 + LEASE + 1, LEASE, 1.5)
+            .await
+            .unwrap(),
+        Admission::Admitted
+    );
+
+    f.store.close(&f.sku).await.unwrap();
+    let flags = next_flip(&mut flips, &f.sku).await;
+    assert!(flags.closed && !flags.sold_out);
+    let r = f.request("closed", 1);
+    assert_eq!(
+        f.store
+            .admit(&f.sku, r.request_id, 4_000, LEASE, 1.5)
+            .await
+            .unwrap(),
+        Admission::NotActive { starts_in_ms: None }
+    );
+    let unknown = Sku::parse(&format!("nosuch-{}", uuid::Uuid::now_v7().simple())).unwrap();
+    assert_eq!(
+        f.store
+            .admit(&unknown, r.request_id, 4_000, LEASE, 1.5)
+            .await
+            .unwrap(),
+        Admission::Unknown
+    );
+    let mut later = rules(5, 1, 60_000);
+    later.starts_at_ms = 10_000;
+    let g = Fixture::new(backend, "later", later).await;
+    assert_eq!(
+        g.store
+            .admit(&g.sku, r.request_id, 4_000, LEASE, 1.5)
+            .await
+            .unwrap(),
+        Admission::NotActive {
+            starts_in_ms: Some(6_000)
+        }
+    );
+}
+
 macro_rules! on_both {
     ($($name:ident => $body:expr;)*) => {
         mod single {
@@ -586,4 +766,5 @@ on_both! {
     every_script_replayed_twice_gives_the_same_result_and_state => every_script_replays;
     a_reservation_racing_expire_and_release_is_released_once => expire_and_release_race;
     one_user_with_a_limit_of_one_gets_exactly_one_of_a_hundred => one_user_hundred_requests;
+    the_admission_window_follows_the_stock_and_flips_are_published => admission_window;
 }

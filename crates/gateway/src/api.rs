@@ -23,10 +23,13 @@ use flashsale_core::messages::{self, PurchaseRequest, SCHEMA_VERSION};
 use flashsale_core::problem::Problem;
 use flashsale_core::status::{PurchaseState, PurchaseStatus};
 use flashsale_core::status_board::Subject;
+use flashsale_core::stock::{Admission, ReserveOutcome};
 use serde::{Deserialize, Serialize};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::Gateway;
+use crate::limits::Denied;
 
 type Shared = Arc<Gateway>;
 
@@ -72,12 +75,14 @@ async fn count_responses(State(gateway): State<Shared>, request: Request, next: 
     response
 }
 
-#[derive(Deserialize)]
+/// The body of `POST /v1/purchases`. Public so that the benchmark's no-op
+/// server parses exactly what the gateway parses.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct PurchaseBody {
-    sku: String,
-    user_id: String,
-    quantity: i64,
+pub struct PurchaseBody {
+    pub sku: String,
+    pub user_id: String,
+    pub quantity: i64,
 }
 
 #[derive(Serialize)]
@@ -115,18 +120,44 @@ async fn create_purchase(
     State(gateway): State<Shared>,
     headers: HeaderMap,
     body: Result<Json<PurchaseBody>, JsonRejection>,
+) -> Response {
+    let limit = gateway.request_timeout;
+    match tokio::time::timeout(limit, purchase(&gateway, &headers, body)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(problem)) => problem.into_response(),
+        Err(_) => gateway
+            .shed(
+                "timeout",
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    format!(
+                        "the purchase was not queued within {} ms; retry with the same Idempotency-Key",
+                        limit.as_millis()
+                    ),
+                )
+                .retry_after(1),
+            )
+            .into_response(),
+    }
+}
+
+/// The checks, cheapest first: the body; the sold-out and closed flags in
+/// memory (no network call); the buyer's rate; for a repeated key, the
+/// status board; this instance's rate and produces in flight; then the
+/// shared admission window in Redis; and only then Kafka.
+async fn purchase(
+    gateway: &Shared,
+    headers: &HeaderMap,
+    body: Result<Json<PurchaseBody>, JsonRejection>,
 ) -> Result<Response, Problem> {
-    let shed = |reason: &str, problem: Problem| {
-        gateway.metrics.shed.with_label_values(&[reason]).inc();
-        problem
-    };
-    let Json(body) = body.map_err(|r| shed("invalid", body_problem(r)))?;
+    let Json(body) = body.map_err(|r| gateway.shed("invalid", body_problem(r)))?;
     let sku = Sku::parse(&body.sku)
-        .map_err(|e| shed("invalid", invalid("invalid-sku", e.to_string())))?;
+        .map_err(|e| gateway.shed("invalid", invalid("invalid-sku", e.to_string())))?;
     let user = UserId::parse(&body.user_id)
-        .map_err(|e| shed("invalid", invalid("invalid-user-id", e.to_string())))?;
+        .map_err(|e| gateway.shed("invalid", invalid("invalid-user-id", e.to_string())))?;
     let quantity = Quantity::new(body.quantity)
-        .map_err(|e| shed("invalid", invalid("invalid-quantity", e.to_string())))?;
+        .map_err(|e| gateway.shed("invalid", invalid("invalid-quantity", e.to_string())))?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(raw) => Some(
@@ -134,7 +165,7 @@ async fn create_purchase(
                 .ok()
                 .and_then(|raw| IdempotencyKey::parse(raw).ok())
                 .ok_or_else(|| {
-                    shed(
+                    gateway.shed(
                         "invalid",
                         Problem::new(
                             StatusCode::BAD_REQUEST,
@@ -149,86 +180,288 @@ async fn create_purchase(
         Some(key) => RequestId::derive(&user, key),
         None => RequestId::fresh(),
     };
-    let span = tracing::info_span!("purchase", request_id = %id, %sku);
+    let traceparent =
+        kafka::continue_trace(headers.get("traceparent").and_then(|v| v.to_str().ok()), id);
+    let span = tracing::info_span!("purchase", request_id = %id, %sku, %traceparent);
     async {
-        if key.is_some() {
-            let earlier = gateway
-                .board
-                .get(id)
-                .await
-                .map_err(|e| unavailable("the status store", e))?;
-            if let Some(earlier) = earlier {
-                return repeat(earlier, &sku, quantity);
+        let known = gateway.flags.get(&sku);
+        // A repeated key may name a purchase accepted before the sku sold
+        // out; only a request without one can be refused from memory.
+        if key.is_none()
+            && let Some(flags) = known
+        {
+            if flags.closed {
+                return Err(gateway.shed("not_active", not_active(&sku, None)));
+            }
+            if flags.sold_out {
+                return Err(gateway.shed("sold_out", sold_out(&sku)));
             }
         }
-        match gateway
-            .stock
-            .sold_out(&sku)
-            .await
-            .map_err(|e| unavailable("the stock store", e))?
+        gateway.users.check(user.as_str()).map_err(|denied| {
+            gateway.shed(
+                "user_rate",
+                rate_limited(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "user-rate-limited",
+                    format!(
+                        "{user} sent more than {} purchases in a burst ({}/s on average)",
+                        denied.limit,
+                        gateway.user_rate_per_s
+                    ),
+                    denied,
+                ),
+            )
+        })?;
+        if key.is_some()
+            && let Some(earlier) = earlier_status(gateway, id).await?
         {
-            None => {
-                return Err(shed(
+            return repeat(earlier, &sku, quantity);
+        }
+        gateway.global.check().map_err(|denied| {
+            gateway.shed(
+                "global_rate",
+                rate_limited(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "this gateway takes no more purchases per second right now",
+                    denied,
+                ),
+            )
+        })?;
+        let permit = gateway.in_flight.clone().try_acquire_owned().map_err(|_| {
+            gateway.shed(
+                "in_flight",
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "too many purchases wait for the broker's acknowledgement; retry shortly",
+                )
+                .retry_after(1),
+            )
+        })?;
+        let now = clock::now_ms();
+        let admission = gateway
+            .stock
+            .admit(
+                &sku,
+                id,
+                now,
+                gateway.admission_lease_ms,
+                gateway.default_overbook,
+            )
+            .await
+            .map_err(|e| gateway.shed("unavailable", unavailable("the stock store", e)))?;
+        gateway
+            .metrics
+            .admissions
+            .with_label_values(&[admission.label()])
+            .inc();
+        let admitted = match admission {
+            Admission::Admitted => true,
+            Admission::Duplicate { admitted_at_ms } => {
+                if let Some(earlier) = earlier_status(gateway, id).await? {
+                    return repeat(earlier, &sku, quantity);
+                }
+                if now.saturating_sub(admitted_at_ms) < gateway.abandoned_after_ms {
+                    return Err(gateway.shed(
+                        "in_progress",
+                        Problem::new(
+                            StatusCode::CONFLICT,
+                            "request-in-progress",
+                            "a request with this Idempotency-Key is being queued right now; \
+                             retry in a second to read its result",
+                        )
+                        .retry_after(1),
+                    ));
+                }
+                // Admitted long enough ago that its produce has ended, and
+                // never acknowledged: the instance that admitted it died.
+                // Queue it again; a shop-worker answers a request id once.
+                false
+            }
+            Admission::Processed(outcome) => {
+                if let Some(earlier) = earlier_status(gateway, id).await? {
+                    return repeat(earlier, &sku, quantity);
+                }
+                let state = match outcome {
+                    ReserveOutcome::Reserved { .. } => PurchaseState::Reserved,
+                    ReserveOutcome::Rejected { .. } => PurchaseState::Rejected,
+                };
+                return Ok(accepted(id, state));
+            }
+            Admission::Full { queued, limit } => {
+                return Err(gateway.shed(
+                    "queue_full",
+                    Problem::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "queue-full",
+                        format!(
+                            "{queued} purchases of {sku} already wait for its units \
+                             (at most {limit} may); units still reserved may come back, retry later"
+                        ),
+                    )
+                    .retry_after(1),
+                ));
+            }
+            Admission::SoldOut => return Err(gateway.shed("sold_out", sold_out(&sku))),
+            Admission::NotActive { starts_in_ms } => {
+                return Err(gateway.shed("not_active", not_active(&sku, starts_in_ms)));
+            }
+            Admission::Unknown if known.is_some() => {
+                return Err(gateway.shed(
+                    "unavailable",
+                    Problem::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "stock-unavailable",
+                        format!(
+                            "the stock of {sku} is being restored; retry with the same Idempotency-Key"
+                        ),
+                    )
+                    .retry_after(1),
+                ));
+            }
+            Admission::Unknown => {
+                return Err(gateway.shed(
                     "invalid",
                     invalid("unknown-sku", format!("there is no sale for sku {sku:?}")),
                 ));
             }
-            Some(true) => {
-                return Err(shed(
-                    "sold_out",
-                    Problem::new(
-                        StatusCode::CONFLICT,
-                        "sold-out",
-                        format!("{sku} is sold out"),
-                    ),
-                ));
-            }
-            Some(false) => {}
-        }
+        };
         let request = PurchaseRequest {
             v: SCHEMA_VERSION,
             request_id: id,
             sku: sku.clone(),
             user_id: user.clone(),
             quantity,
-            accepted_at_ms: clock::now_ms(),
+            accepted_at_ms: now,
         };
-        let started = Instant::now();
-        gateway.metrics.in_flight.inc();
-        let sent = kafka::send(
-            &gateway.producer,
-            &gateway.purchase_topic,
-            sku.as_str(),
-            &messages::encode(&request),
-            kafka::trace_headers(id),
-            gateway.produce_timeout,
-        )
-        .await;
-        gateway.metrics.in_flight.dec();
-        gateway
-            .metrics
-            .produce_seconds
-            .observe(started.elapsed().as_secs_f64());
-        sent.map_err(|e| shed("overloaded", unavailable("the purchase queue", e)))?;
-        let subject = Subject {
-            id,
-            sku: &sku,
-            user: &user,
-            quantity,
-        };
-        // The purchase is durable in Kafka now; if Redis misses this post
-        // the shop-worker's own post will show the purchase shortly.
-        if let Err(error) = gateway
-            .board
-            .post(&subject, PurchaseState::Queued, None, clock::now_ms())
-            .await
-        {
-            tracing::warn!(%error, "could not post the queued status");
-        }
-        Ok(accepted(id, PurchaseState::Queued))
+        enqueue(gateway, request, traceparent.clone(), admitted, permit).await
     }
     .instrument(span)
     .await
+}
+
+async fn earlier_status(
+    gateway: &Gateway,
+    id: RequestId,
+) -> Result<Option<PurchaseStatus>, Problem> {
+    gateway
+        .board
+        .get(id)
+        .await
+        .map_err(|e| gateway.shed("unavailable", unavailable("the status store", e)))
+}
+
+/// Produces the purchase and waits for the broker. The produce runs as a
+/// task of its own, to its end, even if the buyer's request times out or
+/// the buyer hangs up: the record may be on its way, and the status board
+/// (acknowledged) or the admission window (failed) must learn how it ended.
+async fn enqueue(
+    gateway: &Shared,
+    request: PurchaseRequest,
+    traceparent: String,
+    admitted: bool,
+    permit: OwnedSemaphorePermit,
+) -> Result<Response, Problem> {
+    let id = request.request_id;
+    let task = {
+        let gateway = gateway.clone();
+        async move {
+            let _permit = permit;
+            let started = Instant::now();
+            gateway.metrics.in_flight.inc();
+            let sent = kafka::send(
+                &gateway.producer,
+                &gateway.purchase_topic,
+                request.sku.as_str(),
+                &messages::encode(&request),
+                kafka::headers_with_trace(&traceparent),
+                gateway.produce_timeout,
+            )
+            .await;
+            gateway.metrics.in_flight.dec();
+            gateway
+                .metrics
+                .produce_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match sent {
+                Ok(record) => {
+                    let subject = Subject {
+                        id,
+                        sku: &request.sku,
+                        user: &request.user_id,
+                        quantity: request.quantity,
+                    };
+                    // Durable in Kafka now; if Redis misses this post the
+                    // shop-worker's own post shows the purchase shortly.
+                    if let Err(error) = gateway
+                        .board
+                        .post_queued(&subject, record, clock::now_ms())
+                        .await
+                    {
+                        tracing::warn!(%error, "could not post the queued status");
+                    }
+                    Ok(())
+                }
+                Err(error) => {
+                    if admitted && let Err(error) = gateway.stock.unadmit(&request.sku, id).await {
+                        // The lease frees the place later.
+                        tracing::warn!(%error, "could not give back the admission");
+                    }
+                    Err(error.to_string())
+                }
+            }
+        }
+        .instrument(tracing::Span::current())
+    };
+    match tokio::spawn(task).await {
+        Ok(Ok(())) => Ok(accepted(id, PurchaseState::Queued)),
+        Ok(Err(error)) => Err(gateway.shed("broker", unavailable("the purchase queue", error))),
+        Err(error) => Err(gateway.shed("broker", unavailable("the purchase queue", error))),
+    }
+}
+
+fn sold_out(sku: &Sku) -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "sold-out",
+        format!("{sku} is sold out"),
+    )
+}
+
+fn not_active(sku: &Sku, starts_in_ms: Option<u64>) -> Problem {
+    match starts_in_ms {
+        Some(ms) => {
+            let secs = ms.div_ceil(1000).max(1);
+            Problem::new(
+                StatusCode::CONFLICT,
+                "sale-not-active",
+                format!("the sale of {sku} opens in {secs} s"),
+            )
+            .retry_after(secs)
+        }
+        None => Problem::new(
+            StatusCode::CONFLICT,
+            "sale-not-active",
+            format!("the sale of {sku} is closed or over"),
+        ),
+    }
+}
+
+/// A refusal by a rate limit, with `Retry-After` and the `RateLimit-*`
+/// headers of the IETF draft (limit, remaining, seconds to reset).
+fn rate_limited(
+    status: StatusCode,
+    kind: &str,
+    detail: impl Into<String>,
+    denied: Denied,
+) -> Problem {
+    let wait = denied.retry_after_secs();
+    Problem::new(status, kind, detail)
+        .retry_after(wait)
+        .header("ratelimit-limit", denied.limit)
+        .header("ratelimit-remaining", 0)
+        .header("ratelimit-reset", wait)
 }
 
 /// A POST repeated with the same Idempotency-Key: the same purchase, if it
@@ -303,6 +536,13 @@ async fn get_purchase(
         };
         let done = status.as_ref().is_some_and(|s| s.status.is_terminal());
         if done || tokio::time::Instant::now() + POLL_EVERY > deadline {
+            let mut status = status;
+            if let Some(s) = status.as_mut()
+                && s.status == PurchaseState::Queued
+                && let Some((partition, offset)) = s.record
+            {
+                s.queue_position = gateway.queue.position(partition, offset).await;
+            }
             return status.map(Json).ok_or_else(|| {
                 Problem::new(
                     StatusCode::NOT_FOUND,
@@ -338,6 +578,21 @@ struct Availability {
     reserved: i64,
     sold: i64,
     sold_out: bool,
+    closed: bool,
+    /// Purchases admitted into the queue and not yet answered.
+    queued: i64,
+    /// How many may wait at once now: ceil(available x overbook).
+    queue_limit: i64,
+    overbook: f64,
+    /// The flags this gateway answers purchases with (its in-memory copy);
+    /// `null` if it has not heard of the sku.
+    gateway: Option<GatewayView>,
+}
+
+#[derive(Serialize)]
+struct GatewayView {
+    sold_out: bool,
+    closed: bool,
 }
 
 async fn get_sku(
@@ -346,9 +601,9 @@ async fn get_sku(
 ) -> Result<Json<Availability>, Problem> {
     let sku = Sku::parse(&raw)
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-sku", e.to_string()))?;
-    let levels = gateway
+    let status = gateway
         .stock
-        .levels(&sku)
+        .status(&sku, clock::now_ms())
         .await
         .map_err(|e| unavailable("the stock store", e))?
         .ok_or_else(|| {
@@ -358,6 +613,7 @@ async fn get_sku(
                 format!("there is no sale for sku {sku:?}"),
             )
         })?;
+    let levels = &status.levels;
     Ok(Json(Availability {
         sku: sku.to_string(),
         total: levels.total,
@@ -365,5 +621,13 @@ async fn get_sku(
         reserved: levels.reserved,
         sold: levels.sold,
         sold_out: levels.sold_out,
+        closed: status.closed,
+        queued: status.queued,
+        queue_limit: (levels.available.max(0) as f64 * status.overbook - 1e-9).ceil() as i64,
+        overbook: status.overbook,
+        gateway: gateway.flags.get(&sku).map(|f| GatewayView {
+            sold_out: f.sold_out,
+            closed: f.closed,
+        }),
     }))
 }

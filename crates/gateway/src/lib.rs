@@ -9,21 +9,33 @@
 //! in the `orders` table.
 
 mod api;
+mod flags;
+mod limits;
 mod metrics;
+mod queue;
+
+pub use api::PurchaseBody;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use flashsale_core::dynamo::{self, Tables};
-use flashsale_core::kafka::{self, KafkaFailure, topic};
+use flashsale_core::kafka::{self, KafkaFailure, group, topic};
 use flashsale_core::ops;
 use flashsale_core::orders::OrderStore;
+use flashsale_core::problem::Problem;
 use flashsale_core::settings::{DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError};
 use flashsale_core::status_board::StatusBoard;
 use flashsale_core::stock::{self, StockError, StockStore};
+use flashsale_core::topic_reader::GroupProgress;
 use rdkafka::producer::FutureProducer;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+use crate::flags::FlagCopy;
+use crate::limits::{GlobalLimiter, Rate, UserLimiter};
+use crate::queue::QueueWatch;
 
 /// Settings of one gateway instance.
 #[derive(Debug, Clone)]
@@ -38,10 +50,35 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `FLASHSALE_GATEWAY_MAX_WAIT_S`: the longest `?wait=` long-poll.
     pub max_wait: Duration,
+    /// `FLASHSALE_GATEWAY_REQUEST_TIMEOUT_MS`: a purchase not queued by
+    /// then is answered `503` (its produce still runs to its end).
+    pub request_timeout: Duration,
+    /// `FLASHSALE_GATEWAY_MAX_RPS` / `_BURST`: purchases per second this
+    /// instance takes, and how many at once; over it, `503`. 0: no limit.
+    pub max_rps: f64,
+    pub burst: u32,
+    /// `FLASHSALE_GATEWAY_MAX_IN_FLIGHT`: produces waiting for the broker at
+    /// once; over it, `503`. Keeps a slow broker from piling up requests.
+    pub max_in_flight: usize,
+    /// `FLASHSALE_GATEWAY_USER_RPS` / `_USER_BURST`: purchases per second
+    /// one buyer may send, and how many at once; over it, `429`. 0: no limit.
+    pub user_rps: f64,
+    pub user_burst: u32,
+    /// `FLASHSALE_GATEWAY_ADMISSION_LEASE_MS`: an admitted purchase no
+    /// shop-worker answered within this long stops counting against its
+    /// sku's window (its gateway may have died before producing it).
+    pub admission_lease: Duration,
+    /// `FLASHSALE_GATEWAY_DEFAULT_OVERBOOK`: for sales created without one.
+    pub default_overbook: f64,
+    /// `FLASHSALE_GATEWAY_FLAG_REFRESH_MS`: how often the in-memory sku
+    /// flags are reread in full, besides following every change as it is
+    /// published.
+    pub flag_refresh: Duration,
 }
 
 impl Config {
     pub fn from_env(env: &Env) -> Result<Self, SettingError> {
+        let max_rps = env.get("GATEWAY_MAX_RPS", 10_000.0)?;
         Ok(Self {
             addr: env.get("GATEWAY_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             kafka: KafkaSettings::from_env(env)?,
@@ -49,6 +86,18 @@ impl Config {
             dynamo: DynamoSettings::from_env(env)?,
             max_body_bytes: env.get("GATEWAY_MAX_BODY_BYTES", 4096)?,
             max_wait: Duration::from_secs(env.get("GATEWAY_MAX_WAIT_S", 30)?),
+            request_timeout: env.millis("GATEWAY_REQUEST_TIMEOUT_MS", 3_000)?,
+            max_rps,
+            burst: env.get(
+                "GATEWAY_BURST",
+                max_rps.ceil().clamp(1.0, u32::MAX as f64) as u32,
+            )?,
+            max_in_flight: env.get("GATEWAY_MAX_IN_FLIGHT", 1024)?,
+            user_rps: env.get("GATEWAY_USER_RPS", 5.0)?,
+            user_burst: env.get("GATEWAY_USER_BURST", 10)?,
+            admission_lease: env.millis("GATEWAY_ADMISSION_LEASE_MS", 60_000)?,
+            default_overbook: env.get("GATEWAY_DEFAULT_OVERBOOK", stock::DEFAULT_OVERBOOK)?,
+            flag_refresh: env.millis("GATEWAY_FLAG_REFRESH_MS", 1_000)?,
         })
     }
 }
@@ -76,7 +125,27 @@ pub(crate) struct Gateway {
     pub purchase_topic: String,
     pub produce_timeout: Duration,
     pub max_wait: Duration,
+    pub request_timeout: Duration,
     pub metrics: metrics::Metrics,
+    pub flags: Arc<FlagCopy>,
+    pub users: UserLimiter,
+    pub user_rate_per_s: f64,
+    pub global: GlobalLimiter,
+    pub in_flight: Arc<Semaphore>,
+    pub admission_lease_ms: u64,
+    /// An admitted purchase older than this with no status was abandoned by
+    /// the instance that admitted it: its produce cannot still be running.
+    pub abandoned_after_ms: u64,
+    pub default_overbook: f64,
+    pub queue: QueueWatch,
+}
+
+impl Gateway {
+    /// Counts a refusal by reason and passes it on.
+    pub fn shed(&self, reason: &str, problem: Problem) -> Problem {
+        self.metrics.shed.with_label_values(&[reason]).inc();
+        problem
+    }
 }
 
 pub struct RunningGateway {
@@ -92,19 +161,47 @@ pub async fn start(
     kafka::ensure_topics(&config.kafka).await?;
     let conn = stock::connect(&config.redis).await?;
     let registry = prometheus::Registry::new();
+    let purchase_topic = config.kafka.topic(topic::PURCHASE_REQUESTS);
+    let metrics = metrics::Metrics::register(&registry)?;
+    let stock = StockStore::new(conn.clone(), &config.redis);
+    let flags = Arc::new(FlagCopy::default());
+    tokio::spawn(flags::follow(
+        flags.clone(),
+        stock.clone(),
+        config.redis.clone(),
+        config.flag_refresh,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let gateway = Arc::new(Gateway {
-        stock: StockStore::new(conn.clone(), &config.redis),
+        stock,
         board: StatusBoard::new(conn, &config.redis),
         orders: OrderStore::new(
             dynamo::client(&config.dynamo).await,
             &Tables::new(&config.dynamo),
         ),
         producer: kafka::producer(&config.kafka)?,
-        purchase_topic: config.kafka.topic(topic::PURCHASE_REQUESTS),
+        queue: QueueWatch::new(GroupProgress::new(
+            &config.kafka,
+            &config.kafka.group(group::SHOP),
+            &purchase_topic,
+        )?),
+        purchase_topic,
         produce_timeout: config.kafka.produce_timeout,
         max_wait: config.max_wait,
-        metrics: metrics::Metrics::register(&registry)?,
+        request_timeout: config.request_timeout,
+        metrics,
+        flags,
+        users: UserLimiter::new(Rate::new(config.user_rps, config.user_burst)),
+        user_rate_per_s: config.user_rps,
+        global: GlobalLimiter::new(Rate::new(config.max_rps, config.burst)),
+        in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+        admission_lease_ms: config.admission_lease.as_millis() as u64,
+        abandoned_after_ms: (config.kafka.produce_timeout + Duration::from_secs(1)).as_millis()
+            as u64,
+        default_overbook: config.default_overbook,
     });
+    tokio::spawn(forget_full_buckets(gateway.clone(), shutdown.clone()));
     let ready = ops::kafka_and_redis_ready(
         gateway.producer.clone(),
         gateway.purchase_topic.clone(),
@@ -126,4 +223,18 @@ pub async fn start(
         local_addr,
         task: tokio::spawn(ops::serve(listener, app, shutdown)),
     })
+}
+
+/// Keeps the per-buyer buckets to the buyers seen lately.
+async fn forget_full_buckets(gateway: Arc<Gateway>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {
+                let left = gateway.users.prune();
+                gateway.metrics.limited_users.set(left as i64);
+            }
+        }
+    }
 }

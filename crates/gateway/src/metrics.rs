@@ -1,14 +1,20 @@
 //! The gateway's Prometheus metrics: what it answered, what it shed and
-//! why, and how long the broker took to acknowledge.
+//! why, how admission went, how long the broker took to acknowledge, and
+//! whether its copy of the sku flags is following Redis.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
     pub responses: IntCounterVec,
     pub shed: IntCounterVec,
+    pub admissions: IntCounterVec,
     pub produce_seconds: Histogram,
     pub in_flight: IntGauge,
+    pub flag_messages: IntCounter,
+    pub flag_rereads: IntCounter,
+    pub flags_subscribed: IntGauge,
+    pub limited_users: IntGauge,
 }
 
 impl Metrics {
@@ -25,6 +31,13 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            admissions: IntCounterVec::new(
+                Opts::new(
+                    "gateway_admissions_total",
+                    "Answers of the shared admission window, by outcome",
+                ),
+                &["outcome"],
+            )?,
             produce_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "gateway_produce_seconds",
@@ -35,11 +48,32 @@ impl Metrics {
                 ]),
             )?,
             in_flight: IntGauge::new("gateway_in_flight_produces", "Produces awaiting the broker")?,
+            flag_messages: IntCounter::new(
+                "gateway_flag_messages_total",
+                "Sold-out/closed flag changes heard from Redis",
+            )?,
+            flag_rereads: IntCounter::new(
+                "gateway_flag_rereads_total",
+                "Full rereads of every sku's flags (after subscribing, then periodically)",
+            )?,
+            flags_subscribed: IntGauge::new(
+                "gateway_flags_subscribed",
+                "1 while subscribed to flag changes, 0 while reconnecting",
+            )?,
+            limited_users: IntGauge::new(
+                "gateway_rate_limited_users",
+                "Buyers whose rate-limit bucket is not full",
+            )?,
         };
         registry.register(Box::new(metrics.responses.clone()))?;
         registry.register(Box::new(metrics.shed.clone()))?;
+        registry.register(Box::new(metrics.admissions.clone()))?;
         registry.register(Box::new(metrics.produce_seconds.clone()))?;
         registry.register(Box::new(metrics.in_flight.clone()))?;
+        registry.register(Box::new(metrics.flag_messages.clone()))?;
+        registry.register(Box::new(metrics.flag_rereads.clone()))?;
+        registry.register(Box::new(metrics.flags_subscribed.clone()))?;
+        registry.register(Box::new(metrics.limited_users.clone()))?;
         Ok(metrics)
     }
 }

@@ -106,6 +106,13 @@ impl OwnRedis {
         Ok(())
     }
 
+    /// SIGKILL, then the same Redis started again on its data: a crash and
+    /// restart that loses nothing acknowledged, but every connection.
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        self.kill()?;
+        self.spawn().await
+    }
+
     /// SIGKILL: no shutdown, no final fsync beyond what `always` did.
     pub fn kill(&self) -> anyhow::Result<()> {
         if let Some(mut child) = self
@@ -146,6 +153,8 @@ pub struct PipelineOptions {
     pub payment_latency_ms: u64,
     pub shop_workers: usize,
     pub order_workers: usize,
+    /// Gateway instances; `gateway_url` is the first.
+    pub gateways: usize,
     /// A Redis of the pipeline's own (a child process) instead of the shared
     /// one, for tests that kill and wipe it.
     pub own_redis: bool,
@@ -160,6 +169,7 @@ impl Default for PipelineOptions {
             payment_latency_ms: 5,
             shop_workers: 1,
             order_workers: 1,
+            gateways: 1,
             own_redis: false,
             env: Vec::new(),
         }
@@ -189,6 +199,8 @@ pub struct Pipeline {
     pub cli: CliConfig,
     pub stores: Stores,
     pub gateway_url: String,
+    /// Every gateway instance started with the pipeline.
+    pub gateway_urls: Vec<String>,
     pub http: reqwest::Client,
     /// The pipeline's own Redis, when `own_redis` was asked for.
     pub redis: Option<OwnRedis>,
@@ -253,13 +265,11 @@ impl Pipeline {
             kafka::ensure_topics(&cli.kafka).await?;
         }
 
-        let gateway =
-            flashsale_gateway::start(flashsale_gateway::Config::from_env(&env)?, shutdown.clone())
-                .await?;
-        let gateway_url = format!("http://{}", gateway.local_addr);
-        tasks.push(tokio::spawn(async move {
-            let _ = gateway.task.await;
-        }));
+        let mut gateway_urls = Vec::new();
+        for _ in 0..options.gateways.max(1) {
+            gateway_urls.push(start_gateway(&env, &shutdown, &mut tasks).await?);
+        }
+        let gateway_url = gateway_urls[0].clone();
         let mut workers = Vec::new();
         for _ in 0..options.shop_workers {
             workers.push(start_shop_worker(&env, &shutdown).await?);
@@ -283,11 +293,35 @@ impl Pipeline {
             cli,
             stores,
             gateway_url,
+            gateway_urls,
             http: reqwest::Client::new(),
             redis,
             shutdown,
             tasks,
         })
+    }
+
+    /// Another gateway instance, with `overrides` on the pipeline's
+    /// settings; stopped with the pipeline. Returns its base URL.
+    pub async fn add_gateway(&mut self, overrides: &[(&str, String)]) -> anyhow::Result<String> {
+        let env = env_with_more(&self.env, overrides);
+        start_gateway(&env, &self.shutdown, &mut self.tasks).await
+    }
+
+    /// The value of one sample of a service's `/metrics`, e.g.
+    /// `gateway_shed_total{reason="sold_out"}`; 0 when absent.
+    pub async fn metric(&self, base_url: &str, sample: &str) -> f64 {
+        let text = match self.http.get(format!("{base_url}/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(sample)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|value| value.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
     }
 
     /// Another shop-worker in this pipeline's consumer group.
@@ -325,6 +359,7 @@ impl Pipeline {
             reservation_ttl: Duration::from_secs(600),
             starts_in: Duration::ZERO,
             duration: Duration::from_secs(3600),
+            overbook: flashsale_core::stock::DEFAULT_OVERBOOK,
         }
     }
 
@@ -451,6 +486,22 @@ impl Pipeline {
             let _ = task.await;
         }
     }
+}
+
+async fn start_gateway(
+    env: &Env,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<String> {
+    let env = env_with_more(env, &[("FLASHSALE_GATEWAY_ADDR", any_port())]);
+    let gateway =
+        flashsale_gateway::start(flashsale_gateway::Config::from_env(&env)?, shutdown.clone())
+            .await?;
+    let url = format!("http://{}", gateway.local_addr);
+    tasks.push(tokio::spawn(async move {
+        let _ = gateway.task.await;
+    }));
+    Ok(url)
 }
 
 async fn start_shop_worker(env: &Env, pipeline: &CancellationToken) -> anyhow::Result<Worker> {

@@ -86,8 +86,8 @@ async fn a_reservation_that_outlives_its_ttl_is_swept_refunded_and_resold() {
 }
 
 /// Restock reopens a sold-out sale (the flag clears, new units sell);
-/// the same restock retried adds nothing; a closed sale or one not yet
-/// open rejects with `sale_not_active`.
+/// the same restock retried adds nothing; the gateway refuses a closed sale,
+/// or one not yet open, with `409 sale-not-active` and queues nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restock_reopens_a_sold_out_sale_and_close_or_the_window_rejects() {
     let p = Pipeline::start(PipelineOptions::default())
@@ -125,11 +125,12 @@ async fn restock_reopens_a_sold_out_sale_and_close_or_the_window_rejects() {
         .await
         .unwrap();
     sale::close(&p.stores, &sku).await.unwrap();
-    let late = accepted(&p, sku.as_str(), "eve").await;
-    let rejected = p.terminal(&late).await;
+    let records = p.records_in(&p.purchase_topic()).await.unwrap();
+    let (status, body) = p.buy(sku.as_str(), "eve", None).await;
     assert_eq!(
-        (rejected.status.as_str(), rejected.reason.as_deref()),
-        ("rejected", Some("sale_not_active"))
+        (status, body["type"].as_str()),
+        (409, Some("sale-not-active")),
+        "{body}"
     );
     let view = sale::show(&p.stores, &sku).await.unwrap().unwrap();
     assert!(view.closed && view.redis.as_ref().is_some_and(|r| r.closed));
@@ -141,11 +142,29 @@ async fn restock_reopens_a_sold_out_sale_and_close_or_the_window_rejects() {
     let mut spec = Pipeline::spec(&later, 5, 1);
     spec.starts_in = Duration::from_secs(3600);
     p.create_sale_with(&spec).await.unwrap();
-    let early = accepted(&p, later.as_str(), "fay").await;
-    let rejected = p.terminal(&early).await;
+    let early = p
+        .http
+        .post(format!("{}/v1/purchases", p.gateway_url))
+        .json(&json!({"sku": later.as_str(), "user_id": "fay", "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(early.status(), 409);
+    let wait: u64 = early.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (3590..=3600).contains(&wait),
+        "Retry-After {wait} s: when it opens"
+    );
+    let body: serde_json::Value = early.json().await.unwrap();
+    assert_eq!(body["type"], "sale-not-active");
     assert_eq!(
-        (rejected.status.as_str(), rejected.reason.as_deref()),
-        ("rejected", Some("sale_not_active"))
+        p.records_in(&p.purchase_topic()).await.unwrap(),
+        records,
+        "refused purchases never reach Kafka"
     );
     p.stop().await;
 }
@@ -174,8 +193,10 @@ async fn persistent_buyer(p: &Pipeline, sku: &str, user: &str) -> Outcome {
         };
         let id = match status {
             202 => body["request_id"].as_str().expect("request id").to_owned(),
-            409 => return Outcome::Shed,
-            0 | 404 | 500..=599 => {
+            409 if body["type"] == "sold-out" => return Outcome::Shed,
+            // Unreachable, unknown while Redis is lost, the queue window
+            // full, rate limited, or the same key still in progress.
+            0 | 404 | 409 | 429 | 500..=599 => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

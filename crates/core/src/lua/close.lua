@@ -7,5 +7,5 @@
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'unloaded'}
 end
-redis.call('HSET', KEYS[1], 'closed', '1')
+set_flag(KEYS[1], 'closed', '1')
 return {'closed'}

@@ -39,7 +39,7 @@ end
 if units > 0 then
   redis.call('HINCRBY', KEYS[1], 'reserved', -units)
   redis.call('HINCRBY', KEYS[1], 'available', units)
-  redis.call('HSET', KEYS[1], 'sold_out', '0')
+  set_flag(KEYS[1], 'sold_out', '0')
 end
 redis.call('SET', KEYS[4], cjson.encode(released), 'PX', ARGV[4])
 return released

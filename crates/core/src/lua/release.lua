@@ -26,7 +26,7 @@ end
 local qty = tonumber(r[2])
 redis.call('HINCRBY', KEYS[1], 'reserved', -qty)
 redis.call('HINCRBY', KEYS[1], 'available', qty)
-redis.call('HSET', KEYS[1], 'sold_out', '0')
+set_flag(KEYS[1], 'sold_out', '0')
 redis.call('HINCRBY', KEYS[2], r[3], -qty)
 redis.call('HSET', KEYS[4], 'state', 'released', 'reason', ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[1])

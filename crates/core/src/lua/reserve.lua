@@ -4,6 +4,8 @@
 -- KEYS[1] stock hash of the sku     KEYS[2] units held per user
 -- KEYS[3] processed-request marker  KEYS[4] reservation record
 -- KEYS[5] reservation deadlines (sorted set, score = deadline)
+-- KEYS[6] requests the gateways admitted and no shop-worker has reserved
+--         or rejected yet (admit.lua)
 -- ARGV[1] request id   ARGV[2] user id   ARGV[3] quantity   ARGV[4] now (ms)
 -- ARGV[5] accepted at (ms)   ARGV[6] max queue age (ms)   ARGV[7] retention (ms)
 --
@@ -13,6 +15,9 @@
 --         yet recovered); nothing is written, the caller waits.
 -- A replay returns the first answer unchanged: the marker holds it.
 
+-- Whatever the answer, this request no longer waits in the queue, so its
+-- place in the admission window is free.
+redis.call('ZREM', KEYS[6], ARGV[1])
 local prior = redis.call('GET', KEYS[3])
 if prior then
   return cjson.decode(prior)
@@ -44,7 +49,7 @@ end
 local available = tonumber(sale[1])
 if available < qty then
   if available == 0 then
-    redis.call('HSET', KEYS[1], 'sold_out', '1')
+    set_flag(KEYS[1], 'sold_out', '1')
   end
   return answer({'rejected', 'sold_out'})
 end
@@ -53,7 +58,7 @@ redis.call('HINCRBY', KEYS[1], 'available', -qty)
 redis.call('HINCRBY', KEYS[1], 'reserved', qty)
 redis.call('HINCRBY', KEYS[2], user, qty)
 if available == qty then
-  redis.call('HSET', KEYS[1], 'sold_out', '1')
+  set_flag(KEYS[1], 'sold_out', '1')
 end
 local expires = now + tonumber(sale[4])
 redis.call('HSET', KEYS[4], 'user', user, 'quantity', qty, 'expires_at_ms', expires,

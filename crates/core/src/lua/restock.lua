@@ -16,7 +16,7 @@ end
 local total = redis.call('HINCRBY', KEYS[1], 'total', ARGV[1])
 local available = redis.call('HINCRBY', KEYS[1], 'available', ARGV[1])
 if available > 0 then
-  redis.call('HSET', KEYS[1], 'sold_out', '0')
+  set_flag(KEYS[1], 'sold_out', '0')
 end
 local result = {'restocked', tostring(total), tostring(available)}
 redis.call('SET', KEYS[2], cjson.encode(result), 'PX', ARGV[2])

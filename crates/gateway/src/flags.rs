@@ -1,0 +1,218 @@
+//! Which skus are sold out or closed, kept in memory so that the gateway can
+//! refuse a sold-out sku without a network call.
+//!
+//! The stock scripts publish every flip of a flag on `FLAGS_CHANNEL` from
+//! inside the script that made it, so the copy here follows Redis within a
+//! round trip. Messages sent while this instance was not subscribed are
+//! lost; the copy is therefore reread in full after every (re)subscription,
+//! and every `refresh` interval as a safety net.
+//!
+//! A full reread races with messages: it may read a sku just before a flip
+//! whose message arrives before the reread is applied. The copy therefore
+//! skips, in a reread, every sku that got a message since the reread began:
+//! that message (or a later one) is at least as new.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use flashsale_core::ids::Sku;
+use flashsale_core::settings::RedisSettings;
+use flashsale_core::stock::{FLAGS_CHANNEL, SkuFlags, StockStore};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    flags: SkuFlags,
+    /// The message count when a message last set this entry.
+    message: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct FlagCopy {
+    skus: RwLock<HashMap<String, Entry>>,
+    messages: AtomicU64,
+}
+
+impl FlagCopy {
+    /// The flags last heard of, `None` for a sku this instance never saw.
+    pub fn get(&self, sku: &Sku) -> Option<SkuFlags> {
+        self.read().get(sku.as_str()).map(|e| e.flags)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        // Entries are plain values: a writer that panicked left them whole.
+        self.skus.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.skus.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn apply_message(&self, sku: &Sku, flags: SkuFlags) {
+        let message = self.messages.fetch_add(1, Ordering::SeqCst) + 1;
+        self.write()
+            .insert(sku.to_string(), Entry { flags, message });
+    }
+
+    /// Marks the start of a full reread; pass the mark to `apply_reread`.
+    pub fn begin_reread(&self) -> u64 {
+        self.messages.load(Ordering::SeqCst)
+    }
+
+    pub fn apply_reread(&self, began: u64, read: &[(Sku, SkuFlags)]) {
+        let mut skus = self.write();
+        for (sku, flags) in read {
+            match skus.get_mut(sku.as_str()) {
+                Some(entry) if entry.message > began => {}
+                Some(entry) => entry.flags = *flags,
+                None => {
+                    skus.insert(
+                        sku.to_string(),
+                        Entry {
+                            flags: *flags,
+                            message: 0,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Rereads the flags of every sku with a sale.
+async fn reread(
+    copy: &FlagCopy,
+    stock: &StockStore,
+) -> Result<usize, flashsale_core::stock::StockError> {
+    let began = copy.begin_reread();
+    let skus = stock.sale_skus().await?;
+    // One read per sku, concurrently: each is a single-slot command, so
+    // this works on a cluster too.
+    let read =
+        futures::future::join_all(skus.into_iter().map(|sku| async move {
+            stock.flags(&sku).await.map(|flags| flags.map(|f| (sku, f)))
+        }))
+        .await;
+    let mut found = Vec::with_capacity(read.len());
+    for result in read {
+        // A sku Redis lost keeps its last known flags until it is recovered
+        // (recovery publishes the restored ones).
+        if let Some(pair) = result? {
+            found.push(pair);
+        }
+    }
+    copy.apply_reread(began, &found);
+    Ok(found.len())
+}
+
+/// Keeps `copy` current until `shutdown`: subscribes, rereads after every
+/// subscription and every `refresh`, and resubscribes with backoff when the
+/// connection drops (a Redis restart).
+pub async fn follow(
+    copy: Arc<FlagCopy>,
+    stock: StockStore,
+    redis: RedisSettings,
+    refresh: Duration,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(50);
+    let mut node = 0usize;
+    while !shutdown.is_cancelled() {
+        // On a cluster, any node hears every publish; try them in turn.
+        let url = match redis.cluster_nodes.as_slice() {
+            [] => redis.url.clone(),
+            nodes => nodes[node % nodes.len()].clone(),
+        };
+        node += 1;
+        let subscribed = async {
+            let mut pubsub = redis::Client::open(url.as_str())?
+                .get_async_pubsub()
+                .await?;
+            pubsub.subscribe(FLAGS_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        }
+        .await;
+        let pubsub = match subscribed {
+            Ok(pubsub) => pubsub,
+            Err(error) => {
+                tracing::warn!(%error, %url, "cannot subscribe to sku flags; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        metrics.flags_subscribed.set(1);
+        tracing::info!(%url, "following sku flags");
+        let mut messages = pubsub.into_on_message();
+        let mut every = tokio::time::interval(refresh);
+        // The first tick is immediate: the reread after subscribing.
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                message = messages.next() => {
+                    let Some(message) = message else {
+                        tracing::warn!("sku flags subscription lost; resubscribing");
+                        break;
+                    };
+                    let payload: String = message.get_payload().unwrap_or_default();
+                    match SkuFlags::from_message(&payload) {
+                        Some((sku, flags)) => {
+                            copy.apply_message(&sku, flags);
+                            metrics.flag_messages.inc();
+                        }
+                        None => tracing::warn!(%payload, "unreadable sku flags message"),
+                    }
+                }
+                _ = every.tick() => match reread(&copy, &stock).await {
+                    Ok(_) => metrics.flag_rereads.inc(),
+                    Err(error) => tracing::warn!(%error, "rereading sku flags failed"),
+                },
+            }
+        }
+        metrics.flags_subscribed.set(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sku(name: &str) -> Sku {
+        Sku::parse(name).expect("sku")
+    }
+
+    const SOLD_OUT: SkuFlags = SkuFlags {
+        sold_out: true,
+        closed: false,
+    };
+    const OPEN: SkuFlags = SkuFlags {
+        sold_out: false,
+        closed: false,
+    };
+
+    #[test]
+    fn a_reread_never_undoes_a_newer_message() {
+        let copy = FlagCopy::default();
+        copy.apply_message(&sku("a"), OPEN);
+        let began = copy.begin_reread();
+        // The reread saw "a" sold out and "b" open; then "a" was released.
+        copy.apply_message(&sku("a"), OPEN);
+        copy.apply_reread(began, &[(sku("a"), SOLD_OUT), (sku("b"), OPEN)]);
+        assert_eq!(copy.get(&sku("a")), Some(OPEN));
+        assert_eq!(copy.get(&sku("b")), Some(OPEN));
+        assert_eq!(copy.get(&sku("c")), None);
+        let began = copy.begin_reread();
+        copy.apply_reread(began, &[(sku("a"), SOLD_OUT)]);
+        assert_eq!(copy.get(&sku("a")), Some(SOLD_OUT), "no newer message");
+    }
+}
