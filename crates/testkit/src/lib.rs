@@ -147,6 +147,41 @@ fn any_port() -> String {
     SocketAddr::from(([127, 0, 0, 1], 0)).to_string()
 }
 
+/// A gateway's answer: status, headers and JSON body (`Null` if none).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    pub async fn of(response: reqwest::Response) -> anyhow::Result<Self> {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await?;
+        Ok(Self {
+            status,
+            headers,
+            body: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        })
+    }
+
+    /// The problem type of a refusal (`sold-out`, `queue-full`, ...).
+    pub fn kind(&self) -> &str {
+        self.body["type"].as_str().unwrap_or("")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// `Retry-After` in seconds, if given.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.header("retry-after").and_then(|v| v.parse().ok())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
     pub decline_rate: f64,
@@ -399,6 +434,25 @@ impl Pipeline {
             status,
             response.json().await.unwrap_or(serde_json::Value::Null),
         ))
+    }
+
+    /// POSTs one unit of `sku` for `user` to the gateway at `base_url`,
+    /// with the response's headers.
+    pub async fn post_purchase(
+        &self,
+        base_url: &str,
+        sku: &str,
+        user: &str,
+        key: Option<&str>,
+    ) -> anyhow::Result<Answer> {
+        let mut request = self
+            .http
+            .post(format!("{base_url}/v1/purchases"))
+            .json(&serde_json::json!({"sku": sku, "user_id": user, "quantity": 1}));
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        Answer::of(request.send().await?).await
     }
 
     /// `try_buy`, for gateways that must answer.
