@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the local stack needs and is missing, and nothing else:
 # redis-server (Debian), a Java runtime (Debian), tansu (cargo), and
-# DynamoDB Local (from the npm package amplify-dynamodb-simulator).
+# DynamoDB Local (from the npm package amplify-dynamodb-simulator); and wrk
+# (Debian), the HTTP load generator of scripts/bench-gateway.
 # Safe to run again: each step checks first.
 set -euo pipefail
 # cargo install puts tansu here; a fresh shell may not have it on PATH.
@@ -33,6 +34,11 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
   log "installing redis-server from Debian"
   apt_install redis-server redis-tools
   # Debian starts its own Redis on 6379; the project never uses it.
+fi
+
+if ! command -v wrk >/dev/null; then
+  log "installing wrk from Debian (scripts/bench-gateway)"
+  apt_install wrk
 fi
 
 if ! command -v java >/dev/null; then
