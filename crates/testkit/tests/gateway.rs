@@ -379,9 +379,12 @@ async fn each_limit_answers_its_status_with_retry_after() {
     p.stop().await;
 }
 
+const CALLERS_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 /// The same Idempotency-Key sent 20 times at once: one purchase, queued
-/// once; every answer names it or says it is in progress. A long poll
-/// returns as soon as the purchase is terminal.
+/// once; every answer names it or says it is in progress; the record
+/// carries the caller's trace. A long poll returns as soon as the purchase
+/// is terminal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_key_sent_twenty_times_at_once_is_queued_once() {
     let mut p = Pipeline::start(PipelineOptions {
@@ -401,9 +404,16 @@ async fn one_key_sent_twenty_times_at_once_is_queued_once() {
     let answers: Vec<Answer> = futures::future::join_all((0..20).map(|_| {
         let (p, url, sku, user) = (p.clone(), unlimited.clone(), sku.clone(), user.clone());
         async move {
-            p.post_purchase(&url, sku.as_str(), &user, Some("the-key"))
+            let response = p
+                .http
+                .post(format!("{url}/v1/purchases"))
+                .header("Idempotency-Key", "the-key")
+                .header("traceparent", CALLERS_TRACE)
+                .json(&json!({"sku": sku.as_str(), "user_id": user, "quantity": 1}))
+                .send()
                 .await
-                .unwrap()
+                .unwrap();
+            Answer::of(response).await.unwrap()
         }
     }))
     .await;
@@ -422,6 +432,16 @@ async fn one_key_sent_twenty_times_at_once_is_queued_once() {
         assert!(answer.retry_after().is_some());
     }
     assert_eq!(p.records_in(&p.purchase_topic()).await.unwrap(), 1);
+    let record = p
+        .first_record(&p.purchase_topic(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let carried = flashsale_testkit::flashsale_core::kafka::header(&record, "traceparent").unwrap();
+    assert_eq!(
+        carried.split('-').nth(1),
+        CALLERS_TRACE.split('-').nth(1),
+        "the record continues the caller's trace: {carried}"
+    );
 
     let id = ids.into_iter().next().unwrap().to_owned();
     let asked = Instant::now();
