@@ -150,6 +150,10 @@ struct SurgeArgs {
     /// Concurrent connections to the gateway.
     #[arg(long, default_value_t = 256)]
     connections: usize,
+    /// Times a buyer answered 429 or 503 tries again after its Retry-After,
+    /// with the same Idempotency-Key (0: every buyer asks once).
+    #[arg(long, default_value_t = 3)]
+    max_retries: u32,
     /// How long to wait for accepted purchases to settle.
     #[arg(long, default_value_t = 180)]
     settle_timeout_secs: u64,
@@ -347,6 +351,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 payment_decline_rate: args.payment_decline_rate,
                 payment_latency_ms: args.payment_latency_ms,
                 connections: args.connections,
+                max_retries: args.max_retries,
                 settle_timeout: Duration::from_secs(args.settle_timeout_secs),
             };
             let report = surge::run(&stores, &options).await?;

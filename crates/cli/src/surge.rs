@@ -45,6 +45,10 @@ pub struct SurgeOptions {
     pub payment_latency_ms: u64,
     /// Concurrent HTTP connections to the gateway.
     pub connections: usize,
+    /// How many times a buyer answered `429` or `503` tries again, after
+    /// the `Retry-After` it was given, with the same Idempotency-Key, as a
+    /// real client does. 0: every buyer asks once.
+    pub max_retries: u32,
     /// How long to wait for accepted purchases to settle.
     pub settle_timeout: Duration,
 }
@@ -68,6 +72,10 @@ pub struct Latency {
 pub struct SurgeReport {
     pub buyers: u64,
     pub accepted: u64,
+    /// Requests sent again after a `429` or `503` (see `max_retries`); a
+    /// buyer counts in `shed` by its last answer.
+    #[serde(default)]
+    pub retries: u64,
     pub shed: Shed,
     /// Requests that got no HTTP answer, or a `5xx` other than `503`.
     pub errors: u64,
@@ -103,7 +111,7 @@ impl SurgeReport {
         };
         let mut out = format!(
             "surge: {} buyers for {} units in {:.1}s\n\
-             \x20 accepted {} ({:.0}/s), shed: sold out {}, rate limited {}, overloaded {}, invalid {}; errors {}\n\
+             \x20 accepted {} ({:.0}/s) after {} retries, shed: sold out {}, rate limited {}, overloaded {}, invalid {}; errors {}\n\
              \x20 outcome: confirmed {}, cancelled {}, rejected {}, unsettled {}\n\
              \x20 units sold {} of {} (oversold {})\n\
              \x20 accept latency   p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms\n\
@@ -114,6 +122,7 @@ impl SurgeReport {
             self.duration_s,
             self.accepted,
             self.accept_rps,
+            self.retries,
             self.shed.sold_out,
             self.shed.rate_limited,
             self.shed.overloaded,
@@ -149,6 +158,55 @@ enum Answer {
     Overloaded,
     Invalid,
     Error,
+}
+
+/// One POST of a buyer: its answer, and the `Retry-After` it was given (1 s
+/// when the gateway gave none).
+async fn ask(
+    http: &reqwest::Client,
+    url: &str,
+    connections: &Semaphore,
+    key: &str,
+    body: &serde_json::Value,
+    due_unix_ms: u64,
+) -> (Answer, Option<Duration>) {
+    // A connection is held for the request only, not while waiting to retry.
+    let Ok(_permit) = connections.acquire().await else {
+        return (Answer::Error, None);
+    };
+    let response = match http
+        .post(url)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+    {
+        Ok(response) => response,
+        Err(_) => return (Answer::Error, None),
+    };
+    let wait = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(Duration::from_secs(1), Duration::from_secs);
+    let answer = match response.status().as_u16() {
+        202 => match response
+            .json::<AcceptedBody>()
+            .await
+            .ok()
+            .and_then(|b| RequestId::parse(&b.request_id).ok())
+        {
+            Some(id) => Answer::Accepted { id, due_unix_ms },
+            None => Answer::Error,
+        },
+        409 => Answer::SoldOut,
+        429 => Answer::RateLimited,
+        503 => Answer::Overloaded,
+        400..=499 => Answer::Invalid,
+        _ => Answer::Error,
+    };
+    (answer, Some(wait))
 }
 
 #[derive(Deserialize)]
@@ -221,55 +279,36 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             "quantity": 1,
         });
         let key = format!("surge-{run_id}-{i}");
+        let max_retries = options.max_retries;
         tasks.push(tokio::spawn(async move {
             let due = start + offset;
             tokio::time::sleep_until(due).await;
-            let answer = async {
-                let Ok(_permit) = connections.acquire().await else {
-                    return Answer::Error;
-                };
-                let response = match http
-                    .post(&url)
-                    .header("Idempotency-Key", key)
-                    .json(&body)
-                    .send()
-                    .await
-                {
-                    Ok(response) => response,
-                    Err(_) => return Answer::Error,
-                };
-                match response.status().as_u16() {
-                    202 => match response
-                        .json::<AcceptedBody>()
-                        .await
-                        .ok()
-                        .and_then(|b| RequestId::parse(&b.request_id).ok())
+            let due_unix_ms = start_unix_ms + offset.as_millis() as u64;
+            let mut retries = 0u32;
+            let answer = loop {
+                match ask(&http, &url, &connections, &key, &body, due_unix_ms).await {
+                    (Answer::RateLimited | Answer::Overloaded, Some(wait))
+                        if retries < max_retries =>
                     {
-                        Some(id) => Answer::Accepted {
-                            id,
-                            due_unix_ms: start_unix_ms + offset.as_millis() as u64,
-                        },
-                        None => Answer::Error,
-                    },
-                    409 => Answer::SoldOut,
-                    429 => Answer::RateLimited,
-                    503 => Answer::Overloaded,
-                    400..=499 => Answer::Invalid,
-                    _ => Answer::Error,
+                        retries += 1;
+                        tokio::time::sleep(wait).await;
+                    }
+                    (answer, _) => break answer,
                 }
-            }
-            .await;
-            (answer, due.elapsed(), Instant::now())
+            };
+            (answer, retries, due.elapsed(), Instant::now())
         }));
     }
 
     let mut accept_latency = histogram();
     let mut shed = Shed::default();
     let mut errors = 0;
+    let mut retries = 0u64;
     let mut accepted = Vec::new();
     let mut last_answer = start;
     for task in tasks {
-        let (answer, elapsed, answered_at) = task.await?;
+        let (answer, tries, elapsed, answered_at) = task.await?;
+        retries += u64::from(tries);
         let _ = accept_latency.record(elapsed.as_micros().max(1) as u64);
         last_answer = last_answer.max(answered_at);
         match answer {
@@ -317,6 +356,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         violations: report.violations,
         accept_latency_ms: latency(&accept_latency),
         decision_latency_ms: latency(&decision_latency),
+        retries,
         accept_rps: accepted.len() as f64 / send_phase,
         answered_rps: options.buyers as f64 / send_phase,
         duration_s,

@@ -87,6 +87,7 @@ async fn two_thousand_buyers_fifty_units_never_oversell() {
         payment_decline_rate: 0.2,
         payment_latency_ms: 5,
         connections: 128,
+        max_retries: 0,
         settle_timeout: Duration::from_secs(120),
     };
 
@@ -689,6 +690,7 @@ async fn workers_join_and_leave_while_the_sale_runs() {
         payment_decline_rate: 0.2,
         payment_latency_ms: 5,
         connections: 64,
+        max_retries: 0,
         settle_timeout: Duration::from_secs(120),
     };
     let stores = p.stores.clone();
