@@ -503,6 +503,9 @@ struct WaitQuery {
 /// How often a long-poll looks at the board again.
 const POLL_EVERY: Duration = Duration::from_millis(20);
 
+/// The longest a status answer waits for the shop-workers' progress.
+const QUEUE_POSITION_WAIT: Duration = Duration::from_millis(250);
+
 async fn get_purchase(
     State(gateway): State<Shared>,
     Path(raw_id): Path<String>,
@@ -541,7 +544,15 @@ async fn get_purchase(
                 && s.status == PurchaseState::Queued
                 && let Some((partition, offset)) = s.record
             {
-                s.queue_position = gateway.queue.position(partition, offset).await;
+                // A position is a nicety: an unreachable broker must not
+                // hold up the answer.
+                s.queue_position = tokio::time::timeout(
+                    QUEUE_POSITION_WAIT,
+                    gateway.queue.position(partition, offset),
+                )
+                .await
+                .ok()
+                .flatten();
             }
             return status.map(Json).ok_or_else(|| {
                 Problem::new(
