@@ -234,10 +234,10 @@ fn latency(h: &Histogram<u64>) -> Latency {
 pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<SurgeReport> {
     stores
         .payment
-        .set_behaviour(&StubBehaviour {
-            decline_rate: options.payment_decline_rate,
-            latency_ms: options.payment_latency_ms,
-        })
+        .set_behaviour(&StubBehaviour::simple(
+            options.payment_decline_rate,
+            options.payment_latency_ms,
+        ))
         .await?;
     sale::create(
         stores,

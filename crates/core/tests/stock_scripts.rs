@@ -588,7 +588,6 @@ async fn next_flip(flips: &mut redis::aio::PubSubStream, sku: &Sku) -> SkuFlags 
 
 async fn admission_window(backend: Backend) {
     const LEASE: u64 = 60_000;
-    let f = Arc::new(Fixture::new(backend, "admit", rules(10, 1, 60_000)).await);
     let node = match &settings(backend).cluster_nodes[..] {
         [] => settings(backend).url,
         nodes => nodes[nodes.len() - 1].clone(),
@@ -598,8 +597,16 @@ async fn admission_window(backend: Backend) {
         .get_async_pubsub()
         .await
         .unwrap();
+    // Subscribed before the sale opens: the node forwards the messages of
+    // the sku's slot owner in order, the opening's first.
     pubsub.subscribe(FLAGS_CHANNEL).await.unwrap();
     let mut flips = pubsub.into_on_message();
+    let f = Arc::new(Fixture::new(backend, "admit", rules(10, 1, 60_000)).await);
+    assert_eq!(
+        next_flip(&mut flips, &f.sku).await,
+        SkuFlags::default(),
+        "opened"
+    );
 
     // 4 gateways x 40 buyers at once for 10 units: 15 in the window.
     let requests: Vec<PurchaseRequest> = (0..160).map(|n| f.request(&format!("u{n}"), 1)).collect();

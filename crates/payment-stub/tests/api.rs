@@ -1,9 +1,15 @@
 //! The stub's API behaves like a card processor's: idempotent charges,
-//! refusal of a reused key, idempotent refunds, run-time behaviour.
+//! refusal of a reused key, idempotent refunds, run-time behaviour; it
+//! remembers across a restart, and fails the ways processors fail.
 
 use std::net::SocketAddr;
 
-use flashsale_core::payment::StubBehaviour;
+use std::time::Duration;
+
+use flashsale_core::ids::RequestId;
+use flashsale_core::payment::{
+    ChargeMetadata, ChargeOutcome, ChargeRequest, PaymentClient, PaymentError, StubBehaviour,
+};
 use flashsale_payment_stub::{Config, start};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -12,10 +18,8 @@ async fn stub(decline_rate: f64) -> (String, CancellationToken) {
     let shutdown = CancellationToken::new();
     let config = Config {
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        behaviour: StubBehaviour {
-            decline_rate,
-            latency_ms: 0,
-        },
+        behaviour: StubBehaviour::simple(decline_rate, 0),
+        ledger: None,
     };
     let running = start(config, shutdown.clone()).await.expect("stub starts");
     (format!("http://{}", running.local_addr), shutdown)
@@ -98,9 +102,8 @@ async fn declines_are_402_and_cannot_be_refunded_and_the_rate_changes_at_run_tim
     let behaviour = |rate: f64| {
         let request = reqwest::Client::new().put(format!("{base}/admin/behaviour"));
         async move {
-            send(request, &json!({"decline_rate": rate, "latency_ms": 0}))
-                .await
-                .0
+            let wanted = json!({"decline_rate": rate, "latency": {"kind": "fixed", "ms": 0}});
+            send(request, &wanted).await.0
         }
     };
     assert_eq!(behaviour(0.0).await, 200);
@@ -108,4 +111,155 @@ async fn declines_are_402_and_cannot_be_refunded_and_the_rate_changes_at_run_tim
     assert_eq!(status, 201);
     assert_eq!(behaviour(2.0).await, 422);
     shutdown.cancel();
+}
+
+async fn stub_with(behaviour: StubBehaviour, ledger: Option<std::path::PathBuf>) -> Running {
+    let shutdown = CancellationToken::new();
+    let config = Config {
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        behaviour,
+        ledger,
+    };
+    let running = start(config, shutdown.clone()).await.expect("stub starts");
+    Running {
+        base: format!("http://{}", running.local_addr),
+        shutdown,
+        task: running.task,
+    }
+}
+
+struct Running {
+    base: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("stub task")
+            .expect("stub stopped cleanly");
+    }
+}
+
+fn ledger_path(name: &str) -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("flashsale-stub-{}", uuid::Uuid::now_v7().simple()));
+    dir.join(format!("{name}.jsonl"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_stub_remembers_every_charge_and_refund() {
+    let path = ledger_path("restart");
+    let first = stub_with(StubBehaviour::simple(0.0, 0), Some(path.clone())).await;
+    let (_, kept) = charge(&first.base, Some("k-kept"), &charge_body(100)).await;
+    let (_, refunded) = charge(&first.base, Some("k-refunded"), &charge_body(200)).await;
+    assert_eq!(refund(&first.base, &refunded["id"]).await.0, 200);
+    first.stop().await;
+
+    let again = stub_with(StubBehaviour::simple(0.0, 0), Some(path.clone())).await;
+    let (status, replayed) = charge(&again.base, Some("k-kept"), &charge_body(100)).await;
+    assert_eq!(
+        (status, &replayed["id"]),
+        (201, &kept["id"]),
+        "the same charge, not a new one"
+    );
+    let (reused, _) = charge(&again.base, Some("k-kept"), &charge_body(999)).await;
+    assert_eq!(reused, 422, "the first body is remembered too");
+    let after = get(format!(
+        "{}/v1/charges/{}",
+        again.base,
+        refunded["id"].as_str().unwrap()
+    ))
+    .await;
+    assert_eq!(after["refunded"], true);
+    let (_, fresh) = charge(&again.base, Some("k-new"), &charge_body(300)).await;
+    assert_ne!(fresh["id"], kept["id"]);
+    assert_ne!(fresh["id"], refunded["id"]);
+    let by_key = get(format!(
+        "{}/v1/charges?idempotency_key=k-refunded",
+        again.base
+    ))
+    .await;
+    assert_eq!(by_key[0]["id"], refunded["id"]);
+    again.stop().await;
+    let _ = std::fs::remove_dir_all(path.parent().expect("a directory"));
+}
+
+fn order_charge() -> ChargeRequest {
+    ChargeRequest {
+        amount_cents: 1999,
+        currency: "EUR".into(),
+        metadata: ChargeMetadata {
+            order_id: "o-9".into(),
+            sku: "tv".into(),
+            sale_id: "s-9".into(),
+        },
+    }
+}
+
+/// An error did nothing, so a retry may charge; a timed-out charge was made
+/// and is found by its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_charge_nothing_and_a_timed_out_charge_is_found_by_its_key() {
+    let mut behaviour = StubBehaviour::simple(0.0, 0);
+    behaviour.error_rate = 1.0;
+    let stub = stub_with(behaviour.clone(), None).await;
+    let client = PaymentClient::new(&stub.base, Duration::from_millis(300));
+    let key = RequestId::fresh();
+    for _ in 0..5 {
+        let failed = client.charge(key, &order_charge()).await;
+        assert!(
+            matches!(failed, Err(PaymentError::Transient(_))),
+            "{failed:?}"
+        );
+    }
+    behaviour.error_rate = 0.0;
+    client.set_behaviour(&behaviour).await.unwrap();
+    assert!(
+        client.find_charge(key).await.unwrap().is_none(),
+        "an error charged nothing"
+    );
+
+    behaviour.timeout_rate = 1.0;
+    behaviour.hang_ms = 5_000;
+    client.set_behaviour(&behaviour).await.unwrap();
+    let hung = RequestId::fresh();
+    let timed_out = client.charge(hung, &order_charge()).await;
+    assert!(
+        matches!(timed_out, Err(PaymentError::Transient(_))),
+        "{timed_out:?}"
+    );
+    let found = client
+        .find_charge(hung)
+        .await
+        .unwrap()
+        .expect("the charge was made");
+    behaviour.timeout_rate = 0.0;
+    client.set_behaviour(&behaviour).await.unwrap();
+    match client.charge(hung, &order_charge()).await.unwrap() {
+        ChargeOutcome::Succeeded(again) => assert_eq!(again.id, found.id, "a retry replays it"),
+        other => panic!("{other:?}"),
+    }
+    stub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_answers_503_until_it_ends_and_bad_behaviour_is_refused() {
+    let mut behaviour = StubBehaviour::simple(0.0, 0);
+    behaviour.outage = true;
+    let stub = stub_with(behaviour.clone(), None).await;
+    let (status, problem) = charge(&stub.base, Some("k-out"), &charge_body(100)).await;
+    assert_eq!((status, problem["type"].as_str()), (503, Some("outage")));
+    let client = PaymentClient::new(&stub.base, Duration::from_secs(2));
+    behaviour.outage = false;
+    client.set_behaviour(&behaviour).await.unwrap();
+    let (status, _) = charge(&stub.base, Some("k-out"), &charge_body(100)).await;
+    assert_eq!(status, 201);
+    let request = reqwest::Client::new().put(format!("{}/admin/behaviour", stub.base));
+    let wrong = json!({"decline_rate": 0.0, "latency": {"kind": "log_normal", "p50_ms": 50.0, "p99_ms": 10.0}});
+    assert_eq!(send(request, &wrong).await.0, 422);
+    stub.stop().await;
 }

@@ -258,6 +258,15 @@ impl Pipeline {
                 "FLASHSALE_PAYMENT_LATENCY_MS",
                 options.payment_latency_ms.to_string(),
             ),
+            // A ledger file of the pipeline's own: persisted as in
+            // production, and no earlier run answers for this one.
+            (
+                "FLASHSALE_PAYMENT_LEDGER",
+                format!(
+                    "{}/payment-{prefix}.jsonl",
+                    std::env::var("FLASHSALE_STATE_DIR").unwrap_or_else(|_| "/tmp".into())
+                ),
+            ),
         ]);
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -406,10 +415,7 @@ impl Pipeline {
         Ok(self
             .stores
             .payment
-            .set_behaviour(&StubBehaviour {
-                decline_rate,
-                latency_ms,
-            })
+            .set_behaviour(&StubBehaviour::simple(decline_rate, latency_ms))
             .await?)
     }
 
