@@ -52,6 +52,10 @@ pub struct ConsumerOptions {
     pub max_in_flight: usize,
     /// How long in-flight work may take to finish after shutdown is asked.
     pub drain_timeout: Duration,
+    /// While this says `true`, the assigned partitions are paused: nothing
+    /// new is delivered, but the consumer keeps polling and stays in its
+    /// group (a long pause must not look like a dead member).
+    pub pause: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 pub fn consumer(
@@ -98,16 +102,30 @@ pub async fn run<H: Handler>(
 ) -> Result<(), Abandoned> {
     let mut pending: Pending = FuturesOrdered::new();
     let mut stopped_by: Option<String> = None;
+    let mut pause = options.pause.clone();
+    let mut paused = false;
     while stopped_by.is_none() {
+        let wanted = pause.as_ref().is_some_and(|p| *p.borrow());
+        // Checked every turn: a rebalance hands over partitions unpaused.
+        if wanted || paused {
+            set_paused(&consumer, wanted);
+            paused = wanted;
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            Ok(()) = async { match pause.as_mut() {
+                Some(p) => p.changed().await.map_err(|_| ()),
+                None => std::future::pending().await,
+            } } => {}
             Some((position, ok)) = pending.next(), if !pending.is_empty() => {
                 if !acknowledge(&consumer, position, ok) {
                     stopped_by = Some("a message could not be processed".into());
                 }
             }
-            received = consumer.recv(), if pending.len() < options.max_in_flight => {
+            // Paused, it keeps polling (nothing comes) even with its
+            // in-flight work full, so the group does not evict it.
+            received = consumer.recv(), if pending.len() < options.max_in_flight || paused => {
                 match received {
                     Ok(message) => {
                         let message = message.detach();
@@ -154,6 +172,24 @@ pub async fn run<H: Handler>(
             Err(Abandoned(reason))
         }
         None => Ok(()),
+    }
+}
+
+fn set_paused(consumer: &StreamConsumer, paused: bool) {
+    let assigned = match consumer.assignment() {
+        Ok(assigned) => assigned,
+        Err(error) => {
+            tracing::debug!(%error, "no assignment to pause or resume");
+            return;
+        }
+    };
+    let changed = if paused {
+        consumer.pause(&assigned)
+    } else {
+        consumer.resume(&assigned)
+    };
+    if let Err(error) = changed {
+        tracing::warn!(%error, paused, "could not pause or resume the partitions");
     }
 }
 

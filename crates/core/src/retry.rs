@@ -15,6 +15,47 @@ use crate::consume::Abandoned;
 const FIRST_DELAY: Duration = Duration::from_millis(50);
 const MAX_DELAY: Duration = Duration::from_secs(2);
 
+/// Capped exponential backoff with jitter: each wait is half the current
+/// delay plus a random part of the other half, so that workers that failed
+/// together (a broker restart, a processor outage) do not retry together.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    delay: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { delay: FIRST_DELAY }
+    }
+}
+
+impl Backoff {
+    /// The next wait; the one after is twice as long, up to the cap.
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = self.delay / 2 + self.delay.mul_f64(random_fraction() / 2.0);
+        self.delay = (self.delay * 2).min(MAX_DELAY);
+        wait
+    }
+}
+
+/// A number in [0, 1): SplitMix64 over a counter seeded by the clock. Good
+/// enough to spread retries; not for anything that must be unpredictable.
+fn random_fraction() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    let mut z = STATE
+        .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+        .wrapping_add(nanos);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Whether an error is worth another attempt.
 pub trait Transience {
     fn is_transient(&self) -> bool;
@@ -32,10 +73,11 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    let mut delay = FIRST_DELAY;
+    let mut backoff = Backoff::default();
     loop {
         match attempt().await {
             Err(error) if error.is_transient() => {
+                let delay = backoff.next_wait();
                 tracing::warn!(%error, ?delay, "{what} failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => {
@@ -43,7 +85,6 @@ where
                     }
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(MAX_DELAY);
             }
             other => return Ok(other),
         }
@@ -115,6 +156,23 @@ mod tests {
         fn is_transient(&self) -> bool {
             self.0
         }
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_in_the_upper_half() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<Duration> = (0..12).map(|_| backoff.next_wait()).collect();
+        let mut delay = FIRST_DELAY;
+        for wait in &waits {
+            assert!(
+                *wait >= delay / 2 && *wait <= delay,
+                "{wait:?} for {delay:?}"
+            );
+            delay = (delay * 2).min(MAX_DELAY);
+        }
+        let distinct: std::collections::HashSet<_> =
+            (0..100).map(|_| Backoff::default().next_wait()).collect();
+        assert!(distinct.len() > 50, "the jitter spreads waits");
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 //! each other, and the consumer loop commits an offset only when every
 //! reservation before it in the partition has reached a terminal state.
 
+mod breaker;
 mod saga;
 
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use flashsale_core::settings::{
 use flashsale_core::status_board::StatusBoard;
 use flashsale_core::stock::{self, StockError, StockStore};
 use flashsale_core::{ops, retry};
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,12 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// `FLASHSALE_ORDER_CONCURRENCY`: sagas in progress at once.
     pub concurrency: usize,
+    /// `FLASHSALE_PAYMENT_BREAKER_FAILURES`: unanswered payment calls in a
+    /// row that open the breaker.
+    pub breaker_failures: u32,
+    /// `FLASHSALE_PAYMENT_BREAKER_OPEN_MS`: how long it stays open before
+    /// one probe is let through.
+    pub breaker_open_for: Duration,
 }
 
 impl Config {
@@ -61,6 +68,8 @@ impl Config {
                 SocketAddr::from(([127, 0, 0, 1], 9102)),
             )?,
             concurrency: env.get("ORDER_CONCURRENCY", 64)?,
+            breaker_failures: env.get("PAYMENT_BREAKER_FAILURES", 5)?,
+            breaker_open_for: env.millis("PAYMENT_BREAKER_OPEN_MS", 2_000)?,
         })
     }
 }
@@ -83,6 +92,10 @@ pub enum StartError {
 pub(crate) struct Metrics {
     pub outcomes: IntCounterVec,
     pub dead_letters: IntCounterVec,
+    /// Charge calls and lookups, by what came of them.
+    pub charges: IntCounterVec,
+    pub step_seconds: HistogramVec,
+    pub breaker_open: IntGauge,
 }
 
 /// What a saga needs.
@@ -96,6 +109,7 @@ pub(crate) struct Deps {
     pub produce_timeout: Duration,
     pub currency: String,
     pub metrics: Metrics,
+    pub breaker: breaker::Breaker,
     pub shutdown: CancellationToken,
 }
 
@@ -122,9 +136,30 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
             Opts::new("order_dead_letters_total", "Reservations sent to the DLQ"),
             &["topic"],
         )?,
+        charges: IntCounterVec::new(
+            Opts::new(
+                "order_charges_total",
+                "Charge calls and lookups by outcome (succeeded, declined, refused, \
+                 unanswered, found_by_key, expired_uncharged, lookup_failed)",
+            ),
+            &["outcome"],
+        )?,
+        step_seconds: HistogramVec::new(
+            HistogramOpts::new("order_step_seconds", "Time spent in each saga step").buckets(vec![
+                0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["step"],
+        )?,
+        breaker_open: IntGauge::new(
+            "order_payment_breaker_open",
+            "1 while the payment breaker is open (consumption paused)",
+        )?,
     };
     registry.register(Box::new(metrics.outcomes.clone()))?;
     registry.register(Box::new(metrics.dead_letters.clone()))?;
+    registry.register(Box::new(metrics.charges.clone()))?;
+    registry.register(Box::new(metrics.step_seconds.clone()))?;
+    registry.register(Box::new(metrics.breaker_open.clone()))?;
     let deps = Arc::new(Deps {
         orders: OrderStore::new(client, &tables),
         stock: StockStore::new(conn.clone(), &config.redis),
@@ -135,13 +170,25 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         produce_timeout: config.kafka.produce_timeout,
         currency: config.currency.clone(),
         metrics,
+        breaker: breaker::Breaker::new(config.breaker_failures, config.breaker_open_for),
         shutdown: shutdown.clone(),
     });
+    let paused = deps.breaker.watch();
+    {
+        let (mut open, gauge) = (deps.breaker.watch(), deps.metrics.breaker_open.clone());
+        tokio::spawn(async move {
+            while open.changed().await.is_ok() {
+                gauge.set(i64::from(*open.borrow()));
+            }
+        });
+    }
     let options = ConsumerOptions {
         group: config.kafka.group(kafka::group::ORDERS),
         topics: vec![config.kafka.topic(topic::RESERVATIONS)],
         max_in_flight: config.concurrency.max(1),
         drain_timeout: Duration::from_secs(30),
+        // While the payment breaker is open, reservations wait in Kafka.
+        pause: Some(paused),
     };
     let consumer = consume::consumer(&config.kafka, &options)?;
 

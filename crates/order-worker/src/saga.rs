@@ -22,7 +22,9 @@ use flashsale_core::consume::Abandoned;
 use flashsale_core::kafka;
 use flashsale_core::messages::{self, Reservation, SCHEMA_VERSION, StockRelease};
 use flashsale_core::orders::{Order, OrderStatus, Written};
-use flashsale_core::payment::{ChargeMetadata, ChargeOutcome, ChargeRequest, PaymentError};
+use flashsale_core::payment::{
+    ChargeMetadata, ChargeOutcome, ChargeRequest, ChargeStatus, PaymentError,
+};
 use flashsale_core::retry;
 use flashsale_core::status::{PurchaseState, reason};
 use flashsale_core::status_board::Subject;
@@ -78,17 +80,8 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
         let step = next_step(order.status);
         tracing::debug!(status = %order.status, ?step, "saga step");
         order = match step {
-            Step::Charge if clock::now_ms() > order.expires_at_ms => {
-                // Charging now would only be refunded: the commit is refused.
-                transition(
-                    &deps,
-                    &order,
-                    OrderStatus::Cancelled,
-                    Some(reason::RESERVATION_EXPIRED),
-                    None,
-                )
-                .await?
-            }
+            // Past the deadline, `charge` sends no new charge: it only
+            // finds out whether an earlier attempt made one.
             Step::Charge => charge(&deps, &order).await?,
             Step::Commit => commit(&deps, &order).await?,
             Step::AnnounceConfirmed => {
@@ -119,30 +112,125 @@ async fn charge(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
             sale_id: order.sale_id.clone(),
         },
     };
-    let outcome = retry::until_done("charge", &deps.shutdown, || {
-        deps.payment.charge(order.order_id, &request)
-    })
-    .await?;
+    let started = std::time::Instant::now();
+    let outcome = settle_charge(deps, order, &request).await?;
+    deps.metrics
+        .step_seconds
+        .with_label_values(&["charge"])
+        .observe(started.elapsed().as_secs_f64());
     let (to, why, payment_id) = match &outcome {
-        Ok(ChargeOutcome::Succeeded(charge)) => (OrderStatus::Paid, None, Some(charge.id.as_str())),
-        Ok(ChargeOutcome::Declined(charge)) => (
+        Charged::Done(ChargeOutcome::Succeeded(charge)) => {
+            (OrderStatus::Paid, None, Some(charge.id.as_str()))
+        }
+        Charged::Done(ChargeOutcome::Declined(charge)) => (
             OrderStatus::Cancelled,
             Some(reason::PAYMENT_DECLINED),
             Some(charge.id.as_str()),
         ),
-        Err(PaymentError::Refused(detail)) => {
+        Charged::Refused(detail) => {
             tracing::warn!(%detail, "payment refused the charge");
             (OrderStatus::Cancelled, Some(reason::PAYMENT_FAILED), None)
         }
-        Err(transient @ PaymentError::Transient(_)) => {
-            return Err(Abandoned(transient.to_string()));
-        }
+        Charged::NeverMade => (
+            OrderStatus::Cancelled,
+            Some(reason::RESERVATION_EXPIRED),
+            None,
+        ),
     };
     let order = transition(deps, order, to, why, payment_id).await?;
     if order.status == OrderStatus::Paid {
         announce(deps, &order, PurchaseState::Paid).await?;
     }
     Ok(order)
+}
+
+/// How the charge of an order ended.
+enum Charged {
+    Done(ChargeOutcome),
+    Refused(String),
+    /// The reservation expired before any attempt was answered, and the
+    /// processor confirms it never made the charge.
+    NeverMade,
+}
+
+/// Charges with the order id as idempotency key until the processor has
+/// answered. A failure without an answer (a timeout, a `5xx`) may still
+/// have charged, so before each new attempt the charge is looked up by its
+/// key. Attempts go through the breaker and back off with jitter. Once the
+/// reservation has expired no new charge is sent: only the lookup, until
+/// it tells whether there is a charge (to be refunded) or none.
+async fn settle_charge(
+    deps: &Deps,
+    order: &Order,
+    request: &ChargeRequest,
+) -> Result<Charged, Abandoned> {
+    let mut backoff = retry::Backoff::default();
+    let mut unanswered = false;
+    loop {
+        deps.breaker.admit(&deps.shutdown).await?;
+        let expired = clock::now_ms() > order.expires_at_ms;
+        if unanswered || expired {
+            match deps.payment.find_charge(order.order_id).await {
+                Ok(Some(charge)) => {
+                    deps.breaker.record(true);
+                    count(deps, "found_by_key");
+                    return Ok(Charged::Done(match charge.status {
+                        ChargeStatus::Succeeded => ChargeOutcome::Succeeded(charge),
+                        ChargeStatus::Declined => ChargeOutcome::Declined(charge),
+                    }));
+                }
+                Ok(None) if expired => {
+                    deps.breaker.record(true);
+                    count(deps, "expired_uncharged");
+                    return Ok(Charged::NeverMade);
+                }
+                Ok(None) => deps.breaker.record(true),
+                Err(error) => {
+                    deps.breaker.record(false);
+                    count(deps, "lookup_failed");
+                    tracing::warn!(%error, "charge lookup failed; retrying");
+                    wait(deps, &mut backoff).await?;
+                    continue;
+                }
+            }
+        }
+        match deps.payment.charge(order.order_id, request).await {
+            Ok(outcome) => {
+                deps.breaker.record(true);
+                count(
+                    deps,
+                    match outcome {
+                        ChargeOutcome::Succeeded(_) => "succeeded",
+                        ChargeOutcome::Declined(_) => "declined",
+                    },
+                );
+                return Ok(Charged::Done(outcome));
+            }
+            Err(PaymentError::Refused(detail)) => {
+                deps.breaker.record(true);
+                count(deps, "refused");
+                return Ok(Charged::Refused(detail));
+            }
+            Err(PaymentError::Transient(error)) => {
+                deps.breaker.record(false);
+                count(deps, "unanswered");
+                tracing::warn!(%error, "charge unanswered; looking it up before trying again");
+                unanswered = true;
+                wait(deps, &mut backoff).await?;
+            }
+        }
+    }
+}
+
+fn count(deps: &Deps, outcome: &str) {
+    deps.metrics.charges.with_label_values(&[outcome]).inc();
+}
+
+async fn wait(deps: &Deps, backoff: &mut retry::Backoff) -> Result<(), Abandoned> {
+    tokio::select! {
+        _ = deps.shutdown.cancelled() => Err(Abandoned("shutting down mid-charge".into())),
+        _ = tokio::time::sleep(backoff.next_wait()) => Ok(()),
+    }
 }
 
 async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {

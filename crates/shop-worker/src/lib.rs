@@ -163,6 +163,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
         topics: vec![shop.purchase_topic.clone(), shop.release_topic.clone()],
         max_in_flight: config.max_in_flight,
         drain_timeout: Duration::from_secs(10),
+        pause: None,
     };
     let consumer = consume::consumer(&config.kafka, &options)?;
 

@@ -213,6 +213,8 @@ impl Default for PipelineOptions {
 
 /// One worker of a pipeline, stoppable on its own (an operator scaling in).
 pub struct Worker {
+    /// Base URL of its `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_url: String,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), Abandoned>>,
 }
@@ -236,6 +238,9 @@ pub struct Pipeline {
     pub gateway_url: String,
     /// Every gateway instance started with the pipeline.
     pub gateway_urls: Vec<String>,
+    /// The `/metrics` base URLs of the workers started with the pipeline:
+    /// the shop-workers', then the order-workers'.
+    pub worker_metrics: Vec<String>,
     pub http: reqwest::Client,
     /// The pipeline's own Redis, when `own_redis` was asked for.
     pub redis: Option<OwnRedis>,
@@ -321,6 +326,7 @@ impl Pipeline {
         for _ in 0..options.order_workers {
             workers.push(start_order_worker(&env, &shutdown).await?);
         }
+        let worker_metrics = workers.iter().map(|w| w.metrics_url.clone()).collect();
         for worker in workers {
             // Stopped with the pipeline; how it ended is the tests' business
             // only for the workers they add themselves.
@@ -338,6 +344,7 @@ impl Pipeline {
             stores,
             gateway_url,
             gateway_urls,
+            worker_metrics,
             http: reqwest::Client::new(),
             redis,
             shutdown,
@@ -572,6 +579,7 @@ async fn start_shop_worker(env: &Env, pipeline: &CancellationToken) -> anyhow::R
     )
     .await?;
     Ok(Worker {
+        metrics_url: format!("http://{}", worker.metrics_addr),
         shutdown,
         task: worker.task,
     })
@@ -585,6 +593,7 @@ async fn start_order_worker(env: &Env, pipeline: &CancellationToken) -> anyhow::
     )
     .await?;
     Ok(Worker {
+        metrics_url: format!("http://{}", worker.metrics_addr),
         shutdown,
         task: worker.task,
     })

@@ -1,0 +1,238 @@
+//! The order saga against the payment stub behaving like a real processor:
+//! declines, errors, ambiguous timeouts and an outage. Whatever happens, a
+//! purchase ends once, no buyer is charged twice, and a charge is kept only
+//! on a confirmed order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flashsale_testkit::flashsale_core::ids::Sku;
+use flashsale_testkit::flashsale_core::orders::OrderStatus;
+use flashsale_testkit::flashsale_core::payment::{ChargeStatus, LatencyModel, StubBehaviour};
+use flashsale_testkit::flashsale_core::status::PurchaseStatus;
+use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
+
+/// Buyers `0..n` each buy one unit of `sku`; the purchases' terminal states.
+async fn buy_all(p: &Arc<Pipeline>, sku: &str, n: usize) -> Vec<PurchaseStatus> {
+    let gate = Arc::new(tokio::sync::Semaphore::new(32));
+    let buyers: Vec<_> = (0..n)
+        .map(|i| {
+            let (p, gate, sku) = (p.clone(), gate.clone(), sku.to_owned());
+            tokio::spawn(async move {
+                let id = {
+                    let _slot = gate.acquire().await.expect("gate");
+                    let user = format!("{}-o{i}", p.prefix);
+                    let (status, body) = p.buy(&sku, &user, Some(&user)).await;
+                    assert_eq!(status, 202, "{body}");
+                    body["request_id"].as_str().expect("request id").to_owned()
+                };
+                p.terminal(&id).await
+            })
+        })
+        .collect();
+    let mut settled = Vec::new();
+    for buyer in buyers {
+        settled.push(buyer.await.expect("buyer"));
+    }
+    settled
+}
+
+/// What the stub and DynamoDB say about a sale: every order, and every
+/// charge by order id. Asserts that no order was charged twice and that a
+/// charge was kept exactly on the confirmed orders.
+async fn money_adds_up(p: &Pipeline, sku: &Sku) -> HashMap<OrderStatus, usize> {
+    let sale = p.stores.inventory.get(sku).await.unwrap().unwrap();
+    let orders = p
+        .stores
+        .orders
+        .of_sale(sku, &sale.rules.sale_id)
+        .await
+        .unwrap();
+    let charges = p
+        .stores
+        .payment
+        .charges_of_sale(&sale.rules.sale_id)
+        .await
+        .unwrap();
+    let mut per_order: HashMap<&str, Vec<_>> = HashMap::new();
+    for charge in &charges {
+        per_order
+            .entry(charge.metadata.order_id.as_str())
+            .or_default()
+            .push(charge);
+    }
+    let mut by_status = HashMap::new();
+    for order in &orders {
+        *by_status.entry(order.status).or_default() += 1;
+        let id = order.order_id.to_string();
+        let made = per_order.remove(id.as_str()).unwrap_or_default();
+        assert!(made.len() <= 1, "{id} charged {} times", made.len());
+        let kept = made
+            .iter()
+            .filter(|c| c.status == ChargeStatus::Succeeded && !c.refunded)
+            .count();
+        match order.status {
+            OrderStatus::Confirmed => {
+                assert_eq!(kept, 1, "confirmed {id} without a kept charge: {made:?}")
+            }
+            OrderStatus::Cancelled => assert_eq!(kept, 0, "cancelled {id} kept {made:?}"),
+            other => panic!("{id} is still {other} at rest"),
+        }
+    }
+    assert!(
+        per_order.is_empty(),
+        "charges without an order: {per_order:?}"
+    );
+    let audit = p.stores.audit(sku, true).await.unwrap();
+    assert!(audit.ok(), "{:?}", audit.violations);
+    by_status
+}
+
+/// 10% declines, 5% errors, 5% charges answered after the worker gave up:
+/// 200 purchases all end, each once, and the money adds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn declines_errors_and_ambiguous_timeouts_never_charge_twice() {
+    let p = Arc::new(
+        Pipeline::start(PipelineOptions {
+            env: vec![("FLASHSALE_PAYMENT_TIMEOUT_MS", "300".into())],
+            ..Default::default()
+        })
+        .await
+        .expect("pipeline starts"),
+    );
+    p.stores
+        .payment
+        .set_behaviour(&StubBehaviour {
+            decline_rate: 0.1,
+            latency: LatencyModel::LogNormal {
+                p50_ms: 5.0,
+                p99_ms: 50.0,
+            },
+            error_rate: 0.05,
+            timeout_rate: 0.05,
+            hang_ms: 1_000,
+            outage: false,
+        })
+        .await
+        .unwrap();
+    let sku = p.sku("flaky");
+    p.create_sale(&sku, 200, 1).await.unwrap();
+    let settled = buy_all(&p, sku.as_str(), 200).await;
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    for s in &settled {
+        let label = format!("{}:{}", s.status, s.reason.clone().unwrap_or_default());
+        *reasons.entry(label).or_default() += 1;
+    }
+    println!("outcomes: {reasons:?}");
+    for s in &settled {
+        assert!(
+            s.status.as_str() == "confirmed"
+                || (s.status.as_str() == "cancelled"
+                    && s.reason.as_deref() == Some("payment_declined")),
+            "only declines may cancel: {s:?}"
+        );
+    }
+    let payment_url = &p.cli.payment_url;
+    let hung = p
+        .metric(payment_url, "payment_charges_total{outcome=\"hung\"}")
+        .await;
+    let errors = p
+        .metric(payment_url, "payment_charges_total{outcome=\"error\"}")
+        .await;
+    assert!(
+        hung > 0.0 && errors > 0.0,
+        "the stub failed too little: {hung} hung, {errors} errors"
+    );
+    let order_metrics = p.worker_metrics.last().expect("an order-worker");
+    let found = p
+        .metric(
+            order_metrics,
+            "order_charges_total{outcome=\"found_by_key\"}",
+        )
+        .await;
+    assert!(found > 0.0, "no unanswered charge was looked up by its key");
+    // The checks read the stub too: no more failures from here.
+    p.stores
+        .payment
+        .set_behaviour(&StubBehaviour::simple(0.1, 5))
+        .await
+        .unwrap();
+    let by_status = money_adds_up(&p, &sku).await;
+    assert_eq!(by_status.values().sum::<usize>(), 200);
+    match Arc::try_unwrap(p) {
+        Ok(p) => p.stop().await,
+        Err(_) => panic!("buyers still hold the pipeline"),
+    }
+}
+
+/// The processor is down for 10 s in the middle of a sale: the breaker
+/// opens, reservations wait, and every purchase is confirmed once it is
+/// back. An outage shorter than the reservation TTL cancels nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ten_second_outage_opens_the_breaker_and_cancels_nothing() {
+    let p = Arc::new(
+        Pipeline::start(PipelineOptions {
+            env: vec![
+                ("FLASHSALE_PAYMENT_TIMEOUT_MS", "300".into()),
+                ("FLASHSALE_PAYMENT_BREAKER_OPEN_MS", "1000".into()),
+            ],
+            payment_latency_ms: 20,
+            ..Default::default()
+        })
+        .await
+        .expect("pipeline starts"),
+    );
+    let sku = p.sku("outage");
+    p.create_sale(&sku, 120, 1).await.unwrap();
+    let order_metrics = p.worker_metrics.last().expect("an order-worker").clone();
+    let outage = {
+        let p = p.clone();
+        let sku = sku.clone();
+        tokio::spawn(async move {
+            eventually(
+                "some orders confirmed first",
+                Duration::from_secs(60),
+                || async {
+                    let levels = p.stores.stock.levels(&sku).await.ok()??;
+                    (levels.sold >= 20).then_some(())
+                },
+            )
+            .await;
+            let mut down = StubBehaviour::simple(0.0, 20);
+            down.outage = true;
+            p.stores.payment.set_behaviour(&down).await.unwrap();
+            eventually("the breaker to open", Duration::from_secs(10), || async {
+                (p.metric(&order_metrics, "order_payment_breaker_open").await == 1.0).then_some(())
+            })
+            .await;
+            // The outage's length is the scenario, not a wait for a condition.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let sold_during = p.stores.stock.levels(&sku).await.unwrap().unwrap().sold;
+            p.stores
+                .payment
+                .set_behaviour(&StubBehaviour::simple(0.0, 20))
+                .await
+                .unwrap();
+            sold_during
+        })
+    };
+    let settled = buy_all(&p, sku.as_str(), 120).await;
+    let sold_during = outage.await.expect("outage task");
+    for s in &settled {
+        assert_eq!(s.status.as_str(), "confirmed", "{s:?}");
+    }
+    assert!(sold_during < 120, "the outage came too late to matter");
+    let by_status = money_adds_up(&p, &sku).await;
+    assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&120));
+    let order_metrics = p.worker_metrics.last().expect("an order-worker");
+    assert_eq!(
+        p.metric(order_metrics, "order_payment_breaker_open").await,
+        0.0,
+        "the breaker closed again"
+    );
+    match Arc::try_unwrap(p) {
+        Ok(p) => p.stop().await,
+        Err(_) => panic!("buyers still hold the pipeline"),
+    }
+}
