@@ -449,6 +449,31 @@ impl Pipeline {
         ))
     }
 
+    /// A sale as DynamoDB holds it, its orders, and every charge the
+    /// payment service made for it.
+    pub async fn sale_books(
+        &self,
+        sku: &Sku,
+    ) -> anyhow::Result<(
+        flashsale_core::inventory::Sale,
+        Vec<flashsale_core::orders::Order>,
+        Vec<flashsale_core::payment::Charge>,
+    )> {
+        let sale = self
+            .stores
+            .inventory
+            .get(sku)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("{sku} has no sale"))?;
+        let orders = self.stores.orders.of_sale(sku, &sale.rules.sale_id).await?;
+        let charges = self
+            .stores
+            .payment
+            .charges_of_sale(&sale.rules.sale_id)
+            .await?;
+        Ok((sale, orders, charges))
+    }
+
     /// POSTs one unit of `sku` for `user` to the gateway at `base_url`,
     /// with the response's headers.
     pub async fn post_purchase(

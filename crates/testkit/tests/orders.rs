@@ -42,19 +42,7 @@ async fn buy_all(p: &Arc<Pipeline>, sku: &str, n: usize) -> Vec<PurchaseStatus> 
 /// charge by order id. Asserts that no order was charged twice and that a
 /// charge was kept exactly on the confirmed orders.
 async fn money_adds_up(p: &Pipeline, sku: &Sku) -> HashMap<OrderStatus, usize> {
-    let sale = p.stores.inventory.get(sku).await.unwrap().unwrap();
-    let orders = p
-        .stores
-        .orders
-        .of_sale(sku, &sale.rules.sale_id)
-        .await
-        .unwrap();
-    let charges = p
-        .stores
-        .payment
-        .charges_of_sale(&sale.rules.sale_id)
-        .await
-        .unwrap();
+    let (_, orders, charges) = p.sale_books(sku).await.unwrap();
     let mut per_order: HashMap<&str, Vec<_>> = HashMap::new();
     for charge in &charges {
         per_order

@@ -144,23 +144,11 @@ async fn two_thousand_buyers_fifty_units_never_oversell() {
     let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
     assert_eq!(levels.reserved, 0);
     assert_eq!(levels.available + levels.sold, 50);
-    let sale = p.stores.inventory.get(&sku).await.unwrap().unwrap();
-    let orders = p
-        .stores
-        .orders
-        .of_sale(&sku, &sale.rules.sale_id)
-        .await
-        .unwrap();
+    let (sale, orders, charges) = p.sale_books(&sku).await.unwrap();
     let confirmed = orders
         .iter()
         .filter(|o| o.status == OrderStatus::Confirmed)
         .count() as i64;
-    let charges = p
-        .stores
-        .payment
-        .charges_of_sale(&sale.rules.sale_id)
-        .await
-        .unwrap();
     let kept = charges
         .iter()
         .filter(|c| c.status == ChargeStatus::Succeeded && !c.refunded)
