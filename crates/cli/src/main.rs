@@ -32,6 +32,9 @@ enum Command {
     /// Create, inspect, restock or close a sale.
     #[command(subcommand)]
     Sale(SaleCommand),
+    /// Inspect one purchase's order.
+    #[command(subcommand)]
+    Order(OrderCommand),
     /// Check DESIGN.md's invariants across Redis, DynamoDB and the payment
     /// service; exit 1 with the list of violations.
     Audit {
@@ -59,6 +62,17 @@ enum Command {
         /// Rebuild even though Redis still holds the sku (replaces it).
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum OrderCommand {
+    /// The order (status, reason, payment id, when each step happened), its
+    /// charge at the payment service, and what the buyer is shown, as JSON.
+    /// Exit 1 if nothing knows the id.
+    Show {
+        /// The request id (= order id = payment idempotency key).
+        id: String,
     },
 }
 
@@ -258,6 +272,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let sku = sku(&raw)?;
             sale::close(&stores, &sku).await?;
             println!("{sku}: closed");
+        }
+        Command::Order(OrderCommand::Show { id }) => {
+            let id = flashsale_core::ids::RequestId::parse(&id)?;
+            let stores = Stores::connect(&config).await?;
+            match flashsale_cli::order::show(&stores, id).await? {
+                Some(view) => println!("{}", serde_json::to_string_pretty(&view)?),
+                None => {
+                    eprintln!("flashsale: no store knows purchase {id}");
+                    return Ok(ExitCode::from(1));
+                }
+            }
         }
         Command::Recover { sku: raws, force } => {
             let stores = Stores::connect(&config).await?;

@@ -292,6 +292,9 @@ mod tests {
             expires_at_ms: 0,
             created_at_ms: 0,
             updated_at_ms: 0,
+            paid_at_ms: None,
+            confirmed_at_ms: None,
+            cancelled_at_ms: None,
         }
     }
 

@@ -184,6 +184,13 @@ impl Item<'_> {
             .ok_or_else(|| self.malformed(name))
     }
 
+    pub fn optional_number(&self, name: &str) -> Option<u64> {
+        self.attrs
+            .get(name)
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+    }
+
     pub fn optional_string(&self, name: &str) -> Option<String> {
         self.attrs.get(name).and_then(|v| v.as_s().ok()).cloned()
     }

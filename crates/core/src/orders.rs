@@ -67,6 +67,11 @@ pub struct Order {
     pub expires_at_ms: u64,
     pub created_at_ms: u64,
     pub updated_at_ms: u64,
+    /// When each later state was reached (`None`: not, or before these
+    /// were recorded).
+    pub paid_at_ms: Option<u64>,
+    pub confirmed_at_ms: Option<u64>,
+    pub cancelled_at_ms: Option<u64>,
 }
 
 impl Order {
@@ -149,7 +154,10 @@ impl OrderStore {
         payment_id: Option<&str>,
         now_ms: u64,
     ) -> Result<Written, DynamoError> {
-        let mut update = "SET #st = :to, updated_at_ms = :now".to_owned();
+        let mut update = format!(
+            "SET #st = :to, updated_at_ms = :now, {}_at_ms = :now",
+            to.as_str().to_ascii_lowercase()
+        );
         let mut request = self
             .client
             .update_item()
@@ -197,7 +205,7 @@ impl OrderStore {
         let confirm_order = Update::builder()
             .table_name(&self.tables.orders)
             .key("order_id", s(&id))
-            .update_expression("SET #st = :to, updated_at_ms = :now")
+            .update_expression("SET #st = :to, updated_at_ms = :now, confirmed_at_ms = :now")
             .condition_expression("#st = :from")
             .expression_attribute_names("#st", "status")
             .expression_attribute_values(":from", s(OrderStatus::Paid.as_str()))
@@ -224,6 +232,7 @@ impl OrderStore {
             Ok(_) => Ok(Written::Done(Order {
                 status: OrderStatus::Confirmed,
                 updated_at_ms: now_ms,
+                confirmed_at_ms: Some(now_ms),
                 ..order.clone()
             })),
             Err(e)
@@ -338,6 +347,16 @@ fn to_item(order: &Order) -> std::collections::HashMap<String, AttributeValue> {
     if let Some(payment) = &order.payment_id {
         item.insert("payment_id".into(), s(payment));
     }
+    let steps = [
+        ("paid_at_ms", order.paid_at_ms),
+        ("confirmed_at_ms", order.confirmed_at_ms),
+        ("cancelled_at_ms", order.cancelled_at_ms),
+    ];
+    for (name, at) in steps {
+        if let Some(at) = at {
+            item.insert(name.into(), n(at));
+        }
+    }
     item
 }
 
@@ -368,5 +387,8 @@ fn from_item(
         expires_at_ms: item.number("expires_at_ms")?,
         created_at_ms: item.number("created_at_ms")?,
         updated_at_ms: item.number("updated_at_ms")?,
+        paid_at_ms: item.optional_number("paid_at_ms"),
+        confirmed_at_ms: item.optional_number("confirmed_at_ms"),
+        cancelled_at_ms: item.optional_number("cancelled_at_ms"),
     })
 }

@@ -73,6 +73,9 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
         expires_at_ms: reservation.expires_at_ms,
         created_at_ms: now,
         updated_at_ms: now,
+        paid_at_ms: None,
+        confirmed_at_ms: None,
+        cancelled_at_ms: None,
     };
     let mut order =
         current(retry::durable("put order", &deps.shutdown, || deps.orders.create(&fresh)).await?);

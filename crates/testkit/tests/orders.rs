@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashsale_testkit::flashsale_core::ids::Sku;
+use flashsale_testkit::flashsale_cli::order;
+use flashsale_testkit::flashsale_core::ids::{RequestId, Sku};
 use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::payment::{ChargeStatus, LatencyModel, StubBehaviour};
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
@@ -148,6 +149,33 @@ async fn declines_errors_and_ambiguous_timeouts_never_charge_twice() {
         .unwrap();
     let by_status = money_adds_up(&p, &sku).await;
     assert_eq!(by_status.values().sum::<usize>(), 200);
+
+    // `flashsale order show`: every step's time, the payment id, the charge.
+    for s in [
+        settled.iter().find(|s| s.status.as_str() == "confirmed"),
+        settled.iter().find(|s| s.status.as_str() == "cancelled"),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let id = RequestId::parse(&s.request_id).unwrap();
+        let view = order::show(&p.stores, id).await.unwrap().expect("known");
+        let record = view.order.expect("an order");
+        let charge = view.charge.expect("a charge");
+        assert_eq!(record.payment_id.as_deref(), Some(charge.id.as_str()));
+        assert_eq!(view.buyer_sees.map(|b| b.status), Some(s.status));
+        if s.status.as_str() == "confirmed" {
+            let (paid, confirmed) = (record.paid_at_ms.unwrap(), record.confirmed_at_ms.unwrap());
+            assert!(
+                record.created_at_ms <= paid && paid <= confirmed,
+                "{record:?}"
+            );
+            assert_eq!(charge.status, ChargeStatus::Succeeded);
+        } else {
+            assert!(record.cancelled_at_ms.is_some() && record.paid_at_ms.is_none());
+            assert_eq!(charge.status, ChargeStatus::Declined);
+        }
+    }
     match Arc::try_unwrap(p) {
         Ok(p) => p.stop().await,
         Err(_) => panic!("buyers still hold the pipeline"),
