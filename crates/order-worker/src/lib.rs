@@ -8,6 +8,8 @@
 mod breaker;
 mod saga;
 
+pub use saga::CrashPoint;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +54,9 @@ pub struct Config {
     /// `FLASHSALE_PAYMENT_BREAKER_OPEN_MS`: how long it stays open before
     /// one probe is let through.
     pub breaker_open_for: Duration,
+    /// `FLASHSALE_ORDER_CRASH_AFTER` (`put`, `charge` or `commit`): for the
+    /// kill tests only, the process aborts at that saga step.
+    pub crash_after: Option<CrashPoint>,
 }
 
 impl Config {
@@ -70,6 +75,10 @@ impl Config {
             concurrency: env.get("ORDER_CONCURRENCY", 64)?,
             breaker_failures: env.get("PAYMENT_BREAKER_FAILURES", 5)?,
             breaker_open_for: env.millis("PAYMENT_BREAKER_OPEN_MS", 2_000)?,
+            crash_after: match env.string("ORDER_CRASH_AFTER", "").as_str() {
+                "" => None,
+                _ => Some(env.get("ORDER_CRASH_AFTER", CrashPoint::AfterPut)?),
+            },
         })
     }
 }
@@ -110,6 +119,7 @@ pub(crate) struct Deps {
     pub currency: String,
     pub metrics: Metrics,
     pub breaker: breaker::Breaker,
+    pub crash_after: Option<CrashPoint>,
     pub shutdown: CancellationToken,
 }
 
@@ -171,6 +181,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         currency: config.currency.clone(),
         metrics,
         breaker: breaker::Breaker::new(config.breaker_failures, config.breaker_open_for),
+        crash_after: config.crash_after,
         shutdown: shutdown.clone(),
     });
     let paused = deps.breaker.watch();

@@ -79,6 +79,7 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
     };
     let mut order =
         current(retry::durable("put order", &deps.shutdown, || deps.orders.create(&fresh)).await?);
+    crash_point(&deps, CrashPoint::AfterPut);
     loop {
         let step = next_step(order.status);
         tracing::debug!(status = %order.status, ?step, "saga step");
@@ -117,6 +118,7 @@ async fn charge(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
     };
     let started = std::time::Instant::now();
     let outcome = settle_charge(deps, order, &request).await?;
+    crash_point(deps, CrashPoint::AfterCharge);
     deps.metrics
         .step_seconds
         .with_label_values(&["charge"])
@@ -244,6 +246,7 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
     .await?;
     match outcome {
         CommitOutcome::Committed => {
+            crash_point(deps, CrashPoint::AfterCommit);
             // The transaction's token is the request id, and every attempt
             // must send exactly the same values, including attempts of other
             // deliveries of this reservation running at the same time (after
@@ -278,6 +281,37 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
             )
             .await
         }
+    }
+}
+
+/// Where the kill tests make a worker die: right after the order was put,
+/// after the processor charged (before the order says `PAID`), and after
+/// the units were committed in Redis (before DynamoDB says `CONFIRMED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    AfterPut,
+    AfterCharge,
+    AfterCommit,
+}
+
+impl std::str::FromStr for CrashPoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "put" => Ok(Self::AfterPut),
+            "charge" => Ok(Self::AfterCharge),
+            "commit" => Ok(Self::AfterCommit),
+            other => Err(format!("{other:?} is not put, charge or commit")),
+        }
+    }
+}
+
+/// Dies like a SIGKILL (no drain, no commit, no leaving the group) when the
+/// worker was started with `FLASHSALE_ORDER_CRASH_AFTER` at this point.
+fn crash_point(deps: &Deps, here: CrashPoint) {
+    if deps.crash_after == Some(here) {
+        tracing::error!(?here, "FLASHSALE_ORDER_CRASH_AFTER: dying here");
+        std::process::abort();
     }
 }
 

@@ -252,3 +252,99 @@ async fn a_ten_second_outage_opens_the_breaker_and_cancels_nothing() {
         Err(_) => panic!("buyers still hold the pipeline"),
     }
 }
+
+/// The order-worker binary next to this test's (`./scripts/test` builds
+/// every binary before the tests run).
+fn order_worker_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("order-worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first (./scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// An order-worker process of the pipeline; with `crash_after`, it aborts
+/// (like SIGKILL: no drain, no commit, no goodbye to the group) there.
+fn order_worker_process(p: &Pipeline, crash_after: Option<&str>) -> std::process::Child {
+    let mut command = std::process::Command::new(order_worker_binary());
+    command
+        .envs(p.env.vars())
+        .env("FLASHSALE_ORDER_METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    if let Some(point) = crash_after {
+        command.env("FLASHSALE_ORDER_CRASH_AFTER", point);
+    }
+    command.spawn().expect("the order-worker starts")
+}
+
+/// Killed right after the order was put, right after the processor charged
+/// (before the order says PAID), and right after the Redis commit (before
+/// DynamoDB says CONFIRMED): a new worker finishes each saga, with one
+/// charge, one terminal state and a clean audit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_worker_killed_at_each_step_is_finished_by_the_next() {
+    let p = Arc::new(
+        Pipeline::start(PipelineOptions {
+            order_workers: 0,
+            ..Default::default()
+        })
+        .await
+        .expect("pipeline starts"),
+    );
+    let sku = p.sku("killed");
+    p.create_sale(&sku, 10, 1).await.unwrap();
+    for (n, point) in ["put", "charge", "commit"].into_iter().enumerate() {
+        let user = format!("{}-k{n}", p.prefix);
+        let (status, body) = p.buy(sku.as_str(), &user, Some(&user)).await;
+        assert_eq!(status, 202, "{body}");
+        let id = body["request_id"].as_str().unwrap().to_owned();
+
+        let mut doomed = order_worker_process(&p, Some(point));
+        let died = eventually(
+            "the worker to die at its crash point",
+            Duration::from_secs(60),
+            || {
+                let exited = doomed.try_wait().ok().flatten();
+                async move { exited }
+            },
+        )
+        .await;
+        assert!(!died.success(), "aborted at {point}: {died:?}");
+        let order = p
+            .stores
+            .orders
+            .get(RequestId::parse(&id).unwrap())
+            .await
+            .unwrap()
+            .expect("the order was put before the crash");
+        let expected = match point {
+            "put" | "charge" => OrderStatus::Pending,
+            _ => OrderStatus::Paid,
+        };
+        assert_eq!(order.status, expected, "where {point} left it");
+
+        let mut next = order_worker_process(&p, None);
+        let settled = p.terminal(&id).await;
+        assert_eq!(
+            settled.status.as_str(),
+            "confirmed",
+            "after a crash at {point}"
+        );
+        next.kill().expect("stop the second worker");
+        let _ = next.wait();
+    }
+    let by_status = money_adds_up(&p, &sku).await;
+    assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&3));
+    match Arc::try_unwrap(p) {
+        Ok(p) => p.stop().await,
+        Err(_) => panic!("the pipeline is still shared"),
+    }
+}
