@@ -77,8 +77,10 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
         confirmed_at_ms: None,
         cancelled_at_ms: None,
     };
-    let mut order =
-        current(retry::durable("put order", &deps.shutdown, || deps.orders.create(&fresh)).await?);
+    let put = timed(&deps, "put", async {
+        retry::durable("put order", &deps.shutdown, || deps.orders.create(&fresh)).await
+    });
+    let mut order = current(put.await?);
     crash_point(&deps, CrashPoint::AfterPut);
     loop {
         let step = next_step(order.status);
@@ -116,13 +118,8 @@ async fn charge(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
             sale_id: order.sale_id.clone(),
         },
     };
-    let started = std::time::Instant::now();
-    let outcome = settle_charge(deps, order, &request).await?;
+    let outcome = timed(deps, "charge", settle_charge(deps, order, &request)).await?;
     crash_point(deps, CrashPoint::AfterCharge);
-    deps.metrics
-        .step_seconds
-        .with_label_values(&["charge"])
-        .observe(started.elapsed().as_secs_f64());
     let (to, why, payment_id) = match &outcome {
         Charged::Done(ChargeOutcome::Succeeded(charge)) => {
             (OrderStatus::Paid, None, Some(charge.id.as_str()))
@@ -227,6 +224,17 @@ async fn settle_charge(
     }
 }
 
+/// Runs one step, recording how long it took (`order_step_seconds`).
+async fn timed<T>(deps: &Deps, step: &str, work: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let out = work.await;
+    deps.metrics
+        .step_seconds
+        .with_label_values(&[step])
+        .observe(started.elapsed().as_secs_f64());
+    out
+}
+
 fn count(deps: &Deps, outcome: &str) {
     deps.metrics.charges.with_label_values(&[outcome]).inc();
 }
@@ -239,9 +247,12 @@ async fn wait(deps: &Deps, backoff: &mut retry::Backoff) -> Result<(), Abandoned
 }
 
 async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
-    let outcome = retry::durable("commit stock", &deps.shutdown, || {
-        deps.stock
-            .commit(&order.sku, order.order_id, clock::now_ms())
+    let outcome = timed(deps, "commit", async {
+        retry::durable("commit stock", &deps.shutdown, || {
+            deps.stock
+                .commit(&order.sku, order.order_id, clock::now_ms())
+        })
+        .await
     })
     .await?;
     match outcome {
@@ -256,12 +267,13 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
             // minutes. So the confirmation is stamped with the time the order
             // was paid, which every delivery read from the same record.
             let confirmed_at = order.updated_at_ms;
-            Ok(current(
+            let confirmed = timed(deps, "confirm", async {
                 retry::durable("confirm order", &deps.shutdown, || {
                     deps.orders.confirm(order, confirmed_at)
                 })
-                .await?,
-            ))
+                .await
+            });
+            Ok(current(confirmed.await?))
         }
         CommitOutcome::Expired | CommitOutcome::Released { .. } | CommitOutcome::Missing => {
             // Paid for units we no longer hold (the deadline passed, the
