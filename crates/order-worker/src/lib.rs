@@ -105,6 +105,8 @@ pub(crate) struct Metrics {
     pub charges: IntCounterVec,
     pub step_seconds: HistogramVec,
     pub breaker_open: IntGauge,
+    /// Requests sent to DynamoDB (retries included), by operation.
+    pub dynamodb_requests: IntCounterVec,
 }
 
 /// What a saga needs.
@@ -164,12 +166,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
             "order_payment_breaker_open",
             "1 while the payment breaker is open (consumption paused)",
         )?,
+        dynamodb_requests: IntCounterVec::new(
+            Opts::new(
+                "order_dynamodb_requests_total",
+                "Write requests sent to DynamoDB, retries included (put, transition, confirm)",
+            ),
+            &["op"],
+        )?,
     };
     registry.register(Box::new(metrics.outcomes.clone()))?;
     registry.register(Box::new(metrics.dead_letters.clone()))?;
     registry.register(Box::new(metrics.charges.clone()))?;
     registry.register(Box::new(metrics.step_seconds.clone()))?;
     registry.register(Box::new(metrics.breaker_open.clone()))?;
+    registry.register(Box::new(metrics.dynamodb_requests.clone()))?;
     let deps = Arc::new(Deps {
         orders: OrderStore::new(client, &tables),
         stock: StockStore::new(conn.clone(), &config.redis),

@@ -78,7 +78,11 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
         cancelled_at_ms: None,
     };
     let put = timed(&deps, "put", async {
-        retry::durable("put order", &deps.shutdown, || deps.orders.create(&fresh)).await
+        retry::durable("put order", &deps.shutdown, || {
+            dynamodb(&deps, "put");
+            deps.orders.create(&fresh)
+        })
+        .await
     });
     let mut order = current(put.await?);
     crash_point(&deps, CrashPoint::AfterPut);
@@ -235,6 +239,13 @@ async fn timed<T>(deps: &Deps, step: &str, work: impl std::future::Future<Output
     out
 }
 
+fn dynamodb(deps: &Deps, op: &str) {
+    deps.metrics
+        .dynamodb_requests
+        .with_label_values(&[op])
+        .inc();
+}
+
 fn count(deps: &Deps, outcome: &str) {
     deps.metrics.charges.with_label_values(&[outcome]).inc();
 }
@@ -269,6 +280,7 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
             let confirmed_at = order.updated_at_ms;
             let confirmed = timed(deps, "confirm", async {
                 retry::durable("confirm order", &deps.shutdown, || {
+                    dynamodb(deps, "confirm");
                     deps.orders.confirm(order, confirmed_at)
                 })
                 .await
@@ -335,6 +347,7 @@ async fn transition(
     payment_id: Option<&str>,
 ) -> Result<Order, Abandoned> {
     let written = retry::durable("update order", &deps.shutdown, || {
+        dynamodb(deps, "transition");
         deps.orders.transition(
             order.order_id,
             order.status,
