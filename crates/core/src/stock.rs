@@ -20,23 +20,24 @@ macro_rules! script {
         static $name: std::sync::LazyLock<redis::Script> =
             std::sync::LazyLock::new(|| redis::Script::new(include_str!($file)));
     };
-    // A script that can flip the sold-out or closed flag gets the helpers
-    // that publish the flip (see `FLAGS_CHANNEL`).
-    ($name:ident, $file:literal, with flags) => {
+    // A script that shares helpers with others gets them prepended: the
+    // ones that publish a flip of the sold-out or closed flag (see
+    // `FLAGS_CHANNEL`), or the size of the admission window.
+    ($name:ident, $file:literal, with $prelude:literal) => {
         static $name: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(concat!(include_str!("lua/flags.lua"), include_str!($file)))
+            redis::Script::new(concat!(include_str!($prelude), include_str!($file)))
         });
     };
 }
-script!(OPEN, "lua/open.lua", with flags);
-script!(RESERVE, "lua/reserve.lua", with flags);
+script!(OPEN, "lua/open.lua", with "lua/flags.lua");
+script!(RESERVE, "lua/reserve.lua", with "lua/flags.lua");
 script!(COMMIT, "lua/commit.lua");
-script!(RELEASE, "lua/release.lua", with flags);
-script!(EXPIRE, "lua/expire.lua", with flags);
-script!(RESTOCK, "lua/restock.lua", with flags);
-script!(CLOSE, "lua/close.lua", with flags);
-script!(STATUS, "lua/status.lua");
-script!(ADMIT, "lua/admit.lua");
+script!(RELEASE, "lua/release.lua", with "lua/flags.lua");
+script!(EXPIRE, "lua/expire.lua", with "lua/flags.lua");
+script!(RESTOCK, "lua/restock.lua", with "lua/flags.lua");
+script!(CLOSE, "lua/close.lua", with "lua/flags.lua");
+script!(STATUS, "lua/status.lua", with "lua/window.lua");
+script!(ADMIT, "lua/admit.lua", with "lua/window.lua");
 
 /// Where the scripts publish "<sku> <sold_out> <closed>" (each `0` or `1`)
 /// whenever a sku's sold-out or closed flag changes (`lua/flags.lua`).
@@ -178,6 +179,8 @@ pub struct SkuStatus {
     pub overbook: f64,
     /// Purchases the gateways admitted that no shop-worker answered yet.
     pub queued: i64,
+    /// How many may wait now: ceil(available x overbook).
+    pub queue_limit: i64,
 }
 
 impl SkuStatus {
@@ -218,6 +221,7 @@ impl SkuStatus {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DEFAULT_OVERBOOK),
             queued: get("queued"),
+            queue_limit: get("queue_limit"),
         })
     }
 }
@@ -541,6 +545,7 @@ impl StockStore {
             .key(keys.deadlines())
             .key(keys.admitted())
             .arg(now_ms)
+            .arg(DEFAULT_OVERBOOK)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(SkuStatus::from_reply(reply))

@@ -638,6 +638,10 @@ async fn admission_window(backend: Backend) {
     }
     assert_eq!(admitted.len(), 15);
     let status = f.store.status(&f.sku, 1_000).await.unwrap().unwrap();
+    assert_eq!(
+        status.queue_limit, 15,
+        "status shows the window admit enforced"
+    );
     assert_eq!((status.queued, status.overbook), (15, 1.5));
     assert_eq!(
         f.store

@@ -634,7 +634,7 @@ async fn get_sku(
         sold_out: levels.sold_out,
         closed: status.closed,
         queued: status.queued,
-        queue_limit: (levels.available.max(0) as f64 * status.overbook - 1e-9).ceil() as i64,
+        queue_limit: status.queue_limit,
         overbook: status.overbook,
         gateway: gateway.flags.get(&sku).map(|f| GatewayView {
             sold_out: f.sold_out,

@@ -44,8 +44,7 @@ if available <= 0 then
   return {'sold_out'}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
--- Less a hair, so that 10 * 1.1 = 11.000000000000002 allows 11, not 12.
-local limit = math.ceil(available * tonumber(sale[2] or ARGV[4]) - 1e-9)
+local limit = queue_limit(available, tonumber(sale[2] or ARGV[4]))
 local queued = redis.call('ZCARD', KEYS[2])
 if queued >= limit then
   return {'full', tostring(queued), tostring(limit)}
