@@ -206,7 +206,7 @@ async fn purchase(
                     format!(
                         "{user} sent more than {} purchases in a burst ({}/s on average)",
                         denied.limit,
-                        gateway.user_rate_per_s
+                        denied.per_second
                     ),
                     denied,
                 ),

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 /// A rate with a burst: `per_second` on average, up to `burst` at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Rate {
+    pub per_second: f64,
     pub burst: u32,
     interval_ns: u64,
     /// How far ahead of now the arrival time may run: `burst - 1` intervals.
@@ -24,11 +25,13 @@ pub struct Rate {
 }
 
 /// Over the limit: try again after `retry_after`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Denied {
     pub retry_after: Duration,
     /// The bucket's size, for the `RateLimit-Limit` header.
     pub limit: u32,
+    /// The bucket's average rate.
+    pub per_second: f64,
 }
 
 impl Denied {
@@ -46,6 +49,7 @@ impl Rate {
         }
         let interval_ns = (1e9 / per_second).max(1.0) as u64;
         Some(Self {
+            per_second,
             burst: burst.max(1),
             interval_ns,
             tolerance_ns: interval_ns.saturating_mul(u64::from(burst.max(1) - 1)),
@@ -60,6 +64,7 @@ impl Rate {
             return Err(Denied {
                 retry_after: Duration::from_nanos(ahead - self.tolerance_ns),
                 limit: self.burst,
+                per_second: self.per_second,
             });
         }
         Ok(tat + self.interval_ns)
