@@ -449,6 +449,19 @@ impl Pipeline {
         ))
     }
 
+    /// `GET /v1/skus/{sku}` of the gateway at `base_url`: `None` while it
+    /// does not answer with one.
+    pub async fn sku_view(&self, base_url: &str, sku: &Sku) -> Option<serde_json::Value> {
+        self.http
+            .get(format!("{base_url}/v1/skus/{sku}"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+
     /// A sale as DynamoDB holds it, its orders, and every charge the
     /// payment service made for it.
     pub async fn sale_books(

@@ -166,15 +166,7 @@ async fn each_limit_answers_its_status_with_retry_after() {
         "the gateway to hold the sku sold out",
         Duration::from_secs(5),
         || async {
-            let view: Value = p
-                .http
-                .get(format!("{url}/v1/skus/{sku}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let view = p.sku_view(&url, &sku).await?;
             (view["gateway"]["sold_out"] == true).then_some(())
         },
     )

@@ -11,7 +11,6 @@ use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
 use flashsale_testkit::flashsale_core::messages::{PurchaseRequest, SCHEMA_VERSION};
 use flashsale_testkit::flashsale_core::stock::{ReserveOutcome, SkuKeys};
 use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
-use serde_json::Value;
 
 /// What a shop-worker would reserve: one unit for a buyer of its own.
 fn one_unit(p: &Pipeline, sku: &Sku, n: u32) -> PurchaseRequest {
@@ -27,16 +26,7 @@ fn one_unit(p: &Pipeline, sku: &Sku, n: u32) -> PurchaseRequest {
 
 /// The sold-out flag a gateway answers purchases with.
 async fn flag_of(p: &Pipeline, url: &str, sku: &Sku) -> Option<bool> {
-    let view: Value = p
-        .http
-        .get(format!("{url}/v1/skus/{sku}"))
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    view["gateway"]["sold_out"].as_bool()
+    p.sku_view(url, sku).await?["gateway"]["sold_out"].as_bool()
 }
 
 /// How long until every gateway shows `sold_out`, polling without pause;
