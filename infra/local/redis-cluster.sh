@@ -19,6 +19,11 @@ log() { printf '[redis-cluster] %s\n' "$*" >&2; }
 . "$(dirname "$0")/lib.sh"
 
 cluster_ok() { redis-cli -p "${ports[0]}" cluster info | grep -q '^cluster_state:ok'; }
+# Nodes restarted from their nodes.conf know each other already but take a
+# moment to report `ok`: creating the cluster again would fail on them.
+cluster_formed() {
+  redis-cli -p "${ports[0]}" cluster info | grep -q "^cluster_known_nodes:${#ports[@]}"
+}
 node_ready() { [ "$(redis-cli -p "$1" ping 2>/dev/null)" = "PONG" ]; }
 
 start() {
@@ -30,7 +35,7 @@ start() {
       --cluster-node-timeout 5000 --appendonly yes --appendfsync always --save "" --daemonize no
   done
   for port in "${ports[@]}"; do wait_for "redis-$port" 30 node_ready "$port"; done
-  if ! cluster_ok; then
+  if ! cluster_formed; then
     local nodes=()
     for port in "${ports[@]}"; do nodes+=("127.0.0.1:$port"); done
     redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >>"$state/create.log" 2>&1 || {

@@ -82,6 +82,7 @@ impl Stores {
             stock: &self.stock,
             inventory: &self.inventory,
             orders: &self.orders,
+            payment: &self.payment,
             kafka: &config.kafka,
         };
         recovery::recover(&sources, sku, force).await

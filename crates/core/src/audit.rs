@@ -70,7 +70,7 @@ pub fn check(evidence: &Evidence, at_rest: bool) -> Report {
         sold: redis.sold,
         confirmed_orders: count(OrderStatus::Confirmed),
         cancelled_orders: count(OrderStatus::Cancelled),
-        open_orders: count(OrderStatus::Pending) + count(OrderStatus::Paid),
+        open_orders: count(OrderStatus::Pending),
         violations,
     };
     let (Some(_), Some(sale)) = (&evidence.redis, &evidence.sale) else {
@@ -405,7 +405,7 @@ mod tests {
                 evidence(
                     levels(2, 2, 0, 0),
                     sale(2, 0),
-                    vec![order(OrderStatus::Paid, None)],
+                    vec![order(OrderStatus::Pending, None)],
                     vec![],
                 ),
                 "at rest",

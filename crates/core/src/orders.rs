@@ -11,12 +11,13 @@ use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
 
 use crate::dynamo::{DynamoError, Item, Tables, n, s};
 use crate::ids::{Quantity, RequestId, Sku, UserId};
+use crate::payment::Charge;
 use crate::status::{PurchaseState, PurchaseStatus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OrderStatus {
+    /// Put before the charge; the reservation in Redis holds the units.
     Pending,
-    Paid,
     Confirmed,
     Cancelled,
 }
@@ -25,7 +26,6 @@ impl OrderStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "PENDING",
-            Self::Paid => "PAID",
             Self::Confirmed => "CONFIRMED",
             Self::Cancelled => "CANCELLED",
         }
@@ -45,7 +45,7 @@ impl fmt::Display for OrderStatus {
 impl FromStr for OrderStatus {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Pending, Self::Paid, Self::Confirmed, Self::Cancelled]
+        [Self::Pending, Self::Confirmed, Self::Cancelled]
             .into_iter()
             .find(|status| status.as_str() == s)
             .ok_or_else(|| format!("unknown order status {s:?}"))
@@ -86,7 +86,6 @@ impl Order {
             status: match self.status {
                 // A PENDING order holds a reservation and waits for its charge.
                 OrderStatus::Pending => PurchaseState::Reserved,
-                OrderStatus::Paid => PurchaseState::Paid,
                 OrderStatus::Confirmed => PurchaseState::Confirmed,
                 OrderStatus::Cancelled => PurchaseState::Cancelled,
             },
@@ -196,20 +195,35 @@ impl OrderStore {
         }
     }
 
-    /// `PAID` → `CONFIRMED` and `inventory.sold += quantity` in one
-    /// transaction. Its client request token is derived from the order, so a retry
-    /// within DynamoDB's ten-minute window is recognised; after it, the
-    /// status condition refuses the second increment.
-    pub async fn confirm(&self, order: &Order, now_ms: u64) -> Result<Written, DynamoError> {
+    /// `PENDING` → `CONFIRMED` with its charge, and `inventory.sold +=
+    /// quantity`, in one transaction.
+    ///
+    /// The client request token covers every value written, the time
+    /// included, so a retry of this very call (after a timeout that hid a
+    /// success) is recognised within DynamoDB's ten-minute window, while
+    /// another delivery of the same reservation confirming at another
+    /// instant sends another token and is refused by the status condition
+    /// instead of by `IdempotentParameterMismatch`.
+    pub async fn confirm(
+        &self,
+        order: &Order,
+        charge: &Charge,
+        now_ms: u64,
+    ) -> Result<Written, DynamoError> {
         let id = order.order_id.to_string();
         let confirm_order = Update::builder()
             .table_name(&self.tables.orders)
             .key("order_id", s(&id))
-            .update_expression("SET #st = :to, updated_at_ms = :now, confirmed_at_ms = :now")
+            .update_expression(
+                "SET #st = :to, payment_id = :payment, paid_at_ms = :paid, \
+                 updated_at_ms = :now, confirmed_at_ms = :now",
+            )
             .condition_expression("#st = :from")
             .expression_attribute_names("#st", "status")
-            .expression_attribute_values(":from", s(OrderStatus::Paid.as_str()))
+            .expression_attribute_values(":from", s(OrderStatus::Pending.as_str()))
             .expression_attribute_values(":to", s(OrderStatus::Confirmed.as_str()))
+            .expression_attribute_values(":payment", s(&charge.id))
+            .expression_attribute_values(":paid", n(charge.created_at_ms))
             .expression_attribute_values(":now", n(now_ms))
             .build()?;
         let count_sold = Update::builder()
@@ -223,7 +237,7 @@ impl OrderStore {
         let result = self
             .client
             .transact_write_items()
-            .client_request_token(confirm_token(order))
+            .client_request_token(confirm_token(order, charge, now_ms))
             .transact_items(TransactWriteItem::builder().update(confirm_order).build())
             .transact_items(TransactWriteItem::builder().update(count_sold).build())
             .send()
@@ -231,6 +245,8 @@ impl OrderStore {
         match result {
             Ok(_) => Ok(Written::Done(Order {
                 status: OrderStatus::Confirmed,
+                payment_id: Some(charge.id.clone()),
+                paid_at_ms: Some(charge.created_at_ms),
                 updated_at_ms: now_ms,
                 confirmed_at_ms: Some(now_ms),
                 ..order.clone()
@@ -240,28 +256,6 @@ impl OrderStore {
                     .is_some_and(|e| e.is_transaction_canceled_exception()) =>
             {
                 self.conflict(order.order_id).await
-            }
-            // The token was used with other values: another delivery of the
-            // same reservation is confirming this order right now. Wait for
-            // its write to land, then carry on from the stored status.
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_idempotent_parameter_mismatch_exception()) =>
-            {
-                let mut delay = std::time::Duration::from_millis(10);
-                for _ in 0..10 {
-                    if let Written::Conflict(current) = self.conflict(order.order_id).await?
-                        && current.status != OrderStatus::Paid
-                    {
-                        return Ok(Written::Conflict(current));
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(DynamoError::Request(format!(
-                    "order {} is being confirmed by another delivery that has not finished",
-                    order.order_id
-                )))
             }
             Err(e) => Err(DynamoError::from_sdk(e)),
         }
@@ -322,9 +316,12 @@ impl OrderStore {
 /// sale. DynamoDB keeps tokens account-wide for ten minutes, and the same
 /// `(user, Idempotency-Key)` names the same request id in every sale, so
 /// the request id alone could collide with another sale's confirmation.
-fn confirm_token(order: &Order) -> String {
+fn confirm_token(order: &Order, charge: &Charge, now_ms: u64) -> String {
     const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f1d_52c4_8a0e_4c8b_9a57_0e3f_4b6c_2d19);
-    let name = format!("{}/{}/{}", order.order_id, order.sku, order.sale_id);
+    let name = format!(
+        "{}/{}/{}/{}/{}/{now_ms}",
+        order.order_id, order.sku, order.sale_id, charge.id, charge.created_at_ms
+    );
     uuid::Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
 }
 

@@ -3,10 +3,11 @@
 //! What Redis held is derived again from what outlives it:
 //!
 //! * DynamoDB `inventory`: the sale's rules, its total, and `sold`;
-//! * DynamoDB `orders` of the sale: `CONFIRMED` and `PAID` orders hold sold
-//!   units (a paid order's saga commits and confirms once Redis is back, so
-//!   its units are counted sold now), `PENDING` ones hold reserved units,
-//!   `CANCELLED` ones gave theirs back;
+//! * DynamoDB `orders` of the sale: `CONFIRMED` orders hold sold units,
+//!   `CANCELLED` ones gave theirs back, and a `PENDING` one holds reserved
+//!   units unless the payment service holds a kept charge for it: then its
+//!   saga may have committed in the lost Redis and be about to confirm, so
+//!   its units are counted sold (its commit is then a no-op);
 //! * the `reservations` topic from the order-workers' committed offsets
 //!   on: reservations the order stage has not written to DynamoDB yet, all
 //!   reserved.
@@ -29,6 +30,7 @@ use crate::inventory::{InventoryStore, Sale};
 use crate::kafka::{self, KafkaFailure, topic};
 use crate::messages::{self, Reservation};
 use crate::orders::{Order, OrderStatus, OrderStore};
+use crate::payment::{ChargeStatus, PaymentClient, PaymentError};
 use crate::settings::KafkaSettings;
 use crate::stock::{RestoredReservation, RestoredState, StockError, StockLevels, StockStore};
 use crate::topic_reader::{self, PartitionRange};
@@ -58,6 +60,11 @@ pub enum RecoveryError {
     Kafka(#[from] KafkaFailure),
     #[error(transparent)]
     Redis(#[from] StockError),
+    #[error("looking up the charge of pending order {order}: {error}")]
+    Payment {
+        order: RequestId,
+        error: PaymentError,
+    },
 }
 
 /// What a recovery wrote back.
@@ -75,6 +82,7 @@ pub struct Sources<'a> {
     pub stock: &'a StockStore,
     pub inventory: &'a InventoryStore,
     pub orders: &'a OrderStore,
+    pub payment: &'a PaymentClient,
     pub kafka: &'a KafkaSettings,
 }
 
@@ -93,7 +101,10 @@ pub async fn recover(
     }
     let (sale, orders) = settled_snapshot(sources, sku).await?;
     let known: HashMap<RequestId, &Order> = orders.iter().map(|o| (o.order_id, o)).collect();
-    let mut restored: Vec<RestoredReservation> = orders.iter().map(from_order).collect();
+    let mut restored = Vec::with_capacity(orders.len());
+    for order in &orders {
+        restored.push(from_order(order, paid(sources.payment, order).await?));
+    }
     let from_orders = restored.len();
 
     let pending = unprocessed_reservations(sources.kafka).await?;
@@ -146,7 +157,24 @@ pub async fn recover(
     })
 }
 
-fn from_order(order: &Order) -> RestoredReservation {
+/// Whether a `PENDING` order holds a kept charge: its saga is past the
+/// charge and may be past the Redis commit.
+async fn paid(payment: &PaymentClient, order: &Order) -> Result<bool, RecoveryError> {
+    if order.status != OrderStatus::Pending {
+        return Ok(false);
+    }
+    let charge =
+        payment
+            .find_charge(order.order_id)
+            .await
+            .map_err(|error| RecoveryError::Payment {
+                order: order.order_id,
+                error,
+            })?;
+    Ok(charge.is_some_and(|c| c.status == ChargeStatus::Succeeded && !c.refunded))
+}
+
+fn from_order(order: &Order, paid: bool) -> RestoredReservation {
     RestoredReservation {
         id: order.order_id,
         user: order.user_id.clone(),
@@ -154,10 +182,11 @@ fn from_order(order: &Order) -> RestoredReservation {
         amount_cents: order.amount_cents,
         expires_at_ms: order.expires_at_ms,
         state: match order.status {
-            OrderStatus::Pending => RestoredState::Reserved,
             // Paid orders are sold: their saga commits (now a no-op) and
             // confirms, whatever their deadline did during the outage.
-            OrderStatus::Paid | OrderStatus::Confirmed => RestoredState::Committed,
+            OrderStatus::Pending if paid => RestoredState::Committed,
+            OrderStatus::Pending => RestoredState::Reserved,
+            OrderStatus::Confirmed => RestoredState::Committed,
             OrderStatus::Cancelled => RestoredState::Released {
                 reason: order.reason.clone().unwrap_or_default(),
             },
@@ -167,8 +196,9 @@ fn from_order(order: &Order) -> RestoredReservation {
 
 /// Orders of the sale and the inventory item, read so they agree: the
 /// inventory's `sold` must lie between the confirmed units and the
-/// confirmed-or-paid units of the orders read just before it. A confirm
-/// landing between the two reads makes them disagree: read again.
+/// confirmed-or-pending units of the orders read just before it. A confirm
+/// landing between the two reads only moves it within that range; outside
+/// it the sale changed under the reads: read again.
 async fn settled_snapshot(
     sources: &Sources<'_>,
     sku: &Sku,
@@ -190,14 +220,14 @@ async fn settled_snapshot(
                 .sum()
         };
         let confirmed = units(&[OrderStatus::Confirmed]);
-        let paid_or_confirmed = units(&[OrderStatus::Confirmed, OrderStatus::Paid]);
+        let pending_or_confirmed = units(&[OrderStatus::Confirmed, OrderStatus::Pending]);
         if sale.rules.sale_id == before.rules.sale_id
-            && (confirmed..=paid_or_confirmed).contains(&sale.sold)
+            && (confirmed..=pending_or_confirmed).contains(&sale.sold)
         {
             return Ok((sale, orders));
         }
         detail = format!(
-            "inventory sold {} but orders hold {confirmed} confirmed, {paid_or_confirmed} paid or confirmed",
+            "inventory sold {} but orders hold {confirmed} confirmed, {pending_or_confirmed} pending or confirmed",
             sale.sold
         );
         tokio::time::sleep(Duration::from_millis(200)).await;

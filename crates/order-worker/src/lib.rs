@@ -169,7 +169,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         dynamodb_requests: IntCounterVec::new(
             Opts::new(
                 "order_dynamodb_requests_total",
-                "Write requests sent to DynamoDB, retries included (put, transition, confirm)",
+                "Write requests sent to DynamoDB, retries included (put, confirm, cancel)",
             ),
             &["op"],
         )?,

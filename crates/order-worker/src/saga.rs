@@ -1,16 +1,23 @@
 //! The order saga: reservation in, confirmed or cancelled order out.
 //!
-//! Each pass looks at the order's stored status and takes the one step
-//! that follows it, so a worker that died anywhere resumes where the
-//! record says it stopped when the reservation is redelivered:
+//! Each pass looks at the order's stored status and takes what follows it,
+//! so a worker that died anywhere resumes where the record says it stopped
+//! when the reservation is redelivered:
 //!
 //! ```text
-//! (none) ── put ──▶ PENDING ── charge ok ──▶ PAID ── Redis commit ──▶ CONFIRMED (+ inventory.sold)
-//!                      │ declined / refused       │ reservation expired: refund
-//!                      ▼                          ▼
-//!                  CANCELLED ◀────────────────────┘ ── stock release ──▶ units back,
-//!                                                        then the shop-worker posts `cancelled`
+//! (none) ── put ──▶ PENDING ── charge ok ── Redis commit ── transaction ──▶ CONFIRMED (+ inventory.sold)
+//!                      │ declined / refused    │ reservation expired: refund
+//!                      ▼                       ▼
+//!                  CANCELLED ◀─────────────────┘ ── stock release ──▶ units back,
+//!                                                     then the shop-worker posts `cancelled`
 //! ```
+//!
+//! A paid order is not written down between the charge and the confirm:
+//! a redelivered `PENDING` order charges again with the same idempotency
+//! key, and the processor answers with the charge it already made (past
+//! the deadline only the lookup is sent), after which the commit and the
+//! transaction are repeated as well. That spares DynamoDB, the stage's
+//! bottleneck, one write per order.
 //!
 //! Every step is idempotent by the request id: the conditional writes, the
 //! payment's idempotency key, the Lua commit and release.
@@ -23,7 +30,7 @@ use flashsale_core::kafka;
 use flashsale_core::messages::{self, Reservation, SCHEMA_VERSION, StockRelease};
 use flashsale_core::orders::{Order, OrderStatus, Written};
 use flashsale_core::payment::{
-    ChargeMetadata, ChargeOutcome, ChargeRequest, ChargeStatus, PaymentError,
+    Charge, ChargeMetadata, ChargeOutcome, ChargeRequest, ChargeStatus, PaymentError,
 };
 use flashsale_core::retry;
 use flashsale_core::status::{PurchaseState, reason};
@@ -31,25 +38,6 @@ use flashsale_core::status_board::Subject;
 use flashsale_core::stock::CommitOutcome;
 
 use crate::Deps;
-
-/// The step that follows a stored status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Step {
-    Charge,
-    Commit,
-    AnnounceConfirmed,
-    /// The shop-worker posts `cancelled` once the units are back in stock.
-    Release,
-}
-
-pub(crate) fn next_step(status: OrderStatus) -> Step {
-    match status {
-        OrderStatus::Pending => Step::Charge,
-        OrderStatus::Paid => Step::Commit,
-        OrderStatus::Confirmed => Step::AnnounceConfirmed,
-        OrderStatus::Cancelled => Step::Release,
-    }
-}
 
 fn current(written: Written) -> Order {
     match written {
@@ -87,21 +75,20 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
     let mut order = current(put.await?);
     crash_point(&deps, CrashPoint::AfterPut);
     loop {
-        let step = next_step(order.status);
-        tracing::debug!(status = %order.status, ?step, "saga step");
-        order = match step {
+        tracing::debug!(status = %order.status, "saga step");
+        order = match order.status {
             // Past the deadline, `charge` sends no new charge: it only
             // finds out whether an earlier attempt made one.
-            Step::Charge => charge(&deps, &order).await?,
-            Step::Commit => commit(&deps, &order).await?,
-            Step::AnnounceConfirmed => {
+            OrderStatus::Pending => charge(&deps, &order).await?,
+            OrderStatus::Confirmed => {
                 deps.metrics
                     .outcomes
                     .with_label_values(&["confirmed"])
                     .inc();
                 return announce(&deps, &order, PurchaseState::Confirmed).await;
             }
-            Step::Release => {
+            // The shop-worker posts `cancelled` once the units are back.
+            OrderStatus::Cancelled => {
                 deps.metrics
                     .outcomes
                     .with_label_values(&["cancelled"])
@@ -124,30 +111,21 @@ async fn charge(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
     };
     let outcome = timed(deps, "charge", settle_charge(deps, order, &request)).await?;
     crash_point(deps, CrashPoint::AfterCharge);
-    let (to, why, payment_id) = match &outcome {
+    let (why, payment_id) = match &outcome {
         Charged::Done(ChargeOutcome::Succeeded(charge)) => {
-            (OrderStatus::Paid, None, Some(charge.id.as_str()))
+            announce(deps, order, PurchaseState::Paid).await?;
+            return commit(deps, order, charge).await;
         }
-        Charged::Done(ChargeOutcome::Declined(charge)) => (
-            OrderStatus::Cancelled,
-            Some(reason::PAYMENT_DECLINED),
-            Some(charge.id.as_str()),
-        ),
+        Charged::Done(ChargeOutcome::Declined(charge)) => {
+            (reason::PAYMENT_DECLINED, Some(charge.id.as_str()))
+        }
         Charged::Refused(detail) => {
             tracing::warn!(%detail, "payment refused the charge");
-            (OrderStatus::Cancelled, Some(reason::PAYMENT_FAILED), None)
+            (reason::PAYMENT_FAILED, None)
         }
-        Charged::NeverMade => (
-            OrderStatus::Cancelled,
-            Some(reason::RESERVATION_EXPIRED),
-            None,
-        ),
+        Charged::NeverMade => (reason::RESERVATION_EXPIRED, None),
     };
-    let order = transition(deps, order, to, why, payment_id).await?;
-    if order.status == OrderStatus::Paid {
-        announce(deps, &order, PurchaseState::Paid).await?;
-    }
-    Ok(order)
+    cancel(deps, order, why, payment_id).await
 }
 
 /// How the charge of an order ended.
@@ -257,7 +235,9 @@ async fn wait(deps: &Deps, backoff: &mut retry::Backoff) -> Result<(), Abandoned
     }
 }
 
-async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
+/// Sells the reserved units in Redis, then confirms the order with its
+/// charge in DynamoDB; or, when the reservation is gone, refunds.
+async fn commit(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, Abandoned> {
     let outcome = timed(deps, "commit", async {
         retry::durable("commit stock", &deps.shutdown, || {
             deps.stock
@@ -269,19 +249,13 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
     match outcome {
         CommitOutcome::Committed => {
             crash_point(deps, CrashPoint::AfterCommit);
-            // The transaction's token is the request id, and every attempt
-            // must send exactly the same values, including attempts of other
-            // deliveries of this reservation running at the same time (after
-            // a rebalance, or a recovery that republished it). A clock
-            // reading would differ between them, and DynamoDB would answer
-            // the later ones with IdempotentParameterMismatch for ten
-            // minutes. So the confirmation is stamped with the time the order
-            // was paid, which every delivery read from the same record.
-            let confirmed_at = order.updated_at_ms;
+            // Read once: every retry of this delivery must send the same
+            // values under the same transaction token.
+            let confirmed_at = clock::now_ms();
             let confirmed = timed(deps, "confirm", async {
                 retry::durable("confirm order", &deps.shutdown, || {
                     dynamodb(deps, "confirm");
-                    deps.orders.confirm(order, confirmed_at)
+                    deps.orders.confirm(order, charge, confirmed_at)
                 })
                 .await
             });
@@ -293,24 +267,15 @@ async fn commit(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
             // give the money back first, then cancel, so a crash in between
             // repeats the (idempotent) refund rather than leaving a charge.
             tracing::info!(?outcome, "reservation gone after payment; refunding");
-            if let Some(charge_id) = &order.payment_id {
-                retry::durable("refund", &deps.shutdown, || deps.payment.refund(charge_id)).await?;
-            }
-            transition(
-                deps,
-                order,
-                OrderStatus::Cancelled,
-                Some(reason::RESERVATION_EXPIRED),
-                None,
-            )
-            .await
+            retry::durable("refund", &deps.shutdown, || deps.payment.refund(&charge.id)).await?;
+            cancel(deps, order, reason::RESERVATION_EXPIRED, Some(&charge.id)).await
         }
     }
 }
 
 /// Where the kill tests make a worker die: right after the order was put,
-/// after the processor charged (before the order says `PAID`), and after
-/// the units were committed in Redis (before DynamoDB says `CONFIRMED`).
+/// after the processor charged (before the Redis commit), and after the
+/// units were committed in Redis (before the DynamoDB transaction).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
     AfterPut,
@@ -339,20 +304,20 @@ fn crash_point(deps: &Deps, here: CrashPoint) {
     }
 }
 
-async fn transition(
+/// `PENDING` → `CANCELLED`, with the reason and the charge if one was made.
+async fn cancel(
     deps: &Deps,
     order: &Order,
-    to: OrderStatus,
-    why: Option<&str>,
+    why: &str,
     payment_id: Option<&str>,
 ) -> Result<Order, Abandoned> {
-    let written = retry::durable("update order", &deps.shutdown, || {
-        dynamodb(deps, "transition");
+    let written = retry::durable("cancel order", &deps.shutdown, || {
+        dynamodb(deps, "cancel");
         deps.orders.transition(
             order.order_id,
             order.status,
-            to,
-            why,
+            OrderStatus::Cancelled,
+            Some(why),
             payment_id,
             clock::now_ms(),
         )

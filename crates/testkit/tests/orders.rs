@@ -286,9 +286,9 @@ fn order_worker_process(p: &Pipeline, crash_after: Option<&str>) -> std::process
 }
 
 /// Killed right after the order was put, right after the processor charged
-/// (before the order says PAID), and right after the Redis commit (before
-/// DynamoDB says CONFIRMED): a new worker finishes each saga, with one
-/// charge, one terminal state and a clean audit.
+/// (before the Redis commit), and right after the Redis commit (before the
+/// DynamoDB confirm): a new worker finishes each saga, with one charge, one
+/// terminal state and a clean audit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_order_worker_killed_at_each_step_is_finished_by_the_next() {
     let p = Arc::new(
@@ -325,11 +325,22 @@ async fn an_order_worker_killed_at_each_step_is_finished_by_the_next() {
             .await
             .unwrap()
             .expect("the order was put before the crash");
-        let expected = match point {
-            "put" | "charge" => OrderStatus::Pending,
-            _ => OrderStatus::Paid,
-        };
-        assert_eq!(order.status, expected, "where {point} left it");
+        // Nothing is written to the order between its put and its confirm:
+        // where the saga stood shows in the processor and in Redis.
+        assert_eq!(order.status, OrderStatus::Pending, "where {point} left it");
+        let charge = p.stores.payment.find_charge(order.order_id).await.unwrap();
+        assert_eq!(
+            charge.map(|c| c.status),
+            (point != "put").then_some(ChargeStatus::Succeeded),
+            "the charge after a crash at {point}"
+        );
+        let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
+        let committed = i64::from(point == "commit");
+        assert_eq!(
+            (levels.reserved, levels.sold),
+            (1 - committed, n as i64 + committed),
+            "Redis after a crash at {point}"
+        );
 
         let mut next = order_worker_process(&p, None);
         let settled = p.terminal(&id).await;
