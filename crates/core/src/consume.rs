@@ -58,6 +58,10 @@ pub struct ConsumerOptions {
     pub pause: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
+/// How long a member that stopped heartbeating (killed, partitioned) stays
+/// in its group, holding its partitions, before the broker drops it.
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub fn consumer(
     settings: &KafkaSettings,
     options: &ConsumerOptions,
@@ -69,7 +73,10 @@ pub fn consumer(
         // We store an offset only once the effect of its message is durable.
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
+        .set(
+            "session.timeout.ms",
+            SESSION_TIMEOUT.as_millis().to_string(),
+        )
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "50")
         .create()

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashsale_testkit::flashsale_cli::order;
+use flashsale_testkit::flashsale_core::consume::SESSION_TIMEOUT;
 use flashsale_testkit::flashsale_core::ids::{RequestId, Sku};
 use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::payment::{ChargeStatus, LatencyModel, StubBehaviour};
@@ -272,7 +273,7 @@ fn order_worker_binary() -> std::path::PathBuf {
 
 /// An order-worker process of the pipeline; with `crash_after`, it aborts
 /// (like SIGKILL: no drain, no commit, no goodbye to the group) there.
-fn order_worker_process(p: &Pipeline, crash_after: Option<&str>) -> std::process::Child {
+fn order_worker_process(p: &Pipeline, crash_after: Option<&str>) -> WorkerProcess {
     let mut command = std::process::Command::new(order_worker_binary());
     command
         .envs(p.env.vars())
@@ -282,7 +283,47 @@ fn order_worker_process(p: &Pipeline, crash_after: Option<&str>) -> std::process
     if let Some(point) = crash_after {
         command.env("FLASHSALE_ORDER_CRASH_AFTER", point);
     }
-    command.spawn().expect("the order-worker starts")
+    WorkerProcess(command.spawn().expect("the order-worker starts"))
+}
+
+/// Killed when dropped, so a failing test leaves no worker behind (it
+/// would keep the test's output open and consume a dead pipeline's topics).
+struct WorkerProcess(std::process::Child);
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts an order-worker process that aborts at `point` with the first
+/// reservation it reaches there, and waits until it has. Returns when its
+/// replacement may join the group (see `replacement_may_join`).
+async fn crash_at(p: &Pipeline, point: &str) -> tokio::time::Instant {
+    let mut doomed = order_worker_process(p, Some(point));
+    let died = eventually(
+        "the worker to die at its crash point",
+        Duration::from_secs(60),
+        || {
+            let exited = doomed.0.try_wait().ok().flatten();
+            async move { exited }
+        },
+    )
+    .await;
+    assert!(!died.success(), "aborted at {point}: {died:?}");
+    replacement_may_join(tokio::time::Instant::now())
+}
+
+/// tansu 0.6 drops a dead member only when another request of its group
+/// arrives after the member's session ran out. A replacement that joins
+/// before then forms a generation with the dead member as leader, and once
+/// the broker drops it the group stays formed with no assignment at all:
+/// the partitions are stranded until the next rebalance. Joining after the
+/// session has run out, the replacement's own join drops the dead member
+/// first and it gets every partition, as it would at once on Kafka.
+fn replacement_may_join(died_at: tokio::time::Instant) -> tokio::time::Instant {
+    died_at + SESSION_TIMEOUT + Duration::from_secs(1)
 }
 
 /// Killed right after the order was put, right after the processor charged
@@ -307,17 +348,7 @@ async fn an_order_worker_killed_at_each_step_is_finished_by_the_next() {
         assert_eq!(status, 202, "{body}");
         let id = body["request_id"].as_str().unwrap().to_owned();
 
-        let mut doomed = order_worker_process(&p, Some(point));
-        let died = eventually(
-            "the worker to die at its crash point",
-            Duration::from_secs(60),
-            || {
-                let exited = doomed.try_wait().ok().flatten();
-                async move { exited }
-            },
-        )
-        .await;
-        assert!(!died.success(), "aborted at {point}: {died:?}");
+        let rejoin = crash_at(&p, point).await;
         let order = p
             .stores
             .orders
@@ -342,18 +373,76 @@ async fn an_order_worker_killed_at_each_step_is_finished_by_the_next() {
             "Redis after a crash at {point}"
         );
 
-        let mut next = order_worker_process(&p, None);
+        tokio::time::sleep_until(rejoin).await;
+        let next = order_worker_process(&p, None);
         let settled = p.terminal(&id).await;
         assert_eq!(
             settled.status.as_str(),
             "confirmed",
             "after a crash at {point}"
         );
-        next.kill().expect("stop the second worker");
-        let _ = next.wait();
+        drop(next);
     }
     let by_status = money_adds_up(&p, &sku).await;
     assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&3));
+    match Arc::try_unwrap(p) {
+        Ok(p) => p.stop().await,
+        Err(_) => panic!("the pipeline is still shared"),
+    }
+}
+
+/// Redis is lost while a paid order waits for its confirm (its worker died
+/// right after the Redis commit): DynamoDB still says `PENDING`, and only
+/// the processor knows it was paid. Recovery counts the unit sold, not
+/// reserved (the sweep would hand a reserved unit to another buyer while
+/// the paid order confirms it), and the next worker confirms the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paid_order_whose_redis_was_lost_is_recovered_sold_and_confirmed() {
+    let p = Arc::new(
+        Pipeline::start(PipelineOptions {
+            order_workers: 0,
+            own_redis: true,
+            ..Default::default()
+        })
+        .await
+        .expect("pipeline starts"),
+    );
+    let sku = p.sku("paid-lost");
+    p.create_sale(&sku, 3, 1).await.unwrap();
+    let user = format!("{}-payer", p.prefix);
+    let (status, body) = p.buy(sku.as_str(), &user, Some(&user)).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["request_id"].as_str().unwrap().to_owned();
+    let rejoin = crash_at(&p, "commit").await;
+
+    let own = p.redis.as_ref().expect("own redis");
+    own.kill().unwrap();
+    own.wipe_and_restart().await.unwrap();
+    let recovered = eventually("a recovery", Duration::from_secs(60), || async {
+        p.stores.recover(&p.cli, &sku, false).await.ok()
+    })
+    .await;
+    assert_eq!((recovered.from_orders, recovered.from_topic), (1, 0));
+    let levels = &recovered.levels;
+    assert_eq!(
+        (levels.available, levels.reserved, levels.sold),
+        (2, 0, 1),
+        "the paid order's unit"
+    );
+    let order = p.stores.orders.get(RequestId::parse(&id).unwrap()).await;
+    assert_eq!(
+        order.unwrap().map(|o| o.status),
+        Some(OrderStatus::Pending),
+        "the recovery must have seen the paid order still pending"
+    );
+    tokio::time::sleep_until(rejoin).await;
+    let next = order_worker_process(&p, None);
+
+    let settled = p.terminal(&id).await;
+    assert_eq!(settled.status.as_str(), "confirmed", "{settled:?}");
+    drop(next);
+    let by_status = money_adds_up(&p, &sku).await;
+    assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&1));
     match Arc::try_unwrap(p) {
         Ok(p) => p.stop().await,
         Err(_) => panic!("the pipeline is still shared"),

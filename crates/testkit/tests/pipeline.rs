@@ -613,6 +613,10 @@ async fn bad_input_gets_a_problem_and_never_reaches_kafka() {
     p.stop().await;
 }
 
+/// Poison on both consumed topics: an unreadable purchase request (read by
+/// the shop-worker) and an unreadable reservation (read by the
+/// order-worker) each go to their `<topic>.dlq` with the error, and a
+/// purchase behind them on the same partition is still served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unreadable_message_goes_to_the_dead_letter_topic_and_the_worker_goes_on() {
     let p = Pipeline::start(PipelineOptions::default())
@@ -621,32 +625,41 @@ async fn an_unreadable_message_goes_to_the_dead_letter_topic_and_the_worker_goes
     let sku = p.sku("dlq");
     p.create_sale(&sku, 3, 1).await.unwrap();
     let producer = p.producer().unwrap();
-    let garbage = b"{this is not json".to_vec();
-    kafka::send(
-        &producer,
-        &p.purchase_topic(),
-        sku.as_str(),
-        &garbage,
-        kafka::trace_headers(RequestId::fresh()),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
-    // Same key, same partition, after the bad one: it must still be served.
-    let (status, body) = p.buy(sku.as_str(), "ivan", None).await;
-    assert_eq!(status, 202);
-    let done = p.terminal(body["request_id"].as_str().unwrap()).await;
-    assert_eq!(done.status.as_str(), "confirmed");
-
-    let dead = p
-        .first_record(&topic::dead_letter(&p.purchase_topic()), SETTLE)
+    for (n, poisoned) in [p.purchase_topic(), p.topic(topic::RESERVATIONS)]
+        .into_iter()
+        .enumerate()
+    {
+        let garbage = format!("{{this is not json #{n}").into_bytes();
+        kafka::send(
+            &producer,
+            &poisoned,
+            sku.as_str(),
+            &garbage,
+            kafka::trace_headers(RequestId::fresh()),
+            Duration::from_secs(5),
+        )
         .await
-        .expect("a dead letter");
-    assert_eq!(dead.payload(), Some(garbage.as_slice()));
-    assert_eq!(dead.key(), Some(sku.as_str().as_bytes()));
-    let error = kafka::dead_letter_error(&dead).expect("the error travels with it");
-    assert!(error.contains("not a valid message"), "{error}");
-    assert!(dead.headers().is_some_and(|h| h.count() >= 2));
+        .unwrap();
+        // Same key, same partition, after the bad one: it must still be served.
+        let (status, body) = p.buy(sku.as_str(), &format!("ivan-{n}"), None).await;
+        assert_eq!(status, 202);
+        let done = p.terminal(body["request_id"].as_str().unwrap()).await;
+        assert_eq!(
+            done.status.as_str(),
+            "confirmed",
+            "behind poison on {poisoned}"
+        );
+
+        let dead = p
+            .first_record(&topic::dead_letter(&poisoned), SETTLE)
+            .await
+            .expect("a dead letter");
+        assert_eq!(dead.payload(), Some(garbage.as_slice()), "{poisoned}");
+        assert_eq!(dead.key(), Some(sku.as_str().as_bytes()));
+        let error = kafka::dead_letter_error(&dead).expect("the error travels with it");
+        assert!(error.contains("not a valid message"), "{error}");
+        assert!(dead.headers().is_some_and(|h| h.count() >= 2));
+    }
     p.stop().await;
 }
 
