@@ -6,7 +6,8 @@
 #   redis-cluster.sh start | stop
 #
 # Ports come from FLASHSALE_REDIS_CLUSTER_PORTS (default "17001 17002
-# 17003"); data, logs and pid files live under $FLASHSALE_STATE_DIR/redis-cluster.
+# 17003"), each with its cluster bus on port + 100; data, logs and pid
+# files live under $FLASHSALE_STATE_DIR/redis-cluster.
 # Point the services at it with
 #   FLASHSALE_REDIS_CLUSTER_NODES=redis://127.0.0.1:17001,redis://127.0.0.1:17002,...
 set -euo pipefail
@@ -29,8 +30,12 @@ node_ready() { [ "$(redis-cli -p "$1" ping 2>/dev/null)" = "PONG" ]; }
 start() {
   for port in "${ports[@]}"; do
     mkdir -p "$state/$port"
-    # Same durability as the single Redis: appendfsync always.
+    # Same durability as the single Redis: appendfsync always. The bus port
+    # is the node's port + 100, not Redis's default + 10000: that lands in
+    # the kernel's ephemeral range (32768-60999) for the ports used here,
+    # where any outgoing connection may hold it when the node starts.
     start_one "redis-$port" "$port" redis-server --port "$port" --bind 127.0.0.1 \
+      --cluster-port "$((port + 100))" \
       --dir "$state/$port" --cluster-enabled yes --cluster-config-file nodes.conf \
       --cluster-node-timeout 5000 --appendonly yes --appendfsync always --save "" --daemonize no
   done
