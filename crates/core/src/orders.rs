@@ -142,20 +142,17 @@ impl OrderStore {
         }
     }
 
-    /// Moves the order from `from` to `to`, recording the reason and the
-    /// payment id when given.
-    pub async fn transition(
+    /// `PENDING` → `CANCELLED` with its reason, and the charge when one
+    /// was made (declined, or refunded).
+    pub async fn cancel(
         &self,
         id: RequestId,
-        from: OrderStatus,
-        to: OrderStatus,
-        reason: Option<&str>,
+        reason: &str,
         payment_id: Option<&str>,
         now_ms: u64,
     ) -> Result<Written, DynamoError> {
-        let mut update = format!(
-            "SET #st = :to, updated_at_ms = :now, {}_at_ms = :now",
-            to.as_str().to_ascii_lowercase()
+        let mut update = String::from(
+            "SET #st = :to, reason = :reason, updated_at_ms = :now, cancelled_at_ms = :now",
         );
         let mut request = self
             .client
@@ -164,13 +161,10 @@ impl OrderStore {
             .key("order_id", s(id.to_string()))
             .condition_expression("#st = :from")
             .expression_attribute_names("#st", "status")
-            .expression_attribute_values(":from", s(from.as_str()))
-            .expression_attribute_values(":to", s(to.as_str()))
+            .expression_attribute_values(":from", s(OrderStatus::Pending.as_str()))
+            .expression_attribute_values(":to", s(OrderStatus::Cancelled.as_str()))
+            .expression_attribute_values(":reason", s(reason))
             .expression_attribute_values(":now", n(now_ms));
-        if let Some(reason) = reason {
-            update.push_str(", reason = :reason");
-            request = request.expression_attribute_values(":reason", s(reason));
-        }
         if let Some(payment) = payment_id {
             update.push_str(", payment_id = :payment");
             request = request.expression_attribute_values(":payment", s(payment));

@@ -77,9 +77,9 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
     loop {
         tracing::debug!(status = %order.status, "saga step");
         order = match order.status {
-            // Past the deadline, `charge` sends no new charge: it only
+            // Past the deadline, no new charge is sent: the saga only
             // finds out whether an earlier attempt made one.
-            OrderStatus::Pending => charge(&deps, &order).await?,
+            OrderStatus::Pending => settle_pending(&deps, &order).await?,
             OrderStatus::Confirmed => {
                 deps.metrics
                     .outcomes
@@ -99,7 +99,9 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
     }
 }
 
-async fn charge(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
+/// Charges a `PENDING` order, then confirms it (Redis commit, DynamoDB
+/// transaction) or cancels it; returns the order as it is stored then.
+async fn settle_pending(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
     let request = ChargeRequest {
         amount_cents: order.amount_cents,
         currency: deps.currency.clone(),
@@ -313,14 +315,8 @@ async fn cancel(
 ) -> Result<Order, Abandoned> {
     let written = retry::durable("cancel order", &deps.shutdown, || {
         dynamodb(deps, "cancel");
-        deps.orders.transition(
-            order.order_id,
-            order.status,
-            OrderStatus::Cancelled,
-            Some(why),
-            payment_id,
-            clock::now_ms(),
-        )
+        deps.orders
+            .cancel(order.order_id, why, payment_id, clock::now_ms())
     })
     .await?;
     Ok(current(written))

@@ -14,8 +14,9 @@ use std::time::Duration;
 use flashsale_cli::sale::{self, SaleSpec};
 use flashsale_cli::{Config as CliConfig, Stores};
 use flashsale_core::consume::Abandoned;
-use flashsale_core::ids::Sku;
+use flashsale_core::ids::{RequestId, Sku};
 use flashsale_core::kafka::{self, topic};
+use flashsale_core::orders::Order;
 use flashsale_core::payment::StubBehaviour;
 use flashsale_core::settings::{Env, KafkaSettings};
 use flashsale_core::status::PurchaseStatus;
@@ -520,6 +521,12 @@ impl Pipeline {
             return None;
         }
         response.json().await.ok()
+    }
+
+    /// The order stored in DynamoDB for the request id the gateway answered.
+    pub async fn order(&self, id: &str) -> Option<Order> {
+        let id = RequestId::parse(id).expect("a request id");
+        self.stores.orders.get(id).await.expect("DynamoDB answers")
     }
 
     /// Waits (up to a minute) for the purchase's terminal state.

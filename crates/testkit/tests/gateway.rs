@@ -437,16 +437,8 @@ async fn one_key_sent_twenty_times_at_once_is_queued_once() {
 
     let id = ids.into_iter().next().unwrap().to_owned();
     let asked = Instant::now();
-    let status: Value = p
-        .http
-        .get(format!("{}/v1/purchases/{id}?wait=20", p.gateway_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(status["status"], "confirmed", "{status}");
+    let status = p.status_of(&id, 20).await.expect("a status");
+    assert_eq!(status.status.as_str(), "confirmed", "{status:?}");
     assert!(
         asked.elapsed() < Duration::from_secs(15),
         "the long poll returned at the terminal state, not at its end"

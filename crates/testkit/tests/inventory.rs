@@ -301,12 +301,7 @@ async fn redis_lost_mid_surge_is_recovered_and_the_sale_finishes_clean() {
     }
     let mut disagree: std::collections::BTreeMap<String, usize> = Default::default();
     for s in &settled {
-        let order = p
-            .stores
-            .orders
-            .get(RequestId::parse(&s.request_id).unwrap())
-            .await
-            .unwrap();
+        let order = p.order(&s.request_id).await;
         let stored = order.map(|o| o.status.as_str()).unwrap_or("no order");
         *disagree
             .entry(format!("saw {} / order {stored}", s.status.as_str()))

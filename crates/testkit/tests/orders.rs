@@ -350,11 +350,8 @@ async fn an_order_worker_killed_at_each_step_is_finished_by_the_next() {
 
         let rejoin = crash_at(&p, point).await;
         let order = p
-            .stores
-            .orders
-            .get(RequestId::parse(&id).unwrap())
+            .order(&id)
             .await
-            .unwrap()
             .expect("the order was put before the crash");
         // Nothing is written to the order between its put and its confirm:
         // where the saga stood shows in the processor and in Redis.
@@ -429,9 +426,8 @@ async fn a_paid_order_whose_redis_was_lost_is_recovered_sold_and_confirmed() {
         (2, 0, 1),
         "the paid order's unit"
     );
-    let order = p.stores.orders.get(RequestId::parse(&id).unwrap()).await;
     assert_eq!(
-        order.unwrap().map(|o| o.status),
+        p.order(&id).await.map(|o| o.status),
         Some(OrderStatus::Pending),
         "the recovery must have seen the paid order still pending"
     );

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use flashsale_testkit::flashsale_core::status::PurchaseStatus;
 use flashsale_testkit::flashsale_core::status_board;
 use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
 use serde_json::Value;
@@ -38,15 +37,7 @@ async fn a_purchase_goes_all_the_way_to_confirmed() {
         .await
         .unwrap();
     assert_eq!(removed, 1);
-    let archived: PurchaseStatus = p
-        .http
-        .get(format!("{}/v1/purchases/{id}", p.gateway_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let archived = p.status_of(&id, 0).await.expect("the archived status");
     assert_eq!(archived.status.as_str(), "confirmed");
     assert_eq!(archived.sku, sku.as_str());
     p.stop().await;
@@ -351,13 +342,7 @@ async fn a_declined_payment_gives_the_unit_back_to_the_next_buyer() {
     let done = p.terminal(&id).await;
     assert_eq!(done.status.as_str(), "cancelled");
     assert_eq!(done.reason.as_deref(), Some("payment_declined"));
-    let order = p
-        .stores
-        .orders
-        .get(RequestId::parse(&id).unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let order = p.order(&id).await.expect("an order");
     assert_eq!(order.status, OrderStatus::Cancelled);
     let levels = eventually("the unit back in stock", SETTLE, || async {
         let l = p.stores.stock.levels(&sku).await.ok()??;
