@@ -2,7 +2,8 @@
 # Installs what the local stack needs and is missing, and nothing else:
 # redis-server (Debian), a Java runtime (Debian), tansu (cargo), and
 # DynamoDB Local (from the npm package amplify-dynamodb-simulator); and wrk
-# (Debian), the HTTP load generator of scripts/bench-gateway.
+# (Debian), the HTTP load generator of scripts/bench-gateway; sqlite3
+# (Debian), for the broker database's upkeep (infra/local/kafka-db.sh).
 # Safe to run again: each step checks first.
 set -euo pipefail
 # cargo install puts tansu here; a fresh shell may not have it on PATH.
@@ -34,6 +35,11 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
   log "installing redis-server from Debian"
   apt_install redis-server redis-tools
   # Debian starts its own Redis on 6379; the project never uses it.
+fi
+
+if ! command -v sqlite3 >/dev/null; then
+  log "installing sqlite3 from Debian (the broker database's index and trimming)"
+  apt_install sqlite3
 fi
 
 if ! command -v wrk >/dev/null; then
