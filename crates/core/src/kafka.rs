@@ -12,7 +12,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage, ToBytes};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::ids::RequestId;
@@ -72,12 +72,37 @@ pub fn producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaFailure
         .set("enable.idempotence", "true")
         // A flash sale wants its first buyers answered fast, not big batches.
         .set("linger.ms", "1")
-        .set(
-            "message.timeout.ms",
-            settings.produce_timeout.as_millis().to_string(),
-        )
+        // librdkafka never gives up on a message by itself: we stop waiting
+        // after `produce_timeout` (see `send`), and the message goes on
+        // until the broker answers. When an idempotent producer times out a
+        // message that may be in flight, librdkafka bumps its epoch locally,
+        // and tansu 0.6 cannot take a batch with an epoch it did not hand
+        // out: its storage task panics and the broker answers nothing again
+        // until restarted. A broker that stalls longer than the timeout
+        // (tests/broker.rs stalls it 13 s) did exactly that.
+        .set("message.timeout.ms", "0")
         .create()
         .map_err(KafkaFailure::Client)
+}
+
+/// Sends one record and waits up to `timeout` for the broker to
+/// acknowledge it.
+async fn deliver<K, P>(
+    producer: &FutureProducer,
+    record: FutureRecord<'_, K, P>,
+    timeout: Duration,
+) -> Result<(i32, i64), KafkaFailure>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    match tokio::time::timeout(timeout, producer.send(record, timeout)).await {
+        Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
+        Ok(Err((error, _))) => Err(KafkaFailure::Produce(error)),
+        Err(_) => Err(KafkaFailure::Produce(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut,
+        ))),
+    }
 }
 
 /// Creates every topic of the pipeline and its dead-letter twin that does
@@ -227,11 +252,7 @@ pub async fn send(
         .key(key)
         .payload(payload)
         .headers(headers);
-    producer
-        .send(record, timeout)
-        .await
-        .map(|d| (d.partition, d.offset))
-        .map_err(|(e, _)| KafkaFailure::Produce(e))
+    deliver(producer, record, timeout).await
 }
 
 /// Puts a message that cannot be processed on `<topic>.dlq`, with the reason
@@ -271,11 +292,7 @@ pub async fn dead_letter(
     if let Some(payload) = message.payload() {
         record = record.payload(payload);
     }
-    producer
-        .send(record, timeout)
-        .await
-        .map(|_| ())
-        .map_err(|(e, _)| KafkaFailure::Produce(e))
+    deliver(producer, record, timeout).await.map(|_| ())
 }
 
 /// The error recorded with a dead-lettered message.

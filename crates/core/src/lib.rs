@@ -10,6 +10,7 @@
 pub mod audit;
 pub mod clock;
 pub mod consume;
+pub mod consumer_health;
 pub mod dynamo;
 pub mod ids;
 pub mod inventory;

@@ -17,9 +17,10 @@ use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio_util::sync::CancellationToken;
 
-/// A readiness check: `Ok` when every dependency answers, else what is down.
+/// A readiness check: `Ok` with what is worth knowing about a ready
+/// service (empty if nothing), else what is down.
 pub type ReadinessCheck =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync>;
 
 #[derive(Clone)]
 struct Ops {
@@ -40,7 +41,8 @@ pub fn router<S: Clone + Send + Sync + 'static>(
 
 async fn readyz(State(ops): State<Ops>) -> Response {
     match (ops.ready)().await {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(detail) if detail.is_empty() => (StatusCode::OK, "ready\n").into_response(),
+        Ok(detail) => (StatusCode::OK, format!("ready: {detail}\n")).into_response(),
         Err(down) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {down}\n"),
@@ -108,7 +110,26 @@ pub fn kafka_and_redis_ready(
             crate::kafka::probe(&producer, &topic)
                 .await
                 .map_err(|e| e.to_string())?;
-            stock.ping().await.map_err(|e| e.to_string())
+            stock.ping().await.map_err(|e| e.to_string())?;
+            Ok(String::new())
+        })
+    })
+}
+
+/// A worker's readiness: `check`, and its consumer doing its job (in its
+/// group with partitions that deliver, or idle with nothing to read).
+pub fn with_consumer(
+    check: ReadinessCheck,
+    health: crate::consumer_health::ConsumerHealth,
+) -> ReadinessCheck {
+    Arc::new(move || {
+        let (check, health) = (check.clone(), health.clone());
+        Box::pin(async move {
+            check().await?;
+            match health.problem() {
+                None => Ok(health.summary()),
+                Some(problem) => Err(format!("consumer: {problem}")),
+            }
         })
     })
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
+use flashsale_core::consumer_health::ConsumerHealth;
 use flashsale_core::dynamo::{self, DynamoError, Tables};
 use flashsale_core::kafka::{self, KafkaFailure, topic};
 use flashsale_core::messages::{self, Reservation};
@@ -48,6 +49,10 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// `FLASHSALE_ORDER_CONCURRENCY`: sagas in progress at once.
     pub concurrency: usize,
+    /// `FLASHSALE_CONSUMER_STALL_MS`: how long the worker may hold
+    /// partitions that deliver nothing, or sit out of its group, while
+    /// reservations wait, before it joins its group again with a new consumer.
+    pub stall_after: Duration,
     /// `FLASHSALE_PAYMENT_BREAKER_FAILURES`: unanswered payment calls in a
     /// row that open the breaker.
     pub breaker_failures: u32,
@@ -73,6 +78,7 @@ impl Config {
                 SocketAddr::from(([127, 0, 0, 1], 9102)),
             )?,
             concurrency: env.get("ORDER_CONCURRENCY", 64)?,
+            stall_after: consume::stall_after(env)?,
             breaker_failures: env.get("PAYMENT_BREAKER_FAILURES", 5)?,
             breaker_open_for: env.millis("PAYMENT_BREAKER_OPEN_MS", 2_000)?,
             crash_after: match env.string("ORDER_CRASH_AFTER", "").as_str() {
@@ -204,6 +210,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         });
     }
     let options = ConsumerOptions {
+        kafka: config.kafka.clone(),
+        stall_after: config.stall_after,
+        health: ConsumerHealth::register(&registry)?,
         group: config.kafka.group(kafka::group::ORDERS),
         topics: vec![config.kafka.topic(topic::RESERVATIONS)],
         max_in_flight: config.concurrency.max(1),
@@ -211,16 +220,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         // While the payment breaker is open, reservations wait in Kafka.
         pause: Some(paused),
     };
-    let consumer = consume::consumer(&config.kafka, &options)?;
+    let consumer = consume::consumer(&options)?;
 
     let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
     let metrics_addr = listener.local_addr()?;
     let app = ops::router(
         registry,
-        ops::kafka_and_redis_ready(
-            deps.producer.clone(),
-            deps.release_topic.clone(),
-            deps.stock.clone(),
+        ops::with_consumer(
+            ops::kafka_and_redis_ready(
+                deps.producer.clone(),
+                deps.release_topic.clone(),
+                deps.stock.clone(),
+            ),
+            options.health.clone(),
         ),
     );
     let ops_task = tokio::spawn(ops::serve(listener, app, shutdown.clone()));

@@ -285,7 +285,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Resu
         .with_state(stub)
         .merge(ops::router(
             registry,
-            Arc::new(|| Box::pin(async { Ok(()) })),
+            Arc::new(|| Box::pin(async { Ok(String::new()) })),
         ));
     let listener = tokio::net::TcpListener::bind(config.addr).await?;
     let local_addr = listener.local_addr()?;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
+use flashsale_core::consumer_health::ConsumerHealth;
 use flashsale_core::ids::RequestId;
 use flashsale_core::kafka::{self, KafkaFailure, topic};
 use flashsale_core::messages::{self, PurchaseRequest, Reservation, SCHEMA_VERSION, StockRelease};
@@ -47,6 +48,10 @@ pub struct Config {
     /// `FLASHSALE_EXPIRY_BATCH`: reservations one `expire` call releases at
     /// most, so a sweep never blocks Redis for long.
     pub sweep_batch: usize,
+    /// `FLASHSALE_CONSUMER_STALL_MS`: how long the worker may hold
+    /// partitions that deliver nothing, or sit out of its group, while
+    /// records wait, before it joins its group again with a new consumer.
+    pub stall_after: Duration,
 }
 
 impl Config {
@@ -62,6 +67,7 @@ impl Config {
             max_in_flight: env.get("SHOP_MAX_IN_FLIGHT", 512)?,
             sweep_interval: env.millis("EXPIRY_SWEEP_MS", 1_000)?,
             sweep_batch: env.get("EXPIRY_BATCH", 256)?,
+            stall_after: consume::stall_after(env)?,
         })
     }
 }
@@ -159,22 +165,28 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
         shutdown: shutdown.clone(),
     });
     let options = ConsumerOptions {
+        kafka: config.kafka.clone(),
+        stall_after: config.stall_after,
+        health: ConsumerHealth::register(&registry)?,
         group: config.kafka.group(kafka::group::SHOP),
         topics: vec![shop.purchase_topic.clone(), shop.release_topic.clone()],
         max_in_flight: config.max_in_flight,
         drain_timeout: Duration::from_secs(10),
         pause: None,
     };
-    let consumer = consume::consumer(&config.kafka, &options)?;
+    let consumer = consume::consumer(&options)?;
 
     let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
     let metrics_addr = listener.local_addr()?;
     let app = ops::router(
         registry,
-        ops::kafka_and_redis_ready(
-            shop.producer.clone(),
-            shop.purchase_topic.clone(),
-            shop.stock.clone(),
+        ops::with_consumer(
+            ops::kafka_and_redis_ready(
+                shop.producer.clone(),
+                shop.purchase_topic.clone(),
+                shop.stock.clone(),
+            ),
+            options.health.clone(),
         ),
     );
     let ops_shutdown = shutdown.clone();

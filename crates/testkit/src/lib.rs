@@ -36,6 +36,19 @@ pub fn env_with(overrides: &[(&str, String)]) -> Env {
     env_with_more(&Env::process(), overrides)
 }
 
+/// A port nobody listens on now, for a process the test starts.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// `name`'s directory under the test stack's state dir.
+fn state_dir(name: &str) -> std::path::PathBuf {
+    let base = std::env::var("FLASHSALE_STATE_DIR").unwrap_or_else(|_| "/tmp".into());
+    std::path::Path::new(&base).join(name)
+}
+
 fn env_with_more(env: &Env, more: &[(&str, String)]) -> Env {
     let mut vars = env.vars();
     for (k, v) in more {
@@ -54,13 +67,9 @@ pub struct OwnRedis {
 
 impl OwnRedis {
     async fn start(prefix: &str) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let base = std::env::var("FLASHSALE_STATE_DIR").unwrap_or_else(|_| "/tmp".into());
         let own = Self {
-            port,
-            dir: std::path::Path::new(&base).join(format!("redis-{prefix}")),
+            port: free_port()?,
+            dir: state_dir(&format!("redis-{prefix}")),
             child: std::sync::Mutex::new(None),
         };
         own.spawn().await?;
@@ -144,6 +153,100 @@ impl Drop for OwnRedis {
     }
 }
 
+/// A Kafka broker of one pipeline's own, started and stopped by the local
+/// stack's own script (`infra/local/stack.sh`, so with the stack's index
+/// and trimming), for tests that stall, restart or trim it without
+/// disturbing the tests that share the suite's broker.
+pub struct OwnKafka {
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnKafka {
+    pub async fn start(name: &str) -> anyhow::Result<Self> {
+        let own = Self {
+            port: free_port()?,
+            dir: state_dir(&format!("kafka-{name}")),
+        };
+        own.stack(&["start", "kafka"]).await?;
+        Ok(own)
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Its SQLite database.
+    pub fn database(&self) -> std::path::PathBuf {
+        self.dir.join("kafka.db")
+    }
+
+    /// `stack.sh` on this broker's state dir and port, without the keeper
+    /// (a test trims when it means to).
+    pub async fn stack(&self, args: &[&str]) -> anyhow::Result<()> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../infra/local/stack.sh");
+        let output = tokio::process::Command::new(script)
+            .args(args)
+            .env("FLASHSALE_STATE_DIR", &self.dir)
+            .env("FLASHSALE_KAFKA_PORT", self.port.to_string())
+            .env("FLASHSALE_KAFKA_TRIM_RECORDS", "0")
+            .output()
+            .await?;
+        anyhow::ensure!(
+            output.status.success(),
+            "stack.sh {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    }
+
+    fn pid(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(self.dir.join("kafka.pid"))?
+            .trim()
+            .to_owned())
+    }
+
+    /// SIGSTOP: the broker stops answering but keeps every connection,
+    /// like a process stalled on its disk or a paused VM.
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("STOP")
+    }
+
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid()?)
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{name} failed");
+        Ok(())
+    }
+}
+
+impl Drop for OwnKafka {
+    fn drop(&mut self) {
+        let _ = self.resume();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../infra/local/stack.sh");
+        let _ = std::process::Command::new(script)
+            .arg("stop")
+            .env("FLASHSALE_STATE_DIR", &self.dir)
+            .env("FLASHSALE_KAFKA_PORT", self.port.to_string())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if std::thread::panicking() {
+            eprintln!(
+                "the broker's log and data are kept in {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 fn any_port() -> String {
     SocketAddr::from(([127, 0, 0, 1], 0)).to_string()
 }
@@ -194,6 +297,9 @@ pub struct PipelineOptions {
     /// A Redis of the pipeline's own (a child process) instead of the shared
     /// one, for tests that kill and wipe it.
     pub own_redis: bool,
+    /// A Kafka broker of the pipeline's own (see `OwnKafka`) instead of the
+    /// shared one, for tests that stall or restart it.
+    pub own_kafka: bool,
     /// More `FLASHSALE_*` settings for every service of the pipeline.
     pub env: Vec<(&'static str, String)>,
 }
@@ -207,6 +313,7 @@ impl Default for PipelineOptions {
             order_workers: 1,
             gateways: 1,
             own_redis: false,
+            own_kafka: false,
             env: Vec::new(),
         }
     }
@@ -245,6 +352,8 @@ pub struct Pipeline {
     pub http: reqwest::Client,
     /// The pipeline's own Redis, when `own_redis` was asked for.
     pub redis: Option<OwnRedis>,
+    /// The pipeline's own broker, when `own_kafka` was asked for.
+    pub broker: Option<OwnKafka>,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -305,6 +414,15 @@ impl Pipeline {
             Some(own) => env_with_more(&env, &[("FLASHSALE_REDIS_URL", own.url())]),
             None => env,
         };
+        let broker = if options.own_kafka {
+            Some(OwnKafka::start(&prefix).await?)
+        } else {
+            None
+        };
+        let env = match &broker {
+            Some(own) => env_with_more(&env, &[("FLASHSALE_KAFKA_BOOTSTRAP", own.bootstrap())]),
+            None => env,
+        };
         let env = env_with_more(&env, &options.env);
         let mut cli = CliConfig::from_env(&env)?;
         // One creator at a time per test process (see kafka::ensure_topics);
@@ -348,6 +466,7 @@ impl Pipeline {
             worker_metrics,
             http: reqwest::Client::new(),
             redis,
+            broker,
             shutdown,
             tasks,
         })
@@ -642,6 +761,65 @@ async fn start_order_worker(env: &Env, pipeline: &CancellationToken) -> anyhow::
         shutdown,
         task: worker.task,
     })
+}
+
+/// A service binary built next to the running test (`./scripts/test`
+/// builds every binary before the tests run).
+pub fn service_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first (./scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A service running as a process of its own, killed (SIGKILL) when
+/// dropped, so a failing test leaves no worker behind (it would keep the
+/// test's output open and consume a dead pipeline's topics).
+pub struct ServiceProcess(std::process::Child);
+
+impl ServiceProcess {
+    /// SIGKILL: no drain, no commit, no goodbye to the group.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// How it ended, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Pipeline {
+    /// The service binary `name` (`shop-worker`, `order-worker`) as a
+    /// process of this pipeline, with `more` settings.
+    pub fn service_process(&self, name: &str, more: &[(&str, String)]) -> ServiceProcess {
+        let mut command = std::process::Command::new(service_binary(name));
+        command
+            .envs(self.env.vars())
+            .env("FLASHSALE_ORDER_METRICS_ADDR", "127.0.0.1:0")
+            .env("FLASHSALE_SHOP_METRICS_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null());
+        for (key, value) in more {
+            command.env(key, value);
+        }
+        ServiceProcess(command.spawn().expect("the service starts"))
+    }
 }
 
 /// Polls `check` until it returns `Some`, or fails after `deadline`.

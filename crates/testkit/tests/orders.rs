@@ -13,7 +13,7 @@ use flashsale_testkit::flashsale_core::ids::{RequestId, Sku};
 use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::payment::{ChargeStatus, LatencyModel, StubBehaviour};
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
-use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
+use flashsale_testkit::{Pipeline, PipelineOptions, ServiceProcess, eventually};
 
 /// Buyers `0..n` each buy one unit of `sku`; the purchases' terminal states.
 async fn buy_all(p: &Arc<Pipeline>, sku: &str, n: usize) -> Vec<PurchaseStatus> {
@@ -254,47 +254,14 @@ async fn a_ten_second_outage_opens_the_breaker_and_cancels_nothing() {
     }
 }
 
-/// The order-worker binary next to this test's (`./scripts/test` builds
-/// every binary before the tests run).
-fn order_worker_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .join("order-worker");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bins` first (./scripts/test does)",
-        bin.display()
-    );
-    bin
-}
-
 /// An order-worker process of the pipeline; with `crash_after`, it aborts
 /// (like SIGKILL: no drain, no commit, no goodbye to the group) there.
-fn order_worker_process(p: &Pipeline, crash_after: Option<&str>) -> WorkerProcess {
-    let mut command = std::process::Command::new(order_worker_binary());
-    command
-        .envs(p.env.vars())
-        .env("FLASHSALE_ORDER_METRICS_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null());
-    if let Some(point) = crash_after {
-        command.env("FLASHSALE_ORDER_CRASH_AFTER", point);
-    }
-    WorkerProcess(command.spawn().expect("the order-worker starts"))
-}
-
-/// Killed when dropped, so a failing test leaves no worker behind (it
-/// would keep the test's output open and consume a dead pipeline's topics).
-struct WorkerProcess(std::process::Child);
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn order_worker_process(p: &Pipeline, crash_after: Option<&str>) -> ServiceProcess {
+    let crash: Vec<(&str, String)> = crash_after
+        .map(|point| ("FLASHSALE_ORDER_CRASH_AFTER", point.to_owned()))
+        .into_iter()
+        .collect();
+    p.service_process("order-worker", &crash)
 }
 
 /// Starts an order-worker process that aborts at `point` with the first
@@ -306,7 +273,7 @@ async fn crash_at(p: &Pipeline, point: &str) -> tokio::time::Instant {
         "the worker to die at its crash point",
         Duration::from_secs(60),
         || {
-            let exited = doomed.0.try_wait().ok().flatten();
+            let exited = doomed.exited();
             async move { exited }
         },
     )
