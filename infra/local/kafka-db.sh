@@ -4,7 +4,7 @@
 #
 #   kafka-db.sh index DB       # add the missing index (idempotent; fast on a new DB)
 #   kafka-db.sh trimmable DB   # prints "<records every group committed past> <newest record id>"
-#   kafka-db.sh trim DB        # delete those records; only while the broker is stopped
+#   kafka-db.sh trim DB        # delete those records, print how many; only while the broker is stopped
 #
 # Why the index: tansu reads a fetched record's headers with one query per
 # record that joins `header` on (topition, offset_id), and 0.6's schema
@@ -47,18 +47,21 @@ trimmable() { # db
 }
 
 trim() { # db
-  db "$1" "
+  local out
+  out="$(db "$1" "
     BEGIN IMMEDIATE;
     CREATE TEMP TABLE floor AS $FLOOR;
     DELETE FROM header WHERE EXISTS (SELECT 1 FROM floor f
       WHERE f.topition = header.topition AND header.offset_id < f.upto);
     DELETE FROM record WHERE EXISTS (SELECT 1 FROM floor f
       WHERE f.topition = record.topition AND record.offset_id < f.upto);
+    SELECT changes();
     -- The log start offset moves with the first record kept.
     UPDATE watermark SET low = (SELECT f.upto FROM floor f WHERE f.topition = watermark.topition)
       WHERE EXISTS (SELECT 1 FROM floor f WHERE f.topition = watermark.topition AND f.upto > watermark.low);
     COMMIT;
-    PRAGMA wal_checkpoint(TRUNCATE);" >/dev/null
+    PRAGMA wal_checkpoint(TRUNCATE);")"
+  echo "${out%%$'\n'*}"
 }
 
 case "${1:-}" in

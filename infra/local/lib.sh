@@ -45,7 +45,8 @@ start_one() { # name port command...
     log "port $port ($name) is taken by a process this stack did not start; set FLASHSALE_${name^^}_PORT"
     exit 1
   fi
-  (cd "$state" && exec setsid "$@" >>"$state/$name.log" 2>&1 </dev/null) &
+  # 9>&-: the lock stack.sh holds while it starts the broker must not live on in it.
+  (cd "$state" && exec setsid "$@" >>"$state/$name.log" 2>&1 </dev/null 9>&-) &
   echo $! >"$state/$name.pid"
 }
 

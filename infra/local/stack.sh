@@ -53,9 +53,8 @@ start_kafka() {
   if [ -f "$kafka_db" ]; then
     # The broker is down: the one moment another writer may touch its database.
     "$here/kafka-db.sh" index "$kafka_db"
-    local before; before="$(du -k "$kafka_db" | cut -f1)"
-    "$here/kafka-db.sh" trim "$kafka_db"
-    log "kafka.db trimmed of what every consumer group has read (${before} KiB before, $(du -k "$kafka_db" | cut -f1) KiB after)"
+    local trimmed; trimmed="$("$here/kafka-db.sh" trim "$kafka_db")"
+    log "kafka.db: trimmed ${trimmed} records every consumer group has read"
   fi
   # Where this run's part of the log begins (see `wedged`).
   log_size >"$state/kafka.log-start"
@@ -68,6 +67,9 @@ start_kafka() {
   wait_for kafka 30 kafka_schema_ready
   "$here/kafka-db.sh" index "$kafka_db"
 }
+
+# One start at a time: `start`, `trim` and the keeper all start the broker.
+locked() { ( flock 9 && "$@" ) 9>"$state/kafka.lock"; }
 
 start_keeper() {
   running kafka-keeper && return 0
@@ -90,7 +92,7 @@ start() {
       -jar "$tools/dynamodb/DynamoDBLocal.jar" -sharedDb -dbPath "$state/dynamodb" -port "$ddb_port"
   fi
   if wanted kafka; then
-    start_kafka
+    locked start_kafka
     start_keeper
   fi
   if wanted redis; then wait_for redis 30 redis_ready; fi
@@ -107,9 +109,6 @@ restart_kafka() {
   components=(kafka)
   start_kafka
 }
-
-# One restart at a time: `trim` and the keeper both restart the broker.
-locked() { ( flock 9 && "$@" ) 9>"$state/kafka.lock"; }
 
 trim() {
   running kafka || { log "kafka is not running"; return 1; }
