@@ -181,15 +181,22 @@ impl OwnKafka {
         self.dir.join("kafka.db")
     }
 
-    /// `stack.sh` on this broker's state dir and port, without the keeper
-    /// (a test trims when it means to).
-    pub async fn stack(&self, args: &[&str]) -> anyhow::Result<()> {
+    /// `stack.sh args` on this broker's state dir and port. Its keeper
+    /// never trims (a test trims when it means to); it still restarts a
+    /// broker that died or stopped serving.
+    fn stack_command(&self, args: &[&str]) -> std::process::Command {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../infra/local/stack.sh");
-        let output = tokio::process::Command::new(script)
+        let mut command = std::process::Command::new(script);
+        command
             .args(args)
             .env("FLASHSALE_STATE_DIR", &self.dir)
             .env("FLASHSALE_KAFKA_PORT", self.port.to_string())
-            .env("FLASHSALE_KAFKA_TRIM_RECORDS", "0")
+            .env("FLASHSALE_KAFKA_TRIM_RECORDS", "0");
+        command
+    }
+
+    pub async fn stack(&self, args: &[&str]) -> anyhow::Result<()> {
+        let output = tokio::process::Command::from(self.stack_command(args))
             .output()
             .await?;
         anyhow::ensure!(
@@ -229,11 +236,8 @@ impl OwnKafka {
 impl Drop for OwnKafka {
     fn drop(&mut self) {
         let _ = self.resume();
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../infra/local/stack.sh");
-        let _ = std::process::Command::new(script)
-            .arg("stop")
-            .env("FLASHSALE_STATE_DIR", &self.dir)
-            .env("FLASHSALE_KAFKA_PORT", self.port.to_string())
+        let _ = self
+            .stack_command(&["stop"])
             .stderr(std::process::Stdio::null())
             .status();
         if std::thread::panicking() {
