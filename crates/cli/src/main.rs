@@ -95,17 +95,18 @@ enum SaleCommand {
         /// sweep gives its units back.
         #[arg(long, default_value_t = 600)]
         reservation_ttl_secs: u64,
-        /// The sale opens this long from now (requests before: rejected,
-        /// sale_not_active).
+        /// The sale opens this long from now. Buyers who come before take a
+        /// place in its line, in the order of a draw among them, and are
+        /// served at the opening.
         #[arg(long, default_value_t = 0)]
         start_in_secs: u64,
         /// How long the sale stays open once it opened.
         #[arg(long, default_value_t = 3600)]
         duration_secs: u64,
-        /// Purchases the gateways let into the queue per available unit: at
-        /// most ceil(available x overbook) wait at once; more are answered
-        /// 429 (or 409 once sold out). Above 1 so that failed purchases do
-        /// not leave units unsold.
+        /// Buyers per unit not yet sold who may hold one or wait in the
+        /// sku's line for one: at most ceil(units not sold x overbook) at
+        /// once; past that, purchases are answered 409 sold-out. Above 1 so
+        /// that a unit given back (declined, expired) finds a buyer waiting.
         #[arg(long, default_value_t = flashsale_core::stock::DEFAULT_OVERBOOK)]
         overbook: f64,
         /// Replace the sku's open sale.
@@ -117,7 +118,8 @@ enum SaleCommand {
         #[arg(long)]
         sku: String,
     },
-    /// Add units to a running sale; the sold-out flag clears.
+    /// Add units to a running sale: they go to the buyers waiting in its
+    /// line first, and the sold-out flag clears.
     Restock {
         #[arg(long)]
         sku: String,
@@ -128,8 +130,9 @@ enum SaleCommand {
         #[arg(long)]
         operation_id: Option<String>,
     },
-    /// Close a sale: new requests are rejected (sale_not_active); purchases
-    /// already reserved complete or are released.
+    /// Close a sale: new requests are rejected (sale_not_active), and so
+    /// are the buyers waiting in its line; purchases already reserved
+    /// complete or are released.
     Close {
         #[arg(long)]
         sku: String,
@@ -158,7 +161,7 @@ struct SurgeArgs {
     payment_latency_ms: u64,
     #[arg(long, default_value_t = 1)]
     per_user_limit: u64,
-    /// Purchases the gateways let into the queue per available unit.
+    /// Buyers per unit not yet sold who may hold or wait for one.
     #[arg(long, default_value_t = flashsale_core::stock::DEFAULT_OVERBOOK)]
     overbook: f64,
     /// Concurrent connections to the gateway.

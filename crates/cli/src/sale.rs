@@ -101,7 +101,10 @@ pub async fn restock(
     if written == RestockWrite::AlreadyApplied {
         tracing::info!(%sku, operation_id, "restock already in DynamoDB; applying to Redis");
     }
-    Ok(stores.stock.restock(sku, operation_id, units).await?)
+    Ok(stores
+        .stock
+        .restock(sku, operation_id, units, flashsale_core::clock::now_ms())
+        .await?)
 }
 
 /// Stops the sale: new requests are rejected with `sale_not_active`;

@@ -68,6 +68,30 @@ pub struct Latency {
     pub max: f64,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LineReport {
+    pub waited: u64,
+    /// Of those, served a unit that came back.
+    pub served: u64,
+    pub wait_ms: Latency,
+}
+
+/// First come, first served, as the buyers saw it. Arrival order is the
+/// order in which their first request left the load generator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Fairness {
+    /// Buyers who got a unit (their purchase was reserved: confirmed, or
+    /// cancelled after a decline or an expiry).
+    pub winners: u64,
+    /// Of the first `stock` arrivals, how many got a unit.
+    pub winners_among_first: u64,
+    /// Pairs (earlier, later) where the later arrival got a unit and the
+    /// earlier one was refused or rejected without ever holding one.
+    pub inversions: u64,
+    /// Buyers refused while someone who arrived after them got a unit.
+    pub passed_over: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SurgeReport {
     pub buyers: u64,
@@ -94,6 +118,29 @@ pub struct SurgeReport {
     /// From a buyer's intended send time to the terminal state of an
     /// accepted purchase (confirmed, cancelled or rejected).
     pub decision_latency_ms: Latency,
+    /// From a buyer's intended send time to the gateway's first answer,
+    /// whatever it was (a `503` later retried included).
+    #[serde(default)]
+    pub first_answer_ms: Latency,
+    /// From a buyer's intended send time to the answer they keep: a
+    /// refusal they did not retry, or the terminal state of their purchase.
+    /// Buyers whose purchase did not settle are left out (see `unsettled`).
+    #[serde(default)]
+    pub final_answer_ms: Latency,
+    /// From the first intended arrival until every unit was sold (the last
+    /// confirmation); `null` when some stayed unsold.
+    #[serde(default)]
+    pub sold_out_after_s: Option<f64>,
+    /// From the first intended arrival until every accepted purchase was
+    /// terminal; `null` when some did not settle.
+    #[serde(default)]
+    pub all_decided_after_s: Option<f64>,
+    /// Buyers who waited in the sku's line for a unit to come back, and for
+    /// how long (from joining it to being served or turned away).
+    #[serde(default)]
+    pub line: LineReport,
+    #[serde(default)]
+    pub fairness: Fairness,
     /// Accepted purchases per second while the crowd was arriving.
     pub accept_rps: f64,
     /// Gateway answers of any kind per second while the crowd was arriving.
@@ -116,6 +163,11 @@ impl SurgeReport {
              \x20 units sold {} of {} (oversold {})\n\
              \x20 accept latency   p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms\n\
              \x20 decision latency p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms\n\
+             \x20 first answer     p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms\n\
+             \x20 final answer     p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms\n\
+             \x20 sold out after {}, all decided after {}\n\
+             \x20 line: {} waited ({} served), wait p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms\n\
+             \x20 fairness: {} of the first {} arrivals got a unit; {} inversions, {} buyers passed over\n\
              audit: {}\n",
             self.buyers,
             self.stock,
@@ -141,6 +193,23 @@ impl SurgeReport {
             self.decision_latency_ms.p50,
             self.decision_latency_ms.p99,
             self.decision_latency_ms.max,
+            self.first_answer_ms.p50,
+            self.first_answer_ms.p99,
+            self.first_answer_ms.max,
+            self.final_answer_ms.p50,
+            self.final_answer_ms.p99,
+            self.final_answer_ms.max,
+            seconds(self.sold_out_after_s),
+            seconds(self.all_decided_after_s),
+            self.line.waited,
+            self.line.served,
+            self.line.wait_ms.p50,
+            self.line.wait_ms.p99,
+            self.line.wait_ms.max,
+            self.fairness.winners_among_first,
+            self.stock.min(self.buyers),
+            self.fairness.inversions,
+            self.fairness.passed_over,
             if self.audit_ok { "clean" } else { "VIOLATIONS" },
         );
         for violation in &self.violations {
@@ -149,6 +218,10 @@ impl SurgeReport {
         out.push_str(&format!("verdict: {verdict}\n"));
         out
     }
+}
+
+fn seconds(s: Option<f64>) -> String {
+    s.map_or_else(|| "never".to_owned(), |s| format!("{s:.2} s"))
 }
 
 enum Answer {
@@ -169,11 +242,13 @@ async fn ask(
     key: &str,
     body: &serde_json::Value,
     due_unix_ms: u64,
+    sent: &mut Option<Instant>,
 ) -> (Answer, Option<Duration>) {
     // A connection is held for the request only, not while waiting to retry.
     let Ok(_permit) = connections.acquire().await else {
         return (Answer::Error, None);
     };
+    sent.get_or_insert_with(Instant::now);
     let response = match http
         .post(url)
         .header("Idempotency-Key", key)
@@ -285,8 +360,21 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             tokio::time::sleep_until(due).await;
             let due_unix_ms = start_unix_ms + offset.as_millis() as u64;
             let mut retries = 0u32;
+            let mut sent = None;
+            let mut first_answer = None;
             let answer = loop {
-                match ask(&http, &url, &connections, &key, &body, due_unix_ms).await {
+                let asked = ask(
+                    &http,
+                    &url,
+                    &connections,
+                    &key,
+                    &body,
+                    due_unix_ms,
+                    &mut sent,
+                )
+                .await;
+                first_answer.get_or_insert_with(|| due.elapsed());
+                match asked {
                     (Answer::RateLimited | Answer::Overloaded, Some(wait))
                         if retries < max_retries =>
                     {
@@ -296,29 +384,51 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
                     (answer, _) => break answer,
                 }
             };
-            (answer, retries, due.elapsed(), Instant::now())
+            Buyer {
+                index: i,
+                answer,
+                retries,
+                first_answer: first_answer.unwrap_or_default(),
+                last_answer: due.elapsed(),
+                answered_at: Instant::now(),
+                sent: sent.unwrap_or(due),
+            }
         }));
     }
 
     let mut accept_latency = histogram();
+    let mut first_answer = histogram();
+    let mut final_answer = histogram();
     let mut shed = Shed::default();
     let mut errors = 0;
     let mut retries = 0u64;
     let mut accepted = Vec::new();
     let mut last_answer = start;
+    // (sent, buyer index, accepted purchase) of every buyer.
+    let mut fates: Vec<(Instant, u64, Option<RequestId>)> = Vec::new();
     for task in tasks {
-        let (answer, tries, elapsed, answered_at) = task.await?;
-        retries += u64::from(tries);
-        let _ = accept_latency.record(elapsed.as_micros().max(1) as u64);
-        last_answer = last_answer.max(answered_at);
-        match answer {
-            Answer::Accepted { id, due_unix_ms } => accepted.push((id, due_unix_ms)),
+        let buyer = task.await?;
+        retries += u64::from(buyer.retries);
+        let _ = accept_latency.record(micros(buyer.last_answer));
+        let _ = first_answer.record(micros(buyer.first_answer));
+        last_answer = last_answer.max(buyer.answered_at);
+        let mut accepted_id = None;
+        match buyer.answer {
+            Answer::Accepted { id, due_unix_ms } => {
+                accepted.push((id, due_unix_ms));
+                accepted_id = Some(id);
+            }
             Answer::SoldOut => shed.sold_out += 1,
             Answer::RateLimited => shed.rate_limited += 1,
             Answer::Overloaded => shed.overloaded += 1,
             Answer::Invalid => shed.invalid += 1,
             Answer::Error => errors += 1,
         }
+        if accepted_id.is_none() {
+            // A refusal they keep is their final answer.
+            let _ = final_answer.record(micros(buyer.last_answer));
+        }
+        fates.push((buyer.sent, buyer.index, accepted_id));
     }
     let send_phase = last_answer
         .saturating_duration_since(start)
@@ -327,18 +437,54 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
 
     let settled = settle(stores, &accepted, options.settle_timeout).await?;
     let mut decision_latency = histogram();
+    let mut line_wait = histogram();
+    let mut line = LineReport::default();
     let (mut confirmed, mut cancelled, mut rejected) = (0, 0, 0);
-    for (due_unix_ms, state, decided_ms) in &settled {
-        let _ = decision_latency.record(decided_ms.saturating_sub(*due_unix_ms).max(1) * 1000);
-        match state {
-            PurchaseState::Confirmed => confirmed += 1,
-            PurchaseState::Cancelled => cancelled += 1,
+    let (mut last_decided, mut last_confirmed) = (start_unix_ms, start_unix_ms);
+    let mut won = std::collections::HashSet::new();
+    for settled in &settled {
+        let took = settled
+            .decided_ms
+            .saturating_sub(settled.due_unix_ms)
+            .max(1)
+            * 1000;
+        let _ = decision_latency.record(took);
+        let _ = final_answer.record(took);
+        last_decided = last_decided.max(settled.decided_ms);
+        match settled.state {
+            PurchaseState::Confirmed => {
+                confirmed += 1;
+                last_confirmed = last_confirmed.max(settled.decided_ms);
+                won.insert(settled.id);
+            }
+            PurchaseState::Cancelled => {
+                cancelled += 1;
+                won.insert(settled.id);
+            }
             _ => rejected += 1,
         }
+        if let Some(since) = settled.waiting_since_ms {
+            line.waited += 1;
+            if settled.state != PurchaseState::Rejected {
+                line.served += 1;
+            }
+            let _ = line_wait.record(settled.decided_ms.saturating_sub(since).max(1) * 1000);
+        }
     }
+    line.wait_ms = latency(&line_wait);
     let unsettled = (accepted.len() - settled.len()) as u64;
+    fates.sort_by_key(|(sent, index, _)| (*sent, *index));
+    let fairness = fairness(
+        &fates
+            .iter()
+            .map(|(_, _, id)| id.is_some_and(|id| won.contains(&id)))
+            .collect::<Vec<_>>(),
+        options.stock,
+    );
+    let after_s = |unix_ms: u64| unix_ms.saturating_sub(start_unix_ms) as f64 / 1000.0;
 
     let report = stores.audit(&options.sku, unsettled == 0).await?;
+    let sold_out = report.sold >= options.stock as i64 && confirmed > 0;
     let duration_s = start.elapsed().as_secs_f64();
     Ok(SurgeReport {
         buyers: options.buyers,
@@ -356,6 +502,12 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         violations: report.violations,
         accept_latency_ms: latency(&accept_latency),
         decision_latency_ms: latency(&decision_latency),
+        first_answer_ms: latency(&first_answer),
+        final_answer_ms: latency(&final_answer),
+        sold_out_after_s: sold_out.then(|| after_s(last_confirmed)),
+        all_decided_after_s: (unsettled == 0).then(|| after_s(last_decided)),
+        line,
+        fairness,
         retries,
         accept_rps: accepted.len() as f64 / send_phase,
         answered_rps: options.buyers as f64 / send_phase,
@@ -363,13 +515,57 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     })
 }
 
+struct Buyer {
+    index: u64,
+    answer: Answer,
+    retries: u32,
+    first_answer: Duration,
+    last_answer: Duration,
+    answered_at: Instant,
+    /// When their first request left (after waiting for a connection).
+    sent: Instant,
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().max(1) as u64
+}
+
+/// `won[i]`: whether the i-th arrival got a unit.
+fn fairness(won: &[bool], stock: u64) -> Fairness {
+    let mut report = Fairness {
+        winners: won.iter().filter(|w| **w).count() as u64,
+        winners_among_first: won.iter().take(stock as usize).filter(|w| **w).count() as u64,
+        ..Fairness::default()
+    };
+    // From the last arrival back: every buyer who got nothing is passed
+    // over by each winner who arrived after them.
+    let mut later_winners = 0u64;
+    for won in won.iter().rev() {
+        if *won {
+            later_winners += 1;
+        } else if later_winners > 0 {
+            report.inversions += later_winners;
+            report.passed_over += 1;
+        }
+    }
+    report
+}
+
+struct Settled {
+    id: RequestId,
+    due_unix_ms: u64,
+    state: PurchaseState,
+    decided_ms: u64,
+    waiting_since_ms: Option<u64>,
+}
+
 /// Waits until every accepted purchase is terminal, or the timeout.
-/// Returns `(due, terminal state, when it was reached)` of those that are.
+/// Returns those that are.
 async fn settle(
     stores: &Stores,
     accepted: &[(RequestId, u64)],
     timeout: Duration,
-) -> anyhow::Result<Vec<(u64, PurchaseState, u64)>> {
+) -> anyhow::Result<Vec<Settled>> {
     let deadline = Instant::now() + timeout;
     let mut open: Vec<(RequestId, u64)> = accepted.to_vec();
     let mut done = Vec::with_capacity(accepted.len());
@@ -380,9 +576,13 @@ async fn settle(
             let statuses = stores.board.get_many(&ids).await?;
             for ((id, due), status) in chunk.iter().zip(statuses) {
                 match status {
-                    Some(s) if s.status.is_terminal() => {
-                        done.push((*due, s.status, s.updated_at_ms))
-                    }
+                    Some(s) if s.status.is_terminal() => done.push(Settled {
+                        id: *id,
+                        due_unix_ms: *due,
+                        state: s.status,
+                        decided_ms: s.updated_at_ms,
+                        waiting_since_ms: s.waiting_since_ms,
+                    }),
                     _ => still_open.push((*id, *due)),
                 }
             }
@@ -393,4 +593,26 @@ async fn settle(
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fairness_counts_who_was_passed_over() {
+        // Arrivals in order: won, lost, won, lost, lost, won.
+        let report = fairness(&[true, false, true, false, false, true], 2);
+        assert_eq!(
+            report,
+            Fairness {
+                winners: 3,
+                winners_among_first: 1,
+                // The 2nd is passed by the 3rd and 6th; the 4th and 5th by the 6th.
+                inversions: 4,
+                passed_over: 3,
+            }
+        );
+        assert_eq!(fairness(&[true, true, false], 2).inversions, 0);
+    }
 }

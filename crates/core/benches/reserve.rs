@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     for chunk in all.chunks(batch) {
         let now = flashsale_core::clock::now_ms();
         for outcome in store.reserve_pipelined(chunk, now, 60_000).await? {
-            if matches!(outcome?, ReserveOutcome::Reserved { .. }) {
+            if matches!(outcome?.outcome, ReserveOutcome::Reserved { .. }) {
                 reserved += 1;
             }
         }

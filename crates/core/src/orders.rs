@@ -93,6 +93,9 @@ impl Order {
             updated_at_ms: self.updated_at_ms,
             record: None,
             queue_position: None,
+            units_may_return: None,
+            wait_at_most_s: None,
+            waiting_since_ms: None,
         }
     }
 }

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum PurchaseState {
     Queued,
+    /// In its sku's line: no unit is free for it now, but units held by
+    /// buyers ahead may still come back, and the first goes to the head.
+    Waiting,
     Reserved,
     Paid,
     Confirmed,
@@ -18,8 +21,9 @@ pub enum PurchaseState {
 }
 
 impl PurchaseState {
-    pub const ALL: [PurchaseState; 6] = [
+    pub const ALL: [PurchaseState; 7] = [
         Self::Queued,
+        Self::Waiting,
         Self::Reserved,
         Self::Paid,
         Self::Confirmed,
@@ -38,15 +42,17 @@ impl PurchaseState {
     pub fn rank(self) -> u8 {
         match self {
             Self::Queued => 0,
-            Self::Reserved => 1,
-            Self::Paid => 2,
-            Self::Confirmed | Self::Rejected | Self::Cancelled => 3,
+            Self::Waiting => 1,
+            Self::Reserved => 2,
+            Self::Paid => 3,
+            Self::Confirmed | Self::Rejected | Self::Cancelled => 4,
         }
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "queued",
+            Self::Waiting => "waiting",
             Self::Reserved => "reserved",
             Self::Paid => "paid",
             Self::Confirmed => "confirmed",
@@ -104,8 +110,23 @@ pub struct PurchaseStatus {
     pub record: Option<(i32, i64)>,
     /// While `queued`: about how many purchases of its partition the
     /// shop-workers still have to answer, this one included (1 = next).
+    /// While `waiting`: its place in the sku's line (1 = the next unit that
+    /// comes back is this buyer's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u64>,
+    /// While `waiting`: units held by buyers who have not paid yet, the
+    /// only ones that can still come back to the line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units_may_return: Option<i64>,
+    /// While `waiting`: the buyer knows whether they got a unit within this
+    /// many seconds at the latest (when the reservations now held are paid
+    /// or expire); usually much sooner, as payments settle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_at_most_s: Option<u64>,
+    /// Since when (unix ms) the purchase waited in its sku's line, if it
+    /// ever did; kept once it is served or turned away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since_ms: Option<u64>,
 }
 
 #[cfg(test)]
@@ -115,10 +136,11 @@ mod tests {
     #[test]
     fn ranks_only_rise_to_terminal() {
         for s in PurchaseState::ALL {
-            assert_eq!(s.is_terminal(), s.rank() == 3, "{s}");
+            assert_eq!(s.is_terminal(), s.rank() == 4, "{s}");
             assert_eq!(s.as_str().parse::<PurchaseState>().ok(), Some(s));
         }
-        assert!(PurchaseState::Queued.rank() < PurchaseState::Reserved.rank());
+        assert!(PurchaseState::Queued.rank() < PurchaseState::Waiting.rank());
+        assert!(PurchaseState::Waiting.rank() < PurchaseState::Reserved.rank());
         assert!(PurchaseState::Reserved.rank() < PurchaseState::Paid.rank());
         assert!("shipped".parse::<PurchaseState>().is_err());
     }

@@ -139,5 +139,8 @@ fn from_fields(id: RequestId, fields: HashMap<String, String>) -> Option<Purchas
             .and_then(|p| p.parse().ok())
             .zip(fields.get("offset").and_then(|o| o.parse().ok())),
         queue_position: None,
+        units_may_return: None,
+        wait_at_most_s: None,
+        waiting_since_ms: fields.get("waiting_since_ms").and_then(|t| t.parse().ok()),
     })
 }

@@ -21,32 +21,52 @@ macro_rules! script {
             std::sync::LazyLock::new(|| redis::Script::new(include_str!($file)));
     };
     // A script that shares helpers with others gets them prepended: the
-    // ones that publish a flip of the sold-out or closed flag (see
-    // `FLAGS_CHANNEL`), or the size of the admission window.
-    ($name:ident, $file:literal, with $prelude:literal) => {
+    // ones that publish a flip of a sku's flags (see `FLAGS_CHANNEL`), and
+    // the line's (`lua/line.lua`), which need the former.
+    ($name:ident, $file:literal, with flags) => {
         static $name: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(concat!(include_str!($prelude), include_str!($file)))
+            redis::Script::new(concat!(include_str!("lua/flags.lua"), include_str!($file)))
+        });
+    };
+    ($name:ident, $file:literal, with line) => {
+        static $name: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(concat!(
+                include_str!("lua/flags.lua"),
+                include_str!("lua/line.lua"),
+                include_str!($file)
+            ))
         });
     };
 }
-script!(OPEN, "lua/open.lua", with "lua/flags.lua");
-script!(RESERVE, "lua/reserve.lua", with "lua/flags.lua");
-script!(COMMIT, "lua/commit.lua");
-script!(RELEASE, "lua/release.lua", with "lua/flags.lua");
-script!(EXPIRE, "lua/expire.lua", with "lua/flags.lua");
-script!(RESTOCK, "lua/restock.lua", with "lua/flags.lua");
-script!(CLOSE, "lua/close.lua", with "lua/flags.lua");
-script!(STATUS, "lua/status.lua", with "lua/window.lua");
-script!(ADMIT, "lua/admit.lua", with "lua/window.lua");
+script!(OPEN, "lua/open.lua", with line);
+script!(RESERVE, "lua/reserve.lua", with line);
+script!(COMMIT, "lua/commit.lua", with line);
+script!(RELEASE, "lua/release.lua", with line);
+script!(EXPIRE, "lua/expire.lua", with line);
+script!(RESTOCK, "lua/restock.lua", with line);
+script!(CLOSE, "lua/close.lua", with flags);
+script!(STATUS, "lua/status.lua", with line);
+script!(ADMIT, "lua/admit.lua", with line);
+script!(SERVE, "lua/serve.lua", with line);
+script!(LINE_PLACE, "lua/line_place.lua", with line);
 
-/// Where the scripts publish "<sku> <sold_out> <closed>" (each `0` or `1`)
-/// whenever a sku's sold-out or closed flag changes (`lua/flags.lua`).
+/// Where the scripts publish "<sku> <sold_out> <closed> <line_full>" (each
+/// `0` or `1`) whenever one of a sku's flags changes (`lua/flags.lua`).
 /// Outside any hash tag: Redis Cluster forwards a publish to every node.
 pub const FLAGS_CHANNEL: &str = "fs:sku-flags";
 
-/// Purchases a gateway may let into a sku's queue per available unit, when
-/// the sale does not say.
+/// Where `admit.lua` publishes "<sku> <request id>" for every purchase it
+/// lets in, and `open.lua` "<sku> *" when a new sale starts afresh: what
+/// lets a gateway answer a repeated POST for a full sku from memory.
+pub const ADMITTED_CHANNEL: &str = "fs:admitted";
+
+/// Buyers per unit not yet sold who may hold or wait for one, when the
+/// sale does not say.
 pub const DEFAULT_OVERBOOK: f64 = 1.5;
+
+/// Waiters one script serves or turns away at most; the sweep goes on with
+/// the rest.
+pub const SERVE_LIMIT: usize = 256;
 
 /// The set of skus with a sale: what the expiry sweep walks. Outside any
 /// sku's hash tag, and written only by plain `SADD`, never by a script.
@@ -132,6 +152,27 @@ impl SkuKeys {
     pub fn admitted(&self) -> String {
         format!("{}:admitted", self.0)
     }
+    /// Every request id admitted in this sale (`lua/line.lua` derives the
+    /// line's keys from the stock hash's name the same way).
+    pub fn admitted_ever(&self) -> String {
+        format!("{}:admitted:ever", self.0)
+    }
+    /// Sorted set of the request ids waiting in the sku's line, by place.
+    pub fn line(&self) -> String {
+        format!("{}:line", self.0)
+    }
+    /// Request id -> "<user> <quantity>" of a waiter, until announced.
+    pub fn line_who(&self) -> String {
+        format!("{}:line:who", self.0)
+    }
+    /// Request id -> when its buyer last asked for it (ms).
+    pub fn line_seen(&self) -> String {
+        format!("{}:line:seen", self.0)
+    }
+    /// Decided waiters still to be announced, by when the sweep should.
+    pub fn line_out(&self) -> String {
+        format!("{}:line:out", self.0)
+    }
 }
 
 /// The rules of a sale as the scripts need them.
@@ -146,9 +187,9 @@ pub struct SaleRules {
     pub reservation_ttl_ms: u64,
     pub starts_at_ms: u64,
     pub ends_at_ms: u64,
-    /// The gateways let at most `ceil(available * overbook)` purchases of
-    /// the sku wait in the queue; more than 1 so that purchases that fail
-    /// (declined, over the user limit) do not leave units unsold.
+    /// At most `ceil(overbook x units not sold yet)` buyers may hold a unit
+    /// or wait in the sku's line for one; more than 1 so that a unit given
+    /// back (declined, expired) finds a buyer waiting for it.
     pub overbook: f64,
 }
 
@@ -177,10 +218,17 @@ pub struct SkuStatus {
     pub overdue: i64,
     pub next_deadline_ms: Option<i64>,
     pub overbook: f64,
-    /// Purchases the gateways admitted that no shop-worker answered yet.
+    /// Purchases the gateways admitted that no shop-worker has seen yet.
     pub queued: i64,
-    /// How many may wait now: ceil(available x overbook).
-    pub queue_limit: i64,
+    /// Buyers waiting in the line for a unit to come back.
+    pub waiting: i64,
+    /// Reservations neither sold nor given back yet.
+    pub holders: i64,
+    /// How many buyers may hold, wait or be on their way at once:
+    /// ceil(overbook x units not sold yet).
+    pub line_cap: i64,
+    /// No room for one more buyer: the gateways answer `sold-out`.
+    pub line_full: bool,
 }
 
 impl SkuStatus {
@@ -221,7 +269,10 @@ impl SkuStatus {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DEFAULT_OVERBOOK),
             queued: get("queued"),
-            queue_limit: get("queue_limit"),
+            waiting: get("waiting"),
+            holders: get("holders"),
+            line_cap: get("line_cap"),
+            line_full: get("line_full") == 1,
         })
     }
 }
@@ -247,11 +298,15 @@ pub enum ReserveOutcome {
     Rejected {
         reason: String,
     },
+    /// In the sku's line: units may still come back, none is free for it
+    /// yet. Its final answer is announced by whichever call decides it.
+    Waiting,
 }
 
 impl ReserveOutcome {
     fn from_reply(sku: &Sku, reply: Vec<String>) -> Result<Self, StockError> {
         match reply.as_slice() {
+            [kind] if kind == "waiting" => Ok(Self::Waiting),
             [kind, expires, amount, sale] if kind == "reserved" => {
                 match (expires.parse(), amount.parse()) {
                     (Ok(expires_at_ms), Ok(amount_cents)) => Ok(Self::Reserved {
@@ -271,6 +326,77 @@ impl ReserveOutcome {
     }
 }
 
+/// A waiter whose answer a script decided: the caller publishes its
+/// reservation or posts its rejection, then acknowledges (`StockStore::ack`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    pub id: RequestId,
+    pub user: UserId,
+    pub quantity: Quantity,
+    /// `Reserved` or `Rejected`.
+    pub outcome: ReserveOutcome,
+}
+
+fn announcements(sku: &Sku, reply: Vec<String>) -> Result<Vec<Announcement>, StockError> {
+    reply
+        .chunks(3)
+        .map(|chunk| {
+            let [id, who, answer] = chunk else {
+                return unexpected(chunk);
+            };
+            let who = who.split_once(' ');
+            let parsed = (
+                RequestId::parse(id).ok(),
+                who.and_then(|(user, _)| UserId::parse(user).ok()),
+                who.and_then(|(_, qty)| qty.parse::<i64>().ok())
+                    .and_then(|q| Quantity::new(q).ok()),
+                serde_json::from_str::<Vec<String>>(answer).ok(),
+            );
+            match parsed {
+                (Some(id), Some(user), Some(quantity), Some(answer)) => Ok(Announcement {
+                    id,
+                    user,
+                    quantity,
+                    outcome: ReserveOutcome::from_reply(sku, answer)?,
+                }),
+                _ => unexpected(chunk),
+            }
+        })
+        .collect()
+}
+
+/// A script's own answer, and the waiters it decided on the way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answered<T> {
+    pub outcome: T,
+    pub line: Vec<Announcement>,
+}
+
+impl<T> Answered<T> {
+    fn parse(
+        sku: &Sku,
+        (answer, line): (Vec<String>, Vec<String>),
+        outcome: impl FnOnce(Vec<String>) -> Result<T, StockError>,
+    ) -> Result<Self, StockError> {
+        Ok(Self {
+            outcome: outcome(answer)?,
+            line: announcements(sku, line)?,
+        })
+    }
+}
+
+/// Where a waiting purchase stands in its sku's line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LinePlace {
+    /// 1: the next unit that comes back is this buyer's.
+    pub position: u64,
+    /// Units held by buyers who have not paid yet: the only ones that can
+    /// still come back.
+    pub units_may_return: i64,
+    /// When the last of those is decided at the latest (unix ms).
+    pub decided_by_ms: Option<u64>,
+}
+
 /// What `admit.lua` decided about one purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
@@ -282,10 +408,11 @@ pub enum Admission {
     },
     /// A shop-worker already answered this request id.
     Processed(ReserveOutcome),
-    /// The window is full; units still reserved may come back.
+    /// Every unit is spoken for: `people` already hold, wait or are on
+    /// their way, and at most `cap` may.
     Full {
-        queued: u64,
-        limit: u64,
+        people: u64,
+        cap: u64,
     },
     SoldOut,
     /// Closed or over (`None`), or opening in this many ms.
@@ -311,8 +438,8 @@ impl Admission {
                     Err(_) => return unexpected(&reply),
                 }
             }
-            [kind, queued, limit] if kind == "full" => match (number(queued), number(limit)) {
-                (Some(queued), Some(limit)) => Self::Full { queued, limit },
+            [kind, people, cap] if kind == "full" => match (number(people), number(cap)) {
+                (Some(people), Some(cap)) => Self::Full { people, cap },
                 _ => return unexpected(&reply),
             },
             [kind] if kind == "sold_out" => Self::SoldOut,
@@ -340,12 +467,16 @@ impl Admission {
 /// A sku's flags as the gateways keep them in memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SkuFlags {
+    /// No unit is free (some may come back to the line).
     pub sold_out: bool,
     pub closed: bool,
+    /// No room in the line: every unit is sold or spoken for.
+    pub line_full: bool,
 }
 
 impl SkuFlags {
-    /// Parses a message of `FLAGS_CHANNEL`: "<sku> <sold_out> <closed>".
+    /// Parses a message of `FLAGS_CHANNEL`:
+    /// "<sku> <sold_out> <closed> <line_full>".
     pub fn from_message(message: &str) -> Option<(Sku, Self)> {
         let mut parts = message.split(' ');
         let sku = Sku::parse(parts.next()?).ok()?;
@@ -357,6 +488,7 @@ impl SkuFlags {
         let flags = Self {
             sold_out: flag(parts.next())?,
             closed: flag(parts.next())?,
+            line_full: flag(parts.next())?,
         };
         parts.next().is_none().then_some((sku, flags))
     }
@@ -523,6 +655,10 @@ impl StockStore {
             .arg(rules.starts_at_ms)
             .arg(rules.ends_at_ms)
             .arg(rules.overbook)
+            // The draw among early buyers is fair only if nobody can
+            // compute tickets: a random salt, never shown.
+            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(self.retention_ms)
             .invoke_async(&mut conn)
             .await?;
         match reply.first().map(String::as_str) {
@@ -545,7 +681,6 @@ impl StockStore {
             .key(keys.deadlines())
             .key(keys.admitted())
             .arg(now_ms)
-            .arg(DEFAULT_OVERBOOK)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(SkuStatus::from_reply(reply))
@@ -562,30 +697,48 @@ impl StockStore {
     /// gateway rereads when it may have missed a published change.
     pub async fn flags(&self, sku: &Sku) -> Result<Option<SkuFlags>, StockError> {
         let mut conn = self.conn.clone();
-        let (total, sold_out, closed): (Option<String>, Option<String>, Option<String>) =
-            redis::cmd("HMGET")
-                .arg(SkuKeys::new(sku).stock())
-                .arg("total")
-                .arg("sold_out")
-                .arg("closed")
-                .query_async(&mut conn)
-                .await?;
+        let (total, sold_out, closed, line_full): (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = redis::cmd("HMGET")
+            .arg(SkuKeys::new(sku).stock())
+            .arg("total")
+            .arg("sold_out")
+            .arg("closed")
+            .arg("line_full")
+            .query_async(&mut conn)
+            .await?;
         Ok(total.map(|_| SkuFlags {
             sold_out: sold_out.as_deref() == Some("1"),
             closed: closed.as_deref() == Some("1"),
+            line_full: line_full.as_deref() == Some("1"),
         }))
     }
 
-    /// Lets request `id` into the sku's queue if the window allows
+    /// Every request id the gateways admitted in the sku's current sale.
+    pub async fn admitted_ever(&self, sku: &Sku) -> Result<Vec<RequestId>, StockError> {
+        let raw: Vec<String> = self
+            .conn
+            .clone()
+            .smembers(SkuKeys::new(sku).admitted_ever())
+            .await?;
+        Ok(raw
+            .iter()
+            .filter_map(|id| RequestId::parse(id).ok())
+            .collect())
+    }
+
+    /// Lets request `id` into the sku's line if there is room
     /// (`admit.lua`). `lease_ms`: how long an admitted request may stay
-    /// unanswered before the window forgets it.
+    /// unseen by a shop-worker before the line forgets it.
     pub async fn admit(
         &self,
         sku: &Sku,
         id: RequestId,
         now_ms: u64,
         lease_ms: u64,
-        default_overbook: f64,
     ) -> Result<Admission, StockError> {
         let keys = SkuKeys::new(sku);
         let reply: Vec<String> = ADMIT
@@ -595,7 +748,6 @@ impl StockStore {
             .arg(id.to_string())
             .arg(now_ms)
             .arg(lease_ms)
-            .arg(default_overbook)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Admission::from_reply(sku, reply)
@@ -617,7 +769,7 @@ impl StockStore {
         request: &PurchaseRequest,
         now_ms: u64,
         max_queue_age_ms: u64,
-    ) -> ([String; 6], [String; 7]) {
+    ) -> ([String; 6], [String; 8]) {
         let keys = SkuKeys::new(&request.sku);
         let id = request.request_id;
         (
@@ -637,6 +789,7 @@ impl StockStore {
                 request.accepted_at_ms.to_string(),
                 max_queue_age_ms.to_string(),
                 self.retention_ms.to_string(),
+                SERVE_LIMIT.to_string(),
             ],
         )
     }
@@ -646,14 +799,16 @@ impl StockStore {
         request: &PurchaseRequest,
         now_ms: u64,
         max_queue_age_ms: u64,
-    ) -> Result<ReserveOutcome, StockError> {
+    ) -> Result<Answered<ReserveOutcome>, StockError> {
         let (keys, args) = self.reserve_call(request, now_ms, max_queue_age_ms);
-        let reply: Vec<String> = RESERVE
+        let reply = RESERVE
             .key(&keys)
             .arg(&args)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        ReserveOutcome::from_reply(&request.sku, reply)
+        Answered::parse(&request.sku, reply, |answer| {
+            ReserveOutcome::from_reply(&request.sku, answer)
+        })
     }
 
     /// Reserves many requests in one round trip (`EVALSHA`s in a pipeline,
@@ -664,7 +819,7 @@ impl StockStore {
         requests: &[PurchaseRequest],
         now_ms: u64,
         max_queue_age_ms: u64,
-    ) -> Result<Vec<Result<ReserveOutcome, StockError>>, StockError> {
+    ) -> Result<Vec<Result<Answered<ReserveOutcome>, StockError>>, StockError> {
         let mut conn = self.conn.clone();
         RESERVE.prepare_invoke().load_async(&mut conn).await?;
         let mut pipe = redis::pipe();
@@ -676,11 +831,15 @@ impl StockStore {
                 .arg(&keys)
                 .arg(&args);
         }
-        let replies: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+        let replies: Vec<(Vec<String>, Vec<String>)> = pipe.query_async(&mut conn).await?;
         Ok(requests
             .iter()
             .zip(replies)
-            .map(|(request, reply)| ReserveOutcome::from_reply(&request.sku, reply))
+            .map(|(request, reply)| {
+                Answered::parse(&request.sku, reply, |answer| {
+                    ReserveOutcome::from_reply(&request.sku, answer)
+                })
+            })
             .collect())
     }
 
@@ -689,9 +848,9 @@ impl StockStore {
         sku: &Sku,
         id: RequestId,
         now_ms: u64,
-    ) -> Result<CommitOutcome, StockError> {
+    ) -> Result<Answered<CommitOutcome>, StockError> {
         let keys = SkuKeys::new(sku);
-        let reply: Vec<String> = COMMIT
+        let reply = COMMIT
             .key(keys.stock())
             .key(keys.deadlines())
             .key(keys.reservation(id))
@@ -699,7 +858,7 @@ impl StockStore {
             .arg(now_ms)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        CommitOutcome::from_reply(sku, reply)
+        Answered::parse(sku, reply, |answer| CommitOutcome::from_reply(sku, answer))
     }
 
     pub async fn release(
@@ -707,18 +866,21 @@ impl StockStore {
         sku: &Sku,
         id: RequestId,
         reason: &str,
-    ) -> Result<ReleaseOutcome, StockError> {
+        now_ms: u64,
+    ) -> Result<Answered<ReleaseOutcome>, StockError> {
         let keys = SkuKeys::new(sku);
-        let reply: Vec<String> = RELEASE
+        let reply = RELEASE
             .key(keys.stock())
             .key(keys.users())
             .key(keys.deadlines())
             .key(keys.reservation(id))
             .arg(id.to_string())
             .arg(reason)
+            .arg(now_ms)
+            .arg(SERVE_LIMIT)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        ReleaseOutcome::from_reply(sku, reply)
+        Answered::parse(sku, reply, |answer| ReleaseOutcome::from_reply(sku, answer))
     }
 
     /// Releases up to `limit` reservations whose deadline is before `now`.
@@ -730,9 +892,9 @@ impl StockStore {
         sweep_id: &str,
         now_ms: u64,
         limit: usize,
-    ) -> Result<Vec<Expired>, StockError> {
+    ) -> Result<Answered<Vec<Expired>>, StockError> {
         let keys = SkuKeys::new(sku);
-        let reply: Vec<String> = EXPIRE
+        let reply = EXPIRE
             .key(keys.stock())
             .key(keys.users())
             .key(keys.deadlines())
@@ -743,7 +905,73 @@ impl StockStore {
             .arg(SWEEP_MARKER_MS)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        expired_from_reply(reply)
+        Answered::parse(sku, reply, expired_from_reply)
+    }
+
+    /// The sweep's round over the sku's line (`serve.lua`): turns away
+    /// waiters whose buyer has not asked for `patience_ms`, serves the
+    /// head, trims the tail, and returns what is to be announced.
+    pub async fn serve(
+        &self,
+        sku: &Sku,
+        now_ms: u64,
+        patience_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Announcement>, StockError> {
+        let reply: Vec<String> = SERVE
+            .key(SkuKeys::new(sku).stock())
+            .arg(now_ms)
+            .arg(patience_ms)
+            .arg(limit.max(1))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        announcements(sku, reply)
+    }
+
+    /// Marks announced waiters done, so the sweep does not announce them
+    /// again.
+    pub async fn ack(&self, sku: &Sku, ids: &[RequestId]) -> Result<(), StockError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let keys = SkuKeys::new(sku);
+        let ids: Vec<String> = ids.iter().map(RequestId::to_string).collect();
+        redis::pipe()
+            .zrem(keys.line_out(), &ids)
+            .ignore()
+            .hdel(keys.line_who(), &ids)
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Where purchase `id` stands in the sku's line, `None` when it is not
+    /// in it. Asking keeps its place (`line_place.lua`).
+    pub async fn line_place(
+        &self,
+        sku: &Sku,
+        id: RequestId,
+        now_ms: u64,
+    ) -> Result<Option<LinePlace>, StockError> {
+        let reply: Vec<String> = LINE_PLACE
+            .key(SkuKeys::new(sku).stock())
+            .arg(id.to_string())
+            .arg(now_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match reply.as_slice() {
+            [] => Ok(None),
+            [position, units, last] => match (position.parse(), units.parse()) {
+                (Ok(position), Ok(units_may_return)) => Ok(Some(LinePlace {
+                    position,
+                    units_may_return,
+                    decided_by_ms: last.parse::<f64>().ok().map(|ms| ms as u64),
+                })),
+                _ => unexpected(&reply),
+            },
+            _ => unexpected(&reply),
+        }
     }
 
     /// Adds `units`; replaying `operation_id` answers the first result.
@@ -752,6 +980,7 @@ impl StockStore {
         sku: &Sku,
         operation_id: &str,
         units: u64,
+        now_ms: u64,
     ) -> Result<Restocked, StockError> {
         let keys = SkuKeys::new(sku);
         let reply: Vec<String> = RESTOCK
@@ -759,6 +988,8 @@ impl StockStore {
             .key(keys.restock(operation_id))
             .arg(units)
             .arg(self.retention_ms)
+            .arg(now_ms)
+            .arg(SERVE_LIMIT)
             .invoke_async(&mut self.conn.clone())
             .await?;
         match reply.as_slice() {
@@ -872,6 +1103,14 @@ impl StockStore {
             sold,
             sold_out: available <= 0,
         };
+        // The line is not restored (it lived only in Redis): the holders
+        // alone decide whether there is room.
+        let cap = ((available + reserved).max(0) as f64 * rules.overbook - 1e-9).ceil() as i64;
+        let holders = reservations
+            .iter()
+            .filter(|r| r.state == RestoredState::Reserved)
+            .count() as i64;
+        let line_full = holders >= cap;
         conn.hset_multiple::<_, _, _, ()>(
             keys.stock(),
             &[
@@ -886,13 +1125,20 @@ impl StockStore {
                 ("starts_at_ms", rules.starts_at_ms.to_string()),
                 ("ends_at_ms", rules.ends_at_ms.to_string()),
                 ("overbook", rules.overbook.to_string()),
+                ("retention_ms", self.retention_ms.to_string()),
                 ("sold_out", if levels.sold_out { "1" } else { "0" }.into()),
                 ("closed", if closed { "1" } else { "0" }.into()),
+                ("line_full", if line_full { "1" } else { "0" }.into()),
             ],
         )
         .await?;
         // Gateways that still remember the sku learn its flags now.
-        let flags = format!("{sku} {} {}", u8::from(levels.sold_out), u8::from(closed));
+        let flags = format!(
+            "{sku} {} {} {}",
+            u8::from(levels.sold_out),
+            u8::from(closed),
+            u8::from(line_full)
+        );
         conn.publish::<_, _, ()>(FLAGS_CHANNEL, flags).await?;
         conn.sadd::<_, _, ()>(SALES_KEY, sku.as_str()).await?;
         Ok(levels)

@@ -219,13 +219,24 @@ async fn hammer(backend: Backend, seed: u64) {
                             _ => fixture
                                 .request(&format!("u{}", rng.below(60)), 1 + rng.below(2) as i64),
                         };
-                        let outcome = fixture.store.reserve(&request, now, MAX_AGE).await.unwrap();
+                        let outcome = fixture
+                            .store
+                            .reserve(&request, now, MAX_AGE)
+                            .await
+                            .unwrap()
+                            .outcome;
                         let mut answers = answers.lock().await;
-                        if let Some(first) = answers.get(&request.request_id) {
-                            assert_eq!(
-                                first, &outcome,
-                                "seed {seed}: a replayed reserve answered differently"
-                            );
+                        if let Some(first) = answers.get_mut(&request.request_id) {
+                            // A waiter's answer comes later (served or
+                            // turned away); a final answer never changes.
+                            if *first == ReserveOutcome::Waiting {
+                                *first = outcome;
+                            } else {
+                                assert_eq!(
+                                    first, &outcome,
+                                    "seed {seed}: a replayed reserve answered differently"
+                                );
+                            }
                         } else {
                             answers.insert(request.request_id, outcome);
                             made.lock().await.push(request);
@@ -244,9 +255,10 @@ async fn hammer(backend: Backend, seed: u64) {
                         if let Some(request) = known.clone() {
                             let outcome = fixture
                                 .store
-                                .release(&fixture.sku, request.request_id, "payment_declined")
+                                .release(&fixture.sku, request.request_id, "payment_declined", 0)
                                 .await
-                                .unwrap();
+                                .unwrap()
+                                .outcome;
                             if let ReleaseOutcome::Released { reason } = outcome {
                                 assert!(
                                     ["payment_declined", "reservation_expired"]
@@ -262,7 +274,8 @@ async fn hammer(backend: Backend, seed: u64) {
                             .store
                             .expire(&fixture.sku, &sweep, now, limit)
                             .await
-                            .unwrap();
+                            .unwrap()
+                            .outcome;
                         assert!(
                             expired.len() <= limit,
                             "seed {seed}: expire went past its limit"
@@ -332,6 +345,24 @@ async fn hammer(backend: Backend, seed: u64) {
         deadlines, reserved_ids,
         "seed {seed}: deadlines vs reserved records"
     );
+    // Nobody is lost in the line: every purchase that waited is still in
+    // it, or has its final answer.
+    let mut conn = fixture.conn.clone();
+    for request in &made {
+        let id = request.request_id.to_string();
+        let waits: Option<f64> = conn.zscore(keys.line(), &id).await.unwrap();
+        let marker = state.get(&format!("marker.{id}"));
+        assert!(
+            waits.is_some() != marker.is_some(),
+            "seed {seed}: {id} waits={waits:?} and answered={marker:?}"
+        );
+    }
+    let line: usize = conn.zcard(keys.line()).await.unwrap();
+    assert!(
+        (levels.reserved > 0 || levels.available == 0) || line == 0,
+        "seed {seed}: {line} wait while {} units are free: {levels:?}",
+        levels.available
+    );
     assert!(samples > 0, "the sampler never read the counters");
     let reservations = made.len();
     eprintln!(
@@ -378,7 +409,11 @@ async fn every_script_replays(backend: Backend) {
     for request in [&a, &b, &c] {
         let outcome = twice!(
             "reserve",
-            f.store.reserve(request, 1_000, MAX_AGE).await.unwrap()
+            f.store
+                .reserve(request, 1_000, MAX_AGE)
+                .await
+                .unwrap()
+                .outcome
         );
         assert!(
             matches!(
@@ -394,7 +429,11 @@ async fn every_script_replays(backend: Backend) {
     assert_eq!(
         twice!(
             "commit",
-            f.store.commit(&f.sku, a.request_id, 1_050).await.unwrap()
+            f.store
+                .commit(&f.sku, a.request_id, 1_050)
+                .await
+                .unwrap()
+                .outcome
         ),
         CommitOutcome::Committed
     );
@@ -402,9 +441,10 @@ async fn every_script_replays(backend: Backend) {
         twice!(
             "release",
             f.store
-                .release(&f.sku, b.request_id, "payment_declined")
+                .release(&f.sku, b.request_id, "payment_declined", 0)
                 .await
                 .unwrap()
+                .outcome
         ),
         ReleaseOutcome::Released {
             reason: "payment_declined".into()
@@ -414,22 +454,31 @@ async fn every_script_replays(backend: Backend) {
         twice!(
             "release of a sold unit",
             f.store
-                .release(&f.sku, a.request_id, "payment_declined")
+                .release(&f.sku, a.request_id, "payment_declined", 0)
                 .await
                 .unwrap()
+                .outcome
         ),
         ReleaseOutcome::WasCommitted
     );
     assert_eq!(
         twice!(
             "late commit",
-            f.store.commit(&f.sku, c.request_id, 1_101).await.unwrap()
+            f.store
+                .commit(&f.sku, c.request_id, 1_101)
+                .await
+                .unwrap()
+                .outcome
         ),
         CommitOutcome::Expired
     );
     let expired = twice!(
         "expire",
-        f.store.expire(&f.sku, "sweep-1", 1_200, 10).await.unwrap()
+        f.store
+            .expire(&f.sku, "sweep-1", 1_200, 10)
+            .await
+            .unwrap()
+            .outcome
     );
     assert_eq!(
         expired.iter().map(|e| e.id).collect::<Vec<_>>(),
@@ -438,13 +487,20 @@ async fn every_script_replays(backend: Backend) {
     assert_eq!(
         twice!(
             "commit after expiry",
-            f.store.commit(&f.sku, c.request_id, 1_050).await.unwrap()
+            f.store
+                .commit(&f.sku, c.request_id, 1_050)
+                .await
+                .unwrap()
+                .outcome
         ),
         CommitOutcome::Released {
             reason: "reservation_expired".into()
         }
     );
-    let restocked = twice!("restock", f.store.restock(&f.sku, "op-1", 4).await.unwrap());
+    let restocked = twice!(
+        "restock",
+        f.store.restock(&f.sku, "op-1", 4, 1_200).await.unwrap()
+    );
     assert_eq!((restocked.total, restocked.available), (14, 12));
     twice!("close", f.store.close(&f.sku).await.unwrap());
     let status = twice!(
@@ -458,7 +514,11 @@ async fn every_script_replays(backend: Backend) {
     );
     let late = f.request("dave", 1);
     assert_eq!(
-        f.store.reserve(&late, 1_300, MAX_AGE).await.unwrap(),
+        f.store
+            .reserve(&late, 1_300, MAX_AGE)
+            .await
+            .unwrap()
+            .outcome,
         ReserveOutcome::Rejected {
             reason: "sale_not_active".into()
         }
@@ -472,7 +532,12 @@ async fn expire_and_release_race(backend: Backend) {
     for round in 0..rounds {
         let request = f.request(&format!("r{round}"), 1);
         let now = 1_000 * (round + 1);
-        let reserved = f.store.reserve(&request, now, MAX_AGE).await.unwrap();
+        let reserved = f
+            .store
+            .reserve(&request, now, MAX_AGE)
+            .await
+            .unwrap()
+            .outcome;
         assert!(
             matches!(reserved, ReserveOutcome::Reserved { .. }),
             "round {round}: {reserved:?}"
@@ -487,12 +552,14 @@ async fn expire_and_release_race(backend: Backend) {
                     .expire(&f1.sku, &format!("race-{round}-{i}"), now + 11, 5)
                     .await
                     .unwrap()
+                    .outcome
             }));
             releases.push(tokio::spawn(async move {
                 f2.store
-                    .release(&f2.sku, id, "payment_declined")
+                    .release(&f2.sku, id, "payment_declined", 0)
                     .await
                     .unwrap()
+                    .outcome
             }));
         }
         let mut swept = 0;
@@ -548,7 +615,11 @@ async fn one_user_hundred_requests(backend: Backend) {
         let f = f.clone();
         calls.push(tokio::spawn(async move {
             let request = f.request("the-one-buyer", 1);
-            f.store.reserve(&request, 1_000, MAX_AGE).await.unwrap()
+            f.store
+                .reserve(&request, 1_000, MAX_AGE)
+                .await
+                .unwrap()
+                .outcome
         }));
     }
     let mut outcomes: HashMap<String, usize> = HashMap::new();
@@ -556,6 +627,7 @@ async fn one_user_hundred_requests(backend: Backend) {
         let label = match call.await.unwrap() {
             ReserveOutcome::Reserved { .. } => "reserved".to_owned(),
             ReserveOutcome::Rejected { reason } => reason,
+            ReserveOutcome::Waiting => "waiting".to_owned(),
         };
         *outcomes.entry(label).or_default() += 1;
     }
@@ -565,11 +637,8 @@ async fn one_user_hundred_requests(backend: Backend) {
     assert_eq!((levels.available, levels.reserved), (49, 1));
 }
 
-/// The admission window shared by gateways: exactly ceil(available x
-/// overbook) admitted under concurrency, freed as shop-workers answer,
-/// reopened by a release, forgiving after the lease; and every flip of a
-/// flag is published (on a cluster, heard on a node that does not own the
-/// sku's slot as well).
+/// Every flip of a sku's flags is published (on a cluster, heard on a node
+/// that does not own the sku's slot as well).
 async fn next_flip(flips: &mut redis::aio::PubSubStream, sku: &Sku) -> SkuFlags {
     loop {
         let message = tokio::time::timeout(Duration::from_secs(5), flips.next())
@@ -586,7 +655,19 @@ async fn next_flip(flips: &mut redis::aio::PubSubStream, sku: &Sku) -> SkuFlags 
     }
 }
 
-async fn admission_window(backend: Backend) {
+const FULL: SkuFlags = SkuFlags {
+    sold_out: false,
+    closed: false,
+    line_full: true,
+};
+
+/// The line shared by gateways: exactly ceil(overbook x units not sold)
+/// buyers let in under concurrency; those past the stock wait in arrival
+/// order; a unit given back goes to the head of the line in the script
+/// that gave it; a sale shortens the line from its tail; the lease forgives
+/// a gateway that died; closing turns the line away; and every flip of a
+/// flag is published.
+async fn admission_line(backend: Backend) {
     const LEASE: u64 = 60_000;
     let node = match &settings(backend).cluster_nodes[..] {
         [] => settings(backend).url,
@@ -608,7 +689,7 @@ async fn admission_window(backend: Backend) {
         "opened"
     );
 
-    // 4 gateways x 40 buyers at once for 10 units: 15 in the window.
+    // 4 gateways x 40 buyers at once for 10 units: 15 let in.
     let requests: Vec<PurchaseRequest> = (0..160).map(|n| f.request(&format!("u{n}"), 1)).collect();
     let mut calls = Vec::new();
     for chunk in requests.chunks(40) {
@@ -618,7 +699,7 @@ async fn admission_window(backend: Backend) {
             for r in chunk {
                 let answer = f
                     .store
-                    .admit(&f.sku, r.request_id, 1_000, LEASE, 9.0)
+                    .admit(&f.sku, r.request_id, 1_000, LEASE)
                     .await
                     .unwrap();
                 out.push((r, answer));
@@ -631,21 +712,36 @@ async fn admission_window(backend: Backend) {
         for (request, answer) in call.await.unwrap() {
             match answer {
                 Admission::Admitted => admitted.push(request),
-                Admission::Full { queued, limit } => assert_eq!((queued, limit), (15, 15)),
+                Admission::Full { people, cap } => assert_eq!((people, cap), (15, 15)),
                 other => panic!("unexpected {other:?}"),
             }
         }
     }
+    // Admitted in the order the script ran them, which the test cannot
+    // see: the shop-worker's order is the partition's, and here the list's.
     assert_eq!(admitted.len(), 15);
+    assert_eq!(next_flip(&mut flips, &f.sku).await, FULL);
+    let ever = f.store.admitted_ever(&f.sku).await.unwrap();
+    assert_eq!(
+        ever.iter().collect::<HashSet<_>>(),
+        admitted
+            .iter()
+            .map(|r| &r.request_id)
+            .collect::<HashSet<_>>()
+    );
     let status = f.store.status(&f.sku, 1_000).await.unwrap().unwrap();
     assert_eq!(
-        status.queue_limit, 15,
-        "status shows the window admit enforced"
+        (
+            status.line_cap,
+            status.queued,
+            status.line_full,
+            status.overbook
+        ),
+        (15, 15, true, 1.5)
     );
-    assert_eq!((status.queued, status.overbook), (15, 1.5));
     assert_eq!(
         f.store
-            .admit(&f.sku, admitted[0].request_id, 1_200, LEASE, 1.5)
+            .admit(&f.sku, admitted[0].request_id, 1_200, LEASE)
             .await
             .unwrap(),
         Admission::Duplicate {
@@ -653,104 +749,322 @@ async fn admission_window(backend: Backend) {
         }
     );
 
-    // A shop-worker answers them in order: 10 reserved, the last one sells
-    // out the sku (published), 5 rejected; each leaves the window.
+    // A shop-worker answers them in order: 10 reserved (the last one sells
+    // out the sku, published), 5 wait in the line, in that order.
+    let mut answers = Vec::new();
     for r in &admitted {
-        f.store.reserve(r, 2_000, MAX_AGE).await.unwrap();
+        let answered = f.store.reserve(r, 2_000, MAX_AGE).await.unwrap();
+        assert!(answered.line.is_empty(), "{answered:?}");
+        answers.push(answered.outcome);
     }
-    let status = f.store.status(&f.sku, 2_000).await.unwrap().unwrap();
-    assert_eq!((status.queued, status.levels.available), (0, 0));
+    assert!(
+        answers[..10]
+            .iter()
+            .all(|a| matches!(a, ReserveOutcome::Reserved { .. }))
+    );
+    assert!(answers[10..].iter().all(|a| *a == ReserveOutcome::Waiting));
     let flags = next_flip(&mut flips, &f.sku).await;
-    assert!(flags.sold_out && !flags.closed);
+    assert_eq!(
+        flags,
+        SkuFlags {
+            sold_out: true,
+            ..FULL
+        }
+    );
+    let status = f.store.status(&f.sku, 2_000).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            status.queued,
+            status.waiting,
+            status.holders,
+            status.levels.available
+        ),
+        (0, 5, 10, 0)
+    );
+    for (n, r) in admitted[10..].iter().enumerate() {
+        let place = f
+            .store
+            .line_place(&f.sku, r.request_id, 2_000)
+            .await
+            .unwrap()
+            .expect("in the line");
+        assert_eq!(place.position, n as u64 + 1);
+        assert_eq!(
+            (place.units_may_return, place.decided_by_ms),
+            (10, Some(62_000))
+        );
+    }
     let fresh = f.request("late", 1);
     assert_eq!(
         f.store
-            .admit(&f.sku, fresh.request_id, 2_000, LEASE, 1.5)
+            .admit(&f.sku, fresh.request_id, 2_000, LEASE)
             .await
             .unwrap(),
-        Admission::SoldOut
+        Admission::Full {
+            people: 15,
+            cap: 15
+        }
     );
     assert!(matches!(
         f.store
-            .admit(&f.sku, admitted[0].request_id, 2_000, LEASE, 1.5)
+            .admit(&f.sku, admitted[0].request_id, 2_000, LEASE)
             .await
             .unwrap(),
         Admission::Processed(ReserveOutcome::Reserved { .. })
     ));
-    assert!(matches!(
+    assert_eq!(
         f.store
-            .admit(&f.sku, admitted[14].request_id, 2_000, LEASE, 1.5)
+            .admit(&f.sku, admitted[14].request_id, 2_000, LEASE)
             .await
             .unwrap(),
-        Admission::Processed(ReserveOutcome::Rejected { .. })
-    ));
-
-    // A release brings one unit back: the flag clears and two may queue.
-    f.store
-        .release(&f.sku, admitted[0].request_id, "payment_declined")
+        Admission::Processed(ReserveOutcome::Waiting)
+    );
+    let replay = f
+        .store
+        .reserve(&admitted[14], 2_100, MAX_AGE)
         .await
         .unwrap();
-    assert_eq!(next_flip(&mut flips, &f.sku).await, SkuFlags::default());
+    assert_eq!(
+        (replay.outcome, replay.line),
+        (ReserveOutcome::Waiting, vec![])
+    );
+
+    // A release gives the unit to the head of the line at once; one place
+    // is free again (published), then taken.
+    let released = f
+        .store
+        .release(&f.sku, admitted[0].request_id, "payment_declined", 3_000)
+        .await
+        .unwrap();
+    assert_eq!(released.line.len(), 1, "{released:?}");
+    assert_eq!(released.line[0].id, admitted[10].request_id);
+    assert!(matches!(
+        released.line[0].outcome,
+        ReserveOutcome::Reserved {
+            expires_at_ms: 63_000,
+            ..
+        }
+    ));
+    assert_eq!(
+        next_flip(&mut flips, &f.sku).await,
+        SkuFlags {
+            sold_out: true,
+            ..SkuFlags::default()
+        }
+    );
     let mut answers = Vec::new();
-    for n in 0..3 {
+    for n in 0..2 {
         let r = f.request(&format!("again{n}"), 1);
         answers.push(
             f.store
-                .admit(&f.sku, r.request_id, 3_000, LEASE, 1.5)
+                .admit(&f.sku, r.request_id, 3_000, LEASE)
                 .await
                 .unwrap(),
         );
     }
-    assert_eq!(answers[..2], [Admission::Admitted, Admission::Admitted]);
-    assert!(matches!(
-        answers[2],
-        Admission::Full {
-            queued: 2,
-            limit: 2
-        }
-    ));
-    // Nobody answers those two (their gateway died): after the lease the
-    // window forgets them.
+    assert_eq!(
+        answers,
+        [
+            Admission::Admitted,
+            Admission::Full {
+                people: 15,
+                cap: 15
+            }
+        ]
+    );
+    // Nobody answers that one (its gateway died): after the lease the line
+    // forgets it.
     let r = f.request("patient", 1);
     assert_eq!(
         f.store
-            .admit(&f.sku, r.request_id, 3_000 + LEASE + 1, LEASE, 1.5)
+            .admit(&f.sku, r.request_id, 3_000 + LEASE + 1, LEASE)
             .await
             .unwrap(),
         Admission::Admitted
     );
 
+    // Each sale leaves one unit fewer that could come back: once more wait
+    // than ceil(1.5 x units not sold), the tail is turned away (4 waiting,
+    // 2 units left after the 8th sale).
+    for (n, r) in admitted[1..=8].iter().enumerate() {
+        let committed = f.store.commit(&f.sku, r.request_id, 4_000).await.unwrap();
+        assert_eq!(committed.outcome, CommitOutcome::Committed);
+        if n < 7 {
+            assert!(committed.line.is_empty(), "commit {n}: {committed:?}");
+        } else {
+            assert_eq!(committed.line.len(), 1, "{committed:?}");
+            assert_eq!(committed.line[0].id, admitted[14].request_id);
+            assert_eq!(
+                committed.line[0].outcome,
+                ReserveOutcome::Rejected {
+                    reason: "sold_out".into()
+                }
+            );
+        }
+    }
+    // Told by the caller: the sweep does not tell again once acknowledged.
+    let ids: Vec<RequestId> = released
+        .line
+        .iter()
+        .map(|a| a.id)
+        .chain([admitted[14].request_id])
+        .collect();
+    f.store.ack(&f.sku, &ids).await.unwrap();
+    assert!(
+        f.store
+            .serve(&f.sku, 70_000, FOREVER, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Closing turns the line away (at the sweep's next round).
     f.store.close(&f.sku).await.unwrap();
-    let flags = next_flip(&mut flips, &f.sku).await;
-    assert!(flags.closed && !flags.sold_out);
+    // The line's room flipped with every admission and sale meanwhile.
+    let flags = loop {
+        let flags = next_flip(&mut flips, &f.sku).await;
+        if flags.closed {
+            break flags;
+        }
+    };
+    assert!(flags.sold_out);
     let r = f.request("closed", 1);
     assert_eq!(
         f.store
-            .admit(&f.sku, r.request_id, 4_000, LEASE, 1.5)
+            .admit(&f.sku, r.request_id, 4_000, LEASE)
             .await
             .unwrap(),
         Admission::NotActive { starts_in_ms: None }
     );
+    let away = f.store.serve(&f.sku, 4_000, FOREVER, 100).await.unwrap();
+    assert_eq!(
+        away.iter().map(|a| a.id).collect::<Vec<_>>(),
+        admitted[11..14]
+            .iter()
+            .map(|r| r.request_id)
+            .collect::<Vec<_>>()
+    );
+    assert!(away.iter().all(|a| a.outcome
+        == ReserveOutcome::Rejected {
+            reason: "sale_not_active".into()
+        }));
     let unknown = Sku::parse(&format!("nosuch-{}", uuid::Uuid::now_v7().simple())).unwrap();
     assert_eq!(
         f.store
-            .admit(&unknown, r.request_id, 4_000, LEASE, 1.5)
+            .admit(&unknown, r.request_id, 4_000, LEASE)
             .await
             .unwrap(),
         Admission::Unknown
     );
-    let mut later = rules(5, 1, 60_000);
-    later.starts_at_ms = 10_000;
-    let g = Fixture::new(backend, "later", later).await;
+}
+
+/// Buyers who came before the opening are served in the order of a draw,
+/// ahead of everyone after; a buyer who stops asking loses the place.
+async fn early_draw_and_patience(backend: Backend) {
+    const OPENS: u64 = 10_000;
+    const PATIENCE: u64 = 60_000;
+    let mut sale = rules(5, 1, 600_000);
+    sale.starts_at_ms = OPENS;
+    sale.overbook = 4.0;
+    let f = Fixture::new(backend, "draw", sale).await;
+    let early: Vec<PurchaseRequest> = (0..20)
+        .map(|n| PurchaseRequest {
+            accepted_at_ms: 5_000 + n,
+            ..f.request(&format!("e{n}"), 1)
+        })
+        .collect();
+    for r in &early {
+        let answered = f.store.reserve(r, 5_000, MAX_AGE).await.unwrap();
+        assert_eq!(
+            answered.outcome,
+            ReserveOutcome::Waiting,
+            "before the opening"
+        );
+    }
+    let mut conn = f.conn.clone();
+    let keys = SkuKeys::new(&f.sku);
+    let drawn: Vec<String> = conn.zrange(keys.line(), 0, -1).await.unwrap();
+    let arrived: Vec<String> = early.iter().map(|r| r.request_id.to_string()).collect();
     assert_eq!(
-        g.store
-            .admit(&g.sku, r.request_id, 4_000, LEASE, 1.5)
-            .await
-            .unwrap(),
-        Admission::NotActive {
-            starts_in_ms: Some(6_000)
-        }
+        drawn.iter().collect::<HashSet<_>>(),
+        arrived.iter().collect::<HashSet<_>>()
     );
+    // 20! orders: the draw keeping the arrival order is not a chance.
+    assert_ne!(drawn, arrived, "the draw kept the arrival order");
+
+    // Someone arriving after the opening stands behind every early buyer.
+    let after = PurchaseRequest {
+        accepted_at_ms: OPENS + 1,
+        ..f.request("after", 1)
+    };
+    let answered = f.store.reserve(&after, OPENS + 1, MAX_AGE).await.unwrap();
+    assert_eq!(answered.outcome, ReserveOutcome::Waiting);
+    let place = f
+        .store
+        .line_place(&f.sku, after.request_id, OPENS + 1)
+        .await
+        .unwrap();
+    assert_eq!(place.map(|p| p.position), Some(16), "behind the 15 drawn");
+    // That call opened the line too: the first 5 of the draw got the units.
+    let served: Vec<String> = answered.line.iter().map(|a| a.id.to_string()).collect();
+    assert_eq!(served, drawn[..5]);
+    assert!(
+        answered
+            .line
+            .iter()
+            .all(|a| matches!(a.outcome, ReserveOutcome::Reserved { .. }))
+    );
+    let ids: Vec<RequestId> = answered.line.iter().map(|a| a.id).collect();
+    f.store.ack(&f.sku, &ids).await.unwrap();
+
+    // Patience counts from the opening. Buyers who asked stay; those who
+    // did not are turned away as stale once it ran out.
+    let asking: Vec<RequestId> = early
+        .iter()
+        .map(|r| r.request_id)
+        .filter(|id| drawn[5..10].contains(&id.to_string()))
+        .collect();
+    for id in &asking {
+        let place = f.store.line_place(&f.sku, *id, 50_000).await.unwrap();
+        assert!(place.is_some_and(|p| p.position <= 5), "{place:?}");
+    }
+    assert!(
+        f.store
+            .serve(&f.sku, OPENS + PATIENCE, PATIENCE, 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nobody has run out of patience yet"
+    );
+    let gone = f
+        .store
+        .serve(&f.sku, OPENS + PATIENCE + 1, PATIENCE, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        gone.iter()
+            .map(|a| a.id.to_string())
+            .collect::<HashSet<_>>(),
+        drawn[10..].iter().cloned().collect::<HashSet<_>>()
+    );
+    assert!(gone.iter().all(|a| a.outcome
+        == ReserveOutcome::Rejected {
+            reason: "stale".into()
+        }));
+    let left: Vec<String> = conn.zrange(keys.line(), 0, -1).await.unwrap();
+    let mut kept = drawn[5..10].to_vec();
+    kept.push(after.request_id.to_string());
+    assert_eq!(
+        left, kept,
+        "those who asked, and the late one (patient since it came)"
+    );
+    // Not acknowledged: the sweep tells them again on its next round.
+    let again = f
+        .store
+        .serve(&f.sku, OPENS + PATIENCE + 1, PATIENCE, 100)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), gone.len());
 }
 
 macro_rules! on_both {
@@ -777,5 +1091,6 @@ on_both! {
     every_script_replayed_twice_gives_the_same_result_and_state => every_script_replays;
     a_reservation_racing_expire_and_release_is_released_once => expire_and_release_race;
     one_user_with_a_limit_of_one_gets_exactly_one_of_a_hundred => one_user_hundred_requests;
-    the_admission_window_follows_the_stock_and_flips_are_published => admission_window;
+    the_line_follows_the_stock_and_gives_units_back_to_its_head => admission_line;
+    early_buyers_are_drawn_and_silent_ones_leave_the_line => early_draw_and_patience;
 }

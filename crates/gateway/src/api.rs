@@ -142,10 +142,11 @@ async fn create_purchase(
     }
 }
 
-/// The checks, cheapest first: the body; the sold-out and closed flags in
-/// memory (no network call); the buyer's rate; for a repeated key, the
-/// status board; this instance's rate and produces in flight; then the
-/// shared admission window in Redis; and only then Kafka.
+/// The checks, cheapest first: the body; the line-full and closed flags in
+/// memory (no network call, also for a repeated key unless it names a
+/// purchase let in); the buyer's rate; for a repeated key, the status
+/// board; this instance's rate and produces in flight; then the sku's
+/// shared line in Redis; and only then Kafka.
 async fn purchase(
     gateway: &Shared,
     headers: &HeaderMap,
@@ -185,15 +186,15 @@ async fn purchase(
     let span = tracing::info_span!("purchase", request_id = %id, %sku, %traceparent);
     async {
         let known = gateway.flags.get(&sku);
-        // A repeated key may name a purchase accepted before the sku sold
-        // out; only a request without one can be refused from memory.
-        if key.is_none()
-            && let Some(flags) = known
+        // A repeated key may name a purchase let in before the line filled
+        // up, whose state it must answer; any other is refused from memory.
+        if let Some(flags) = known
+            && (key.is_none() || !gateway.flags.may_be_admitted(&sku, id))
         {
             if flags.closed {
                 return Err(gateway.shed("not_active", not_active(&sku, None)));
             }
-            if flags.sold_out {
+            if flags.line_full {
                 return Err(gateway.shed("sold_out", sold_out(&sku)));
             }
         }
@@ -240,6 +241,7 @@ async fn purchase(
             )
         })?;
         let now = clock::now_ms();
+        gateway.metrics.redis_calls.with_label_values(&["admit"]).inc();
         let admission = gateway
             .stock
             .admit(
@@ -247,7 +249,6 @@ async fn purchase(
                 id,
                 now,
                 gateway.admission_lease_ms,
-                gateway.default_overbook,
             )
             .await
             .map_err(|e| gateway.shed("unavailable", unavailable("the stock store", e)))?;
@@ -286,21 +287,22 @@ async fn purchase(
                 let state = match outcome {
                     ReserveOutcome::Reserved { .. } => PurchaseState::Reserved,
                     ReserveOutcome::Rejected { .. } => PurchaseState::Rejected,
+                    ReserveOutcome::Waiting => PurchaseState::Waiting,
                 };
                 return Ok(accepted(id, state));
             }
-            Admission::Full { queued, limit } => {
+            Admission::Full { people, cap } => {
                 return Err(gateway.shed(
-                    "queue_full",
+                    "sold_out",
                     Problem::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "queue-full",
+                        StatusCode::CONFLICT,
+                        "sold-out",
                         format!(
-                            "{queued} purchases of {sku} already wait for its units \
-                             (at most {limit} may); units still reserved may come back, retry later"
+                            "{sku} is sold out: its units are sold or held for the {people} buyers \
+                             ahead in its line (at most {cap} may be); \
+                             units that come back go to them"
                         ),
-                    )
-                    .retry_after(1),
+                    ),
                 ));
             }
             Admission::SoldOut => return Err(gateway.shed("sold_out", sold_out(&sku))),
@@ -345,6 +347,11 @@ async fn earlier_status(
     gateway: &Gateway,
     id: RequestId,
 ) -> Result<Option<PurchaseStatus>, Problem> {
+    gateway
+        .metrics
+        .redis_calls
+        .with_label_values(&["status"])
+        .inc();
     gateway
         .board
         .get(id)
@@ -425,7 +432,10 @@ fn sold_out(sku: &Sku) -> Problem {
     Problem::new(
         StatusCode::CONFLICT,
         "sold-out",
-        format!("{sku} is sold out"),
+        format!(
+            "{sku} is sold out: its units are sold or held for buyers ahead in its line, \
+             who get any unit that comes back"
+        ),
     )
 }
 
@@ -540,19 +550,8 @@ async fn get_purchase(
         let done = status.as_ref().is_some_and(|s| s.status.is_terminal());
         if done || tokio::time::Instant::now() + POLL_EVERY > deadline {
             let mut status = status;
-            if let Some(s) = status.as_mut()
-                && s.status == PurchaseState::Queued
-                && let Some((partition, offset)) = s.record
-            {
-                // A position is a nicety: an unreachable broker must not
-                // hold up the answer.
-                s.queue_position = tokio::time::timeout(
-                    QUEUE_POSITION_WAIT,
-                    gateway.queue.position(partition, offset),
-                )
-                .await
-                .ok()
-                .flatten();
+            if let Some(s) = status.as_mut() {
+                place(&gateway, s).await;
             }
             return status.map(Json).ok_or_else(|| {
                 Problem::new(
@@ -563,6 +562,49 @@ async fn get_purchase(
             });
         }
         tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Where a purchase not yet decided stands: for `queued`, how far its
+/// record is from the shop-workers; for `waiting`, its place in the sku's
+/// line, which asking keeps (a buyer who stops asking loses it).
+async fn place(gateway: &Gateway, status: &mut PurchaseStatus) {
+    match status.status {
+        PurchaseState::Queued => {
+            let Some((partition, offset)) = status.record else {
+                return;
+            };
+            // A position is a nicety: an unreachable broker must not
+            // hold up the answer.
+            status.queue_position = tokio::time::timeout(
+                QUEUE_POSITION_WAIT,
+                gateway.queue.position(partition, offset),
+            )
+            .await
+            .ok()
+            .flatten();
+        }
+        PurchaseState::Waiting => {
+            let (Ok(sku), Ok(id)) = (
+                Sku::parse(&status.sku),
+                RequestId::parse(&status.request_id),
+            ) else {
+                return;
+            };
+            let now = clock::now_ms();
+            match gateway.stock.line_place(&sku, id, now).await {
+                Ok(Some(place)) => {
+                    status.queue_position = Some(place.position);
+                    status.units_may_return = Some(place.units_may_return);
+                    status.wait_at_most_s = place
+                        .decided_by_ms
+                        .map(|by| by.saturating_sub(now).div_ceil(1000));
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "reading a place in line failed"),
+            }
+        }
+        _ => {}
     }
 }
 
@@ -590,10 +632,17 @@ struct Availability {
     sold: i64,
     sold_out: bool,
     closed: bool,
-    /// Purchases admitted into the queue and not yet answered.
+    /// Purchases let into the line that no shop-worker has seen yet.
     queued: i64,
-    /// How many may wait at once now: ceil(available x overbook).
-    queue_limit: i64,
+    /// Buyers in the line, waiting for a unit to come back.
+    waiting: i64,
+    /// Buyers holding a reservation (not yet paid or given back).
+    holders: i64,
+    /// How many buyers may hold, wait or be on their way at once:
+    /// ceil(overbook x units not sold yet).
+    line_cap: i64,
+    /// No room in the line: purchases are answered `sold-out`.
+    line_full: bool,
     overbook: f64,
     /// The flags this gateway answers purchases with (its in-memory copy);
     /// `null` if it has not heard of the sku.
@@ -604,6 +653,7 @@ struct Availability {
 struct GatewayView {
     sold_out: bool,
     closed: bool,
+    line_full: bool,
 }
 
 async fn get_sku(
@@ -634,11 +684,15 @@ async fn get_sku(
         sold_out: levels.sold_out,
         closed: status.closed,
         queued: status.queued,
-        queue_limit: status.queue_limit,
+        waiting: status.waiting,
+        holders: status.holders,
+        line_cap: status.line_cap,
+        line_full: status.line_full,
         overbook: status.overbook,
         gateway: gateway.flags.get(&sku).map(|f| GatewayView {
             sold_out: f.sold_out,
             closed: f.closed,
+            line_full: f.line_full,
         }),
     }))
 }

@@ -1,5 +1,8 @@
-//! Which skus are sold out or closed, kept in memory so that the gateway can
-//! refuse a sold-out sku without a network call.
+//! Which skus are closed or have no room in their line, kept in memory so
+//! that the gateway can refuse a purchase of one without a network call;
+//! and which purchases were let into each sku's line, so that a repeated
+//! POST (same Idempotency-Key) for a full sku is refused from memory too,
+//! unless it names a purchase that was let in.
 //!
 //! The stock scripts publish every flip of a flag on `FLAGS_CHANNEL` from
 //! inside the script that made it, so the copy here follows Redis within a
@@ -11,15 +14,20 @@
 //! whose message arrives before the reread is applied. The copy therefore
 //! skips, in a reread, every sku that got a message since the reread began:
 //! that message (or a later one) is at least as new.
+//!
+//! Admissions are published by `admit.lua` before the flag flip that makes
+//! a line full, on the same connection, so a copy that shows a sku full has
+//! heard of every purchase let in before. Until the admitted sets were
+//! reread after a (re)subscription, the copy cannot tell, and says so.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use flashsale_core::ids::Sku;
+use flashsale_core::ids::{RequestId, Sku};
 use flashsale_core::settings::RedisSettings;
-use flashsale_core::stock::{FLAGS_CHANNEL, SkuFlags, StockStore};
+use flashsale_core::stock::{ADMITTED_CHANNEL, FLAGS_CHANNEL, SkuFlags, StockStore};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +44,10 @@ struct Entry {
 pub struct FlagCopy {
     skus: RwLock<HashMap<String, Entry>>,
     messages: AtomicU64,
+    /// Request ids let into each sku's line in its current sale.
+    admitted: RwLock<HashMap<String, HashSet<RequestId>>>,
+    /// The admitted sets are complete: reread since the last subscription.
+    admitted_complete: AtomicBool,
 }
 
 impl FlagCopy {
@@ -51,6 +63,48 @@ impl FlagCopy {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
         self.skus.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether purchase `id` may have been let into the sku's line: only
+    /// then can a refusal not be decided from memory.
+    pub fn may_be_admitted(&self, sku: &Sku, id: RequestId) -> bool {
+        !self.admitted_complete.load(Ordering::SeqCst)
+            || self
+                .admitted
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(sku.as_str())
+                .is_some_and(|ids| ids.contains(&id))
+    }
+
+    /// Applies a message of `ADMITTED_CHANNEL`: an id let in, or `*` (a new
+    /// sale: forget the earlier one's).
+    pub fn apply_admitted(&self, message: &str) -> bool {
+        let Some((sku, id)) = message.split_once(' ') else {
+            return false;
+        };
+        let mut admitted = self.admitted.write().unwrap_or_else(|e| e.into_inner());
+        if id == "*" {
+            admitted.remove(sku);
+            return true;
+        }
+        match RequestId::parse(id) {
+            Ok(id) => admitted.entry(sku.to_owned()).or_default().insert(id),
+            Err(_) => return false,
+        };
+        true
+    }
+
+    fn admitted_incomplete(&self) {
+        self.admitted_complete.store(false, Ordering::SeqCst);
+    }
+
+    fn apply_admitted_reread(&self, read: Vec<(Sku, Vec<RequestId>)>) {
+        let mut admitted = self.admitted.write().unwrap_or_else(|e| e.into_inner());
+        for (sku, ids) in read {
+            admitted.entry(sku.to_string()).or_default().extend(ids);
+        }
+        self.admitted_complete.store(true, Ordering::SeqCst);
     }
 
     pub fn apply_message(&self, sku: &Sku, flags: SkuFlags) {
@@ -82,6 +136,24 @@ impl FlagCopy {
             }
         }
     }
+}
+
+/// Rereads every sku's admitted set: after a (re)subscription only, as
+/// admissions are never undone within a sale and no message is lost while
+/// subscribed.
+async fn reread_admitted(
+    copy: &FlagCopy,
+    stock: &StockStore,
+) -> Result<(), flashsale_core::stock::StockError> {
+    let skus = stock.sale_skus().await?;
+    let read = futures::future::join_all(
+        skus.into_iter()
+            .map(|sku| async move { stock.admitted_ever(&sku).await.map(|ids| (sku, ids)) }),
+    )
+    .await;
+    let read = read.into_iter().collect::<Result<Vec<_>, _>>()?;
+    copy.apply_admitted_reread(read);
+    Ok(())
 }
 
 /// Rereads the flags of every sku with a sale.
@@ -135,6 +207,7 @@ pub async fn follow(
                 .get_async_pubsub()
                 .await?;
             pubsub.subscribe(FLAGS_CHANNEL).await?;
+            pubsub.subscribe(ADMITTED_CHANNEL).await?;
             Ok::<_, redis::RedisError>(pubsub)
         }
         .await;
@@ -151,10 +224,12 @@ pub async fn follow(
             }
         };
         backoff = Duration::from_millis(50);
+        copy.admitted_incomplete();
         metrics.flags_subscribed.set(1);
         tracing::info!(%url, "following sku flags");
         let mut messages = pubsub.into_on_message();
         let mut every = tokio::time::interval(refresh);
+        let mut admitted_reread = false;
         // The first tick is immediate: the reread after subscribing.
         loop {
             tokio::select! {
@@ -165,6 +240,12 @@ pub async fn follow(
                         break;
                     };
                     let payload: String = message.get_payload().unwrap_or_default();
+                    if message.get_channel_name() == ADMITTED_CHANNEL {
+                        if !copy.apply_admitted(&payload) {
+                            tracing::warn!(%payload, "unreadable admission message");
+                        }
+                        continue;
+                    }
                     match SkuFlags::from_message(&payload) {
                         Some((sku, flags)) => {
                             copy.apply_message(&sku, flags);
@@ -173,10 +254,18 @@ pub async fn follow(
                         None => tracing::warn!(%payload, "unreadable sku flags message"),
                     }
                 }
-                _ = every.tick() => match reread(&copy, &stock).await {
-                    Ok(_) => metrics.flag_rereads.inc(),
-                    Err(error) => tracing::warn!(%error, "rereading sku flags failed"),
-                },
+                _ = every.tick() => {
+                    match reread(&copy, &stock).await {
+                        Ok(_) => metrics.flag_rereads.inc(),
+                        Err(error) => tracing::warn!(%error, "rereading sku flags failed"),
+                    }
+                    if !admitted_reread {
+                        match reread_admitted(&copy, &stock).await {
+                            Ok(()) => admitted_reread = true,
+                            Err(error) => tracing::warn!(%error, "rereading admissions failed"),
+                        }
+                    }
+                }
             }
         }
         metrics.flags_subscribed.set(0);
@@ -194,10 +283,12 @@ mod tests {
     const SOLD_OUT: SkuFlags = SkuFlags {
         sold_out: true,
         closed: false,
+        line_full: true,
     };
     const OPEN: SkuFlags = SkuFlags {
         sold_out: false,
         closed: false,
+        line_full: false,
     };
 
     #[test]
@@ -214,5 +305,23 @@ mod tests {
         let began = copy.begin_reread();
         copy.apply_reread(began, &[(sku("a"), SOLD_OUT)]);
         assert_eq!(copy.get(&sku("a")), Some(SOLD_OUT), "no newer message");
+    }
+
+    #[test]
+    fn only_a_complete_admitted_set_refuses_from_memory() {
+        let copy = FlagCopy::default();
+        let (ann, ben) = (RequestId::fresh(), RequestId::fresh());
+        assert!(copy.may_be_admitted(&sku("a"), ann), "nothing reread yet");
+        copy.apply_admitted_reread(vec![(sku("a"), vec![ann])]);
+        assert!(copy.may_be_admitted(&sku("a"), ann));
+        assert!(!copy.may_be_admitted(&sku("a"), ben));
+        assert!(copy.apply_admitted(&format!("a {ben}")));
+        assert!(copy.may_be_admitted(&sku("a"), ben));
+        assert!(!copy.may_be_admitted(&sku("b"), ben), "another sku");
+        assert!(copy.apply_admitted("a *"), "a new sale");
+        assert!(!copy.may_be_admitted(&sku("a"), ann));
+        assert!(!copy.apply_admitted("a not-an-id"));
+        copy.admitted_incomplete();
+        assert!(copy.may_be_admitted(&sku("a"), ann), "resubscribed");
     }
 }

@@ -68,8 +68,6 @@ pub struct Config {
     /// shop-worker answered within this long stops counting against its
     /// sku's window (its gateway may have died before producing it).
     pub admission_lease: Duration,
-    /// `FLASHSALE_GATEWAY_DEFAULT_OVERBOOK`: for sales created without one.
-    pub default_overbook: f64,
     /// `FLASHSALE_GATEWAY_FLAG_REFRESH_MS`: how often the in-memory sku
     /// flags are reread in full, besides following every change as it is
     /// published.
@@ -96,7 +94,6 @@ impl Config {
             user_rps: env.get("GATEWAY_USER_RPS", 5.0)?,
             user_burst: env.get("GATEWAY_USER_BURST", 10)?,
             admission_lease: env.millis("GATEWAY_ADMISSION_LEASE_MS", 60_000)?,
-            default_overbook: env.get("GATEWAY_DEFAULT_OVERBOOK", stock::DEFAULT_OVERBOOK)?,
             flag_refresh: env.millis("GATEWAY_FLAG_REFRESH_MS", 1_000)?,
         })
     }
@@ -135,7 +132,6 @@ pub(crate) struct Gateway {
     /// An admitted purchase older than this with no status was abandoned by
     /// the instance that admitted it: its produce cannot still be running.
     pub abandoned_after_ms: u64,
-    pub default_overbook: f64,
     pub queue: QueueWatch,
 }
 
@@ -197,7 +193,6 @@ pub async fn start(
         admission_lease_ms: config.admission_lease.as_millis() as u64,
         abandoned_after_ms: (config.kafka.produce_timeout + Duration::from_secs(1)).as_millis()
             as u64,
-        default_overbook: config.default_overbook,
     });
     tokio::spawn(forget_full_buckets(gateway.clone(), shutdown.clone()));
     let ready = ops::kafka_and_redis_ready(

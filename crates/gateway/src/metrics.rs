@@ -9,6 +9,7 @@ pub struct Metrics {
     pub responses: IntCounterVec,
     pub shed: IntCounterVec,
     pub admissions: IntCounterVec,
+    pub redis_calls: IntCounterVec,
     pub produce_seconds: Histogram,
     pub in_flight: IntGauge,
     pub flag_messages: IntCounter,
@@ -38,6 +39,14 @@ impl Metrics {
                 ),
                 &["outcome"],
             )?,
+            redis_calls: IntCounterVec::new(
+                Opts::new(
+                    "gateway_purchase_redis_calls_total",
+                    "Redis calls made while answering a POST, by call (status, admit): \
+                     a refusal answered from memory makes none",
+                ),
+                &["call"],
+            )?,
             produce_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "gateway_produce_seconds",
@@ -50,7 +59,7 @@ impl Metrics {
             in_flight: IntGauge::new("gateway_in_flight_produces", "Produces awaiting the broker")?,
             flag_messages: IntCounter::new(
                 "gateway_flag_messages_total",
-                "Sold-out/closed flag changes heard from Redis",
+                "Sku flag changes (sold out, closed, line full) heard from Redis",
             )?,
             flag_rereads: IntCounter::new(
                 "gateway_flag_rereads_total",
@@ -68,6 +77,7 @@ impl Metrics {
         registry.register(Box::new(metrics.responses.clone()))?;
         registry.register(Box::new(metrics.shed.clone()))?;
         registry.register(Box::new(metrics.admissions.clone()))?;
+        registry.register(Box::new(metrics.redis_calls.clone()))?;
         registry.register(Box::new(metrics.produce_seconds.clone()))?;
         registry.register(Box::new(metrics.in_flight.clone()))?;
         registry.register(Box::new(metrics.flag_messages.clone()))?;

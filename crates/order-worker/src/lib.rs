@@ -18,6 +18,7 @@ use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Hand
 use flashsale_core::consumer_health::ConsumerHealth;
 use flashsale_core::dynamo::{self, DynamoError, Tables};
 use flashsale_core::kafka::{self, KafkaFailure, topic};
+use flashsale_core::line::Herald;
 use flashsale_core::messages::{self, Reservation};
 use flashsale_core::orders::OrderStore;
 use flashsale_core::payment::PaymentClient;
@@ -124,6 +125,8 @@ pub(crate) struct Deps {
     pub producer: FutureProducer,
     pub release_topic: String,
     pub produce_timeout: Duration,
+    /// Tells the buyers a commit turned away from the sku's line.
+    pub herald: Herald,
     pub currency: String,
     pub metrics: Metrics,
     pub breaker: breaker::Breaker,
@@ -186,12 +189,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
     registry.register(Box::new(metrics.step_seconds.clone()))?;
     registry.register(Box::new(metrics.breaker_open.clone()))?;
     registry.register(Box::new(metrics.dynamodb_requests.clone()))?;
+    let stock = StockStore::new(conn.clone(), &config.redis);
+    let board = StatusBoard::new(conn, &config.redis);
+    let producer = kafka::producer(&config.kafka)?;
     let deps = Arc::new(Deps {
         orders: OrderStore::new(client, &tables),
-        stock: StockStore::new(conn.clone(), &config.redis),
-        board: StatusBoard::new(conn, &config.redis),
+        herald: Herald {
+            stock: stock.clone(),
+            board: board.clone(),
+            producer: producer.clone(),
+            reservation_topic: config.kafka.topic(topic::RESERVATIONS),
+            produce_timeout: config.kafka.produce_timeout,
+        },
+        stock,
+        board,
         payment: PaymentClient::new(&config.payment_url, config.payment_timeout),
-        producer: kafka::producer(&config.kafka)?,
+        producer,
         release_topic: config.kafka.topic(topic::STOCK_RELEASES),
         produce_timeout: config.kafka.produce_timeout,
         currency: config.currency.clone(),

@@ -248,7 +248,12 @@ async fn commit(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, Ab
         .await
     })
     .await?;
-    match outcome {
+    // One unit fewer can come back: the tail of the line that this
+    // shortened hears it now rather than at the next sweep.
+    deps.herald
+        .announce(&order.sku, &outcome.line, &deps.shutdown)
+        .await?;
+    match outcome.outcome {
         CommitOutcome::Committed => {
             crash_point(deps, CrashPoint::AfterCommit);
             // Read once: every retry of this delivery must send the same

@@ -14,13 +14,16 @@ use std::time::Duration;
 
 use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
 use flashsale_core::consumer_health::ConsumerHealth;
-use flashsale_core::ids::RequestId;
+use flashsale_core::ids::Sku;
 use flashsale_core::kafka::{self, KafkaFailure, topic};
-use flashsale_core::messages::{self, PurchaseRequest, Reservation, SCHEMA_VERSION, StockRelease};
+use flashsale_core::line::Herald;
+use flashsale_core::messages::{self, PurchaseRequest, StockRelease};
 use flashsale_core::settings::{Env, KafkaSettings, RedisSettings, SettingError};
 use flashsale_core::status::PurchaseState;
 use flashsale_core::status_board::{StatusBoard, Subject};
-use flashsale_core::stock::{self, ReleaseOutcome, ReserveOutcome, StockStore};
+use flashsale_core::stock::{
+    self, Announcement, Answered, ReleaseOutcome, ReserveOutcome, StockStore,
+};
 use flashsale_core::{clock, ops, retry};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use rdkafka::message::{Message, OwnedMessage};
@@ -48,6 +51,11 @@ pub struct Config {
     /// `FLASHSALE_EXPIRY_BATCH`: reservations one `expire` call releases at
     /// most, so a sweep never blocks Redis for long.
     pub sweep_batch: usize,
+    /// `FLASHSALE_LINE_PATIENCE_MS`: a buyer waiting in a sku's line who
+    /// has not asked for their purchase (`GET /v1/purchases/{id}`) for
+    /// this long is taken to have left: the line forgets them (`rejected`,
+    /// `stale`). Counted from the opening for buyers who came early.
+    pub line_patience: Duration,
     /// `FLASHSALE_CONSUMER_STALL_MS`: how long the worker may hold
     /// partitions that deliver nothing, or sit out of its group, while
     /// records wait, before it joins its group again with a new consumer.
@@ -67,6 +75,7 @@ impl Config {
             max_in_flight: env.get("SHOP_MAX_IN_FLIGHT", 512)?,
             sweep_interval: env.millis("EXPIRY_SWEEP_MS", 1_000)?,
             sweep_batch: env.get("EXPIRY_BATCH", 256)?,
+            line_patience: env.millis("LINE_PATIENCE_MS", 60_000)?,
             stall_after: consume::stall_after(env)?,
         })
     }
@@ -90,6 +99,7 @@ struct Metrics {
     releases: IntCounterVec,
     dead_letters: IntCounterVec,
     expired: IntCounter,
+    line: IntCounterVec,
 }
 
 impl Metrics {
@@ -108,6 +118,11 @@ impl Metrics {
             )?,
             releases: counter("shop_release_total", "Stock releases by outcome", "outcome")?,
             dead_letters: counter("shop_dead_letters_total", "Messages sent to a DLQ", "topic")?,
+            line: counter(
+                "shop_line_decided_total",
+                "Buyers in a sku's line decided by a script: served, or why turned away",
+                "outcome",
+            )?,
             expired: {
                 let c = IntCounter::new(
                     "shop_expired_total",
@@ -124,12 +139,13 @@ mod sweep;
 
 struct Shop {
     stock: StockStore,
-    board: StatusBoard,
+    /// Tells buyers what the scripts decided, this message's and the line's.
+    herald: Herald,
     producer: FutureProducer,
     purchase_topic: String,
     release_topic: String,
-    reservation_topic: String,
     max_queue_age_ms: u64,
+    line_patience_ms: u64,
     produce_timeout: Duration,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -152,14 +168,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
     let producer = kafka::producer(&config.kafka)?;
     let registry = Registry::new();
     let metrics = Metrics::register(&registry)?;
+    let stock = StockStore::new(conn.clone(), &config.redis);
     let shop = Arc::new(Shop {
-        stock: StockStore::new(conn.clone(), &config.redis),
-        board: StatusBoard::new(conn, &config.redis),
+        herald: Herald {
+            stock: stock.clone(),
+            board: StatusBoard::new(conn, &config.redis),
+            producer: producer.clone(),
+            reservation_topic: config.kafka.topic(topic::RESERVATIONS),
+            produce_timeout: config.kafka.produce_timeout,
+        },
+        stock,
         producer: producer.clone(),
         purchase_topic: config.kafka.topic(topic::PURCHASE_REQUESTS),
         release_topic: config.kafka.topic(topic::STOCK_RELEASES),
-        reservation_topic: config.kafka.topic(topic::RESERVATIONS),
         max_queue_age_ms: config.max_queue_age.as_millis() as u64,
+        line_patience_ms: config.line_patience.as_millis() as u64,
         produce_timeout: config.kafka.produce_timeout,
         metrics,
         shutdown: shutdown.clone(),
@@ -231,63 +254,52 @@ impl Shop {
             tracing::info_span!("reserve", request_id = %request.request_id, sku = %request.sku);
         // A script answer we do not understand is a bug, not bad input:
         // stop rather than guess and move stock.
-        let outcome = retry::durable("reserve", &self.shutdown, || {
+        let answered = retry::durable("reserve", &self.shutdown, || {
             self.stock
                 .reserve(&request, clock::now_ms(), self.max_queue_age_ms)
         })
         .instrument(span.clone())
         .await?;
-        let label = match &outcome {
+        let label = match &answered.outcome {
             ReserveOutcome::Reserved { .. } => "reserved",
             ReserveOutcome::Rejected { reason } => reason.as_str(),
+            ReserveOutcome::Waiting => "waiting",
         };
         self.metrics.reservations.with_label_values(&[label]).inc();
-        tracing::debug!(parent: &span, outcome = label, "reserve");
+        tracing::debug!(parent: &span, outcome = label, decided = answered.line.len(), "reserve");
         Ok(Box::pin(
-            async move { self.publish(request, outcome).await }.instrument(span),
+            async move {
+                let herald = &self.herald;
+                let mine = herald.tell(
+                    &request.sku,
+                    request.request_id,
+                    &request.user_id,
+                    request.quantity,
+                    &answered.outcome,
+                    &self.shutdown,
+                );
+                let line = self.tell_line(&request.sku, &answered.line);
+                tokio::try_join!(mine, line).map(|_| ())
+            }
+            .instrument(span),
         ))
     }
 
-    /// Publishes a reservation for the order stage, then posts the status.
-    async fn publish(
+    /// Tells the waiters a script decided for, counted by outcome.
+    pub(crate) async fn tell_line(
         &self,
-        request: PurchaseRequest,
-        outcome: ReserveOutcome,
+        sku: &Sku,
+        line: &[Announcement],
     ) -> Result<(), Abandoned> {
-        let subject = Subject {
-            id: request.request_id,
-            sku: &request.sku,
-            user: &request.user_id,
-            quantity: request.quantity,
-        };
-        let (state, reason) = match outcome {
-            ReserveOutcome::Reserved {
-                expires_at_ms,
-                amount_cents,
-                sale_id,
-            } => {
-                let reservation = Reservation {
-                    v: SCHEMA_VERSION,
-                    request_id: request.request_id,
-                    sku: request.sku.clone(),
-                    user_id: request.user_id.clone(),
-                    quantity: request.quantity,
-                    amount_cents,
-                    sale_id,
-                    expires_at_ms,
-                };
-                self.send(
-                    &self.reservation_topic,
-                    &request.request_id.to_string(),
-                    request.request_id,
-                    &messages::encode(&reservation),
-                )
-                .await?;
-                (PurchaseState::Reserved, None)
-            }
-            ReserveOutcome::Rejected { reason } => (PurchaseState::Rejected, Some(reason)),
-        };
-        self.post(&subject, state, reason.as_deref()).await
+        for waiter in line {
+            let label = match &waiter.outcome {
+                ReserveOutcome::Reserved { .. } => "served",
+                ReserveOutcome::Rejected { reason } => reason.as_str(),
+                ReserveOutcome::Waiting => "waiting",
+            };
+            self.metrics.line.with_label_values(&[label]).inc();
+        }
+        self.herald.announce(sku, line, &self.shutdown).await
     }
 
     /// Posts a purchase's state once its effect is durable.
@@ -298,7 +310,9 @@ impl Shop {
         reason: Option<&str>,
     ) -> Result<(), Abandoned> {
         retry::durable("post status", &self.shutdown, || {
-            self.board.post(subject, state, reason, clock::now_ms())
+            self.herald
+                .board
+                .post(subject, state, reason, clock::now_ms())
         })
         .await
         .map(|_| ())
@@ -309,9 +323,13 @@ impl Shop {
             Ok(release) => release,
             Err(error) => return self.dead_letter(message, error.to_string()).await,
         };
-        let outcome = retry::durable("release", &self.shutdown, || {
-            self.stock
-                .release(&release.sku, release.request_id, &release.reason)
+        let Answered { outcome, line } = retry::durable("release", &self.shutdown, || {
+            self.stock.release(
+                &release.sku,
+                release.request_id,
+                &release.reason,
+                clock::now_ms(),
+            )
         })
         .await?;
         let label = outcome.label();
@@ -339,30 +357,11 @@ impl Shop {
                 ReleaseOutcome::Released { reason } => reason.as_str(),
                 _ => release.reason.as_str(),
             };
-            self.post(&subject, PurchaseState::Cancelled, Some(reason))
-                .await
+            // The units went to the head of the line: its buyers hear now.
+            let cancelled = self.post(&subject, PurchaseState::Cancelled, Some(reason));
+            let line = self.tell_line(&release.sku, &line);
+            tokio::try_join!(cancelled, line).map(|_| ())
         }))
-    }
-
-    async fn send(
-        &self,
-        topic: &str,
-        key: &str,
-        id: RequestId,
-        payload: &[u8],
-    ) -> Result<(), Abandoned> {
-        retry::durable("publish", &self.shutdown, || {
-            kafka::send(
-                &self.producer,
-                topic,
-                key,
-                payload,
-                kafka::trace_headers(id),
-                self.produce_timeout,
-            )
-        })
-        .await
-        .map(|_| ())
     }
 
     async fn dead_letter(

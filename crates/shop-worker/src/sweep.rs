@@ -1,5 +1,8 @@
 //! The expiry sweep: gives back the units of reservations whose deadline
-//! passed without a commit, and tells their buyers.
+//! passed without a commit, and tells their buyers; then walks each sku's
+//! line (`serve.lua`): turns away buyers who stopped asking, serves the
+//! head of a sale that just opened, turns a closed sale's line away, and
+//! tells the waiters that a dead worker (or a restock) left untold.
 //!
 //! Every shop-worker sweeps every sale. Two workers sweeping the same sku
 //! at once cannot release a reservation twice: `expire.lua` moves a record
@@ -15,6 +18,7 @@ use flashsale_core::ids::Sku;
 use flashsale_core::retry;
 use flashsale_core::status::{PurchaseState, reason};
 use flashsale_core::status_board::Subject;
+use flashsale_core::stock::Answered;
 
 use crate::Shop;
 
@@ -48,11 +52,15 @@ async fn sweep_sku(shop: &Shop, sku: &Sku, batch: usize) -> Result<(), ()> {
         // buyers of what it released are still told.
         let sweep_id = uuid::Uuid::now_v7().to_string();
         let now = clock::now_ms();
-        let expired = retry::durable("expire", &shop.shutdown, || {
+        let Answered {
+            outcome: expired,
+            line,
+        } = retry::durable("expire", &shop.shutdown, || {
             shop.stock.expire(sku, &sweep_id, now, batch)
         })
         .await
         .map_err(|_| ())?;
+        shop.tell_line(sku, &line).await.map_err(|_| ())?;
         let swept = expired.len();
         if swept > 0 {
             tracing::info!(%sku, released = swept, "expiry sweep released reservations");
@@ -74,6 +82,18 @@ async fn sweep_sku(shop: &Shop, sku: &Sku, batch: usize) -> Result<(), ()> {
             .map_err(|_| ())?;
         }
         if swept < batch {
+            break;
+        }
+    }
+    loop {
+        let now = clock::now_ms();
+        let line = retry::durable("serve the line", &shop.shutdown, || {
+            shop.stock.serve(sku, now, shop.line_patience_ms, batch)
+        })
+        .await
+        .map_err(|_| ())?;
+        shop.tell_line(sku, &line).await.map_err(|_| ())?;
+        if line.len() < batch {
             return Ok(());
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flashsale_testkit::flashsale_core::ids::{RequestId, UserId};
-use flashsale_testkit::flashsale_core::stock::ReleaseOutcome;
+use flashsale_testkit::flashsale_core::stock::{Answered, ReleaseOutcome, ReserveOutcome};
 use flashsale_testkit::{Answer, Pipeline, PipelineOptions, eventually};
 use serde_json::{Value, json};
 
@@ -132,75 +132,104 @@ async fn each_limit_answers_its_status_with_retry_after() {
     .await;
     shop.stop().await.unwrap();
 
-    // 2 units left: ceil(2 x 1.5) = 3 may wait in the queue.
+    // 3 units not sold: ceil(3 x 1.5) = 5 buyers may hold or wait, and
+    // one holds; 4 more are let in, the next is told sold out for good.
     let mut queued = Vec::new();
-    for n in 1..=3 {
+    for n in 1..=4 {
         let answer = p
-            .post_purchase(&url, sku.as_str(), &buyer(n), None)
+            .post_purchase(&url, sku.as_str(), &buyer(n), Some("k"))
             .await
             .unwrap();
         assert_eq!(answer.status, 202, "{answer:?}");
         queued.push(answer.body["request_id"].as_str().unwrap().to_owned());
     }
     let full = p
-        .post_purchase(&url, sku.as_str(), &buyer(4), None)
+        .post_purchase(&url, sku.as_str(), &buyer(5), None)
         .await
         .unwrap();
-    assert_eq!((full.status, full.kind()), (429, "queue-full"), "{full:?}");
-    assert!(full.retry_after().is_some());
+    assert_eq!((full.status, full.kind()), (409, "sold-out"), "{full:?}");
+    assert_eq!(full.retry_after(), None, "a final answer: no retry invited");
     for (n, id) in queued.iter().enumerate() {
         let status = p.status_of(id, 0).await.expect("queued status");
         assert_eq!(status.status.as_str(), "queued");
         assert_eq!(status.queue_position, Some(n as u64 + 1), "{status:?}");
     }
 
-    // The shop-worker answers them: two reserved, one sold out; the sku is
-    // then refused from memory, without asking Redis.
+    // The shop-worker answers them: two reserved, the other two wait in
+    // the line, in arrival order, for the 3 reserved units to come back.
     let _shop = p.add_shop_worker().await.unwrap();
-    let last = p.terminal(&queued[2]).await;
-    assert_eq!(
-        (last.status.as_str(), last.reason.as_deref()),
-        ("rejected", Some("sold_out"))
-    );
+    for (n, id) in queued.iter().enumerate().skip(2) {
+        let waiting = eventually("a buyer in the line", Duration::from_secs(30), || async {
+            p.status_of(id, 0)
+                .await
+                .filter(|s| s.status.as_str() == "waiting")
+        })
+        .await;
+        assert_eq!(waiting.queue_position, Some(n as u64 - 1), "{waiting:?}");
+        assert_eq!(waiting.units_may_return, Some(3), "{waiting:?}");
+        assert!(
+            waiting.wait_at_most_s.is_some_and(|s| s <= 600),
+            "{waiting:?}"
+        );
+    }
+    // The line is full: refused from memory, without asking Redis, with or
+    // without a key; a repeated key of a buyer in line reads its place.
     eventually(
-        "the gateway to hold the sku sold out",
+        "the gateway to hold the line full",
         Duration::from_secs(5),
         || async {
             let view = p.sku_view(&url, &sku).await?;
-            (view["gateway"]["sold_out"] == true).then_some(())
+            (view["gateway"]["line_full"] == true).then_some(())
         },
     )
     .await;
-    let asked = admissions(&p, &url).await;
-    let gone = p
-        .post_purchase(&url, sku.as_str(), &buyer(5), None)
+    let asked = redis_calls(&p, &url).await;
+    for key in [None, Some("new")] {
+        let gone = p
+            .post_purchase(&url, sku.as_str(), &buyer(6), key)
+            .await
+            .unwrap();
+        assert_eq!((gone.status, gone.kind()), (409, "sold-out"), "{gone:?}");
+    }
+    assert_eq!(
+        redis_calls(&p, &url).await,
+        asked,
+        "a full line costs no Redis call"
+    );
+    let again = p
+        .post_purchase(&url, sku.as_str(), &buyer(4), Some("k"))
         .await
         .unwrap();
-    assert_eq!((gone.status, gone.kind()), (409, "sold-out"), "{gone:?}");
     assert_eq!(
-        admissions(&p, &url).await,
-        asked,
-        "a sold-out sku costs no Redis call"
+        (again.status, again.body["status"].as_str()),
+        (202, Some("waiting")),
+        "{again:?}"
     );
+    assert_eq!(again.body["request_id"].as_str(), Some(queued[3].as_str()));
 
-    // A release brings a unit back: the flag clears, the window reopens.
-    let released = p
+    // A release gives the unit to the head of the line, who sent nothing
+    // again; one place is free once more.
+    let Answered { outcome, line } = p
         .stores
         .stock
         .release(
             &sku,
             RequestId::parse(&first_id).unwrap(),
             "payment_declined",
+            flashsale_testkit::flashsale_core::clock::now_ms(),
         )
         .await
         .unwrap();
-    assert!(matches!(released, ReleaseOutcome::Released { .. }));
+    assert!(matches!(outcome, ReleaseOutcome::Released { .. }));
+    assert_eq!(line.len(), 1, "{line:?}");
+    assert_eq!(line[0].id.to_string(), queued[2]);
+    assert!(matches!(line[0].outcome, ReserveOutcome::Reserved { .. }));
     eventually(
         "a purchase accepted again",
         Duration::from_secs(5),
         || async {
             let answer = p
-                .post_purchase(&url, sku.as_str(), &buyer(6), None)
+                .post_purchase(&url, sku.as_str(), &buyer(7), None)
                 .await
                 .ok()?;
             (answer.status == 202).then_some(())
@@ -450,17 +479,10 @@ async fn one_key_sent_twenty_times_at_once_is_queued_once() {
 }
 
 /// Every answer the shared admission window gave on this gateway.
-async fn admissions(p: &Pipeline, url: &str) -> f64 {
+async fn redis_calls(p: &Pipeline, url: &str) -> f64 {
     let mut sum = 0.0;
-    for outcome in [
-        "admitted",
-        "full",
-        "sold_out",
-        "duplicate",
-        "processed",
-        "not_active",
-    ] {
-        let sample = format!("gateway_admissions_total{{outcome=\"{outcome}\"}}");
+    for call in ["status", "admit"] {
+        let sample = format!("gateway_purchase_redis_calls_total{{call=\"{call}\"}}");
         sum += p.metric(url, &sample).await;
     }
     sum

@@ -1,11 +1,12 @@
-//! The gateways' in-memory sold-out flag follows Redis: set within 100 ms
-//! of the last unit and cleared within 100 ms of a release, on two gateway
-//! instances at once; and it keeps following through a Redis restart and a
+//! The gateways' in-memory line-full flag (what they answer `sold-out`
+//! with) follows Redis: set within 100 ms of the last unit being spoken for
+//! and cleared within 100 ms of a release, on two gateway instances at once; and it keeps following through a Redis restart and a
 //! lost message. A test binary of its own, so that no crowd of another test
 //! shares the CPU while it times.
 
 use std::time::{Duration, Instant};
 
+use flashsale_testkit::flashsale_cli::sale::SaleSpec;
 use flashsale_testkit::flashsale_core::clock;
 use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
 use flashsale_testkit::flashsale_core::messages::{PurchaseRequest, SCHEMA_VERSION};
@@ -24,9 +25,20 @@ fn one_unit(p: &Pipeline, sku: &Sku, n: u32) -> PurchaseRequest {
     }
 }
 
-/// The sold-out flag a gateway answers purchases with.
+/// The line-full flag a gateway answers purchases with.
 async fn flag_of(p: &Pipeline, url: &str, sku: &Sku) -> Option<bool> {
-    p.sku_view(url, sku).await?["gateway"]["sold_out"].as_bool()
+    p.sku_view(url, sku).await?["gateway"]["line_full"].as_bool()
+}
+
+/// A sale of one unit with no room to wait: the line is full as soon as
+/// the unit is reserved.
+async fn one_unit_sale(p: &Pipeline, sku: &Sku) {
+    p.create_sale_with(&SaleSpec {
+        overbook: 1.0,
+        ..Pipeline::spec(sku, 1, 1)
+    })
+    .await
+    .unwrap();
 }
 
 /// How long until every gateway shows `sold_out`, polling without pause;
@@ -55,7 +67,7 @@ async fn the_sold_out_flag_reaches_two_gateways_within_100_ms_both_ways() {
     .await
     .expect("pipeline starts");
     let sku = p.sku("flag");
-    p.create_sale(&sku, 1, 1).await.unwrap();
+    one_unit_sale(&p, &sku).await;
     for url in &p.gateway_urls {
         eventually(
             "each gateway to know the sale",
@@ -72,7 +84,8 @@ async fn the_sold_out_flag_reaches_two_gateways_within_100_ms_both_ways() {
             .stores
             .stock
             .reserve(&request, clock::now_ms(), u64::MAX)
-            .await;
+            .await
+            .map(|answered| answered.outcome);
         assert!(
             matches!(reserved, Ok(ReserveOutcome::Reserved { .. })),
             "{reserved:?}"
@@ -89,7 +102,12 @@ async fn the_sold_out_flag_reaches_two_gateways_within_100_ms_both_ways() {
         let since = Instant::now();
         p.stores
             .stock
-            .release(&sku, request.request_id, "payment_declined")
+            .release(
+                &sku,
+                request.request_id,
+                "payment_declined",
+                clock::now_ms(),
+            )
             .await
             .unwrap();
         worst_clear = worst_clear.max(until_all_show(&p, &sku, false, since).await);
@@ -122,7 +140,7 @@ async fn the_flag_follows_redis_through_a_restart_and_a_lost_message() {
     .expect("pipeline starts");
     let url = p.gateway_url.clone();
     let sku = p.sku("restart");
-    p.create_sale(&sku, 1, 1).await.unwrap();
+    one_unit_sale(&p, &sku).await;
     eventually(
         "the gateway to know the sale",
         Duration::from_secs(5),
@@ -165,7 +183,7 @@ async fn the_flag_follows_redis_through_a_restart_and_a_lost_message() {
     while flag_of(&p, &url, &sku).await != Some(true) {
         assert!(
             since.elapsed() < Duration::from_secs(1),
-            "not sold out after 1 s"
+            "the line not full after 1 s"
         );
     }
     assert!(
@@ -182,7 +200,7 @@ async fn the_flag_follows_redis_through_a_restart_and_a_lost_message() {
         .unwrap();
     redis::cmd("HSET")
         .arg(SkuKeys::new(&sku).stock())
-        .arg("sold_out")
+        .arg("line_full")
         .arg("0")
         .query_async::<()>(&mut conn)
         .await

@@ -86,8 +86,9 @@ async fn a_reservation_that_outlives_its_ttl_is_swept_refunded_and_resold() {
 }
 
 /// Restock reopens a sold-out sale (the flag clears, new units sell);
-/// the same restock retried adds nothing; the gateway refuses a closed sale,
-/// or one not yet open, with `409 sale-not-active` and queues nothing.
+/// the same restock retried adds nothing; the gateway refuses a closed sale
+/// with `409 sale-not-active` and queues nothing; a buyer who comes before
+/// the opening waits in the line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restock_reopens_a_sold_out_sale_and_close_or_the_window_rejects() {
     let p = Pipeline::start(PipelineOptions::default())
@@ -132,39 +133,40 @@ async fn restock_reopens_a_sold_out_sale_and_close_or_the_window_rejects() {
         (409, Some("sale-not-active")),
         "{body}"
     );
+    assert_eq!(
+        p.records_in(&p.purchase_topic()).await.unwrap(),
+        records,
+        "refused purchases never reach Kafka"
+    );
     let view = sale::show(&p.stores, &sku).await.unwrap().unwrap();
     assert!(view.closed && view.redis.as_ref().is_some_and(|r| r.closed));
     let report = p.stores.audit(&sku, true).await.unwrap();
     assert!(report.ok(), "{:?}", report.violations);
     assert_eq!((report.total, report.sold), (8, 3));
 
+    // Before the opening a buyer takes a place in the line: accepted, and
+    // waiting (not reserved) until the sale opens.
     let later = p.sku("later");
     let mut spec = Pipeline::spec(&later, 5, 1);
     spec.starts_in = Duration::from_secs(3600);
     p.create_sale_with(&spec).await.unwrap();
-    let early = p
-        .http
-        .post(format!("{}/v1/purchases", p.gateway_url))
-        .json(&json!({"sku": later.as_str(), "user_id": "fay", "quantity": 1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(early.status(), 409);
-    let wait: u64 = early.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        (3590..=3600).contains(&wait),
-        "Retry-After {wait} s: when it opens"
-    );
-    let body: serde_json::Value = early.json().await.unwrap();
-    assert_eq!(body["type"], "sale-not-active");
+    let early = accepted(&p, later.as_str(), "fay").await;
+    let waiting = eventually(
+        "the early buyer in line",
+        Duration::from_secs(30),
+        || async {
+            p.status_of(&early, 0)
+                .await
+                .filter(|s| s.status.as_str() == "waiting")
+        },
+    )
+    .await;
+    assert_eq!(waiting.queue_position, Some(1), "{waiting:?}");
+    let levels = p.stores.stock.levels(&later).await.unwrap().unwrap();
     assert_eq!(
-        p.records_in(&p.purchase_topic()).await.unwrap(),
-        records,
-        "refused purchases never reach Kafka"
+        (levels.available, levels.reserved),
+        (5, 0),
+        "nothing reserved before the opening"
     );
     p.stop().await;
 }

@@ -58,9 +58,9 @@ use flashsale_testkit::flashsale_core::payment::ChargeStatus;
 use flashsale_testkit::flashsale_core::stock::ReserveOutcome;
 use rdkafka::message::{Headers, Message};
 
-/// 2,000 buyers at once for 50 units with 20% of payments declined: no
-/// instant with more than 50 sold, every accepted purchase terminal, and the
-/// three stores agree.
+/// 2,000 buyers at once for 50 units with 20% of payments declined, each
+/// asking once: no instant with more than 50 sold, every accepted purchase
+/// terminal, the three stores agree, and every unit sold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_thousand_buyers_fifty_units_never_oversell() {
     let p = Pipeline::start(PipelineOptions::default())
@@ -148,6 +148,23 @@ async fn two_thousand_buyers_fifty_units_never_oversell() {
     assert_eq!(levels.sold, kept);
     assert_eq!(levels.sold as u64, sale.sold);
     assert_eq!(report.confirmed as i64, confirmed);
+
+    // Every unit sells though no buyer asks twice: each unit a decline
+    // gave back went to the head of the line (on the code before the line,
+    // they stayed unsold once the crowd had been told "sold out").
+    assert_eq!(report.retries, 0);
+    assert_eq!(
+        (levels.sold, report.units_sold),
+        (50, 50),
+        "units left unsold: {report:?}"
+    );
+    assert!(
+        report.line.waited > 0 && report.line.served > 0,
+        "{:?}",
+        report.line
+    );
+    assert_eq!(report.fairness.winners, report.confirmed + report.cancelled);
+    assert!(report.sold_out_after_s.is_some() && report.all_decided_after_s.is_some());
     p.stop().await;
 }
 
@@ -283,6 +300,7 @@ async fn duplicate_messages_change_nothing() {
         .reserve(&request, clock::now_ms(), 60_000)
         .await
         .unwrap()
+        .outcome
     else {
         panic!("the reservation was refused");
     };

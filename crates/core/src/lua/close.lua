@@ -1,5 +1,6 @@
--- Closes a sale: new requests are rejected (sale_not_active); reservations
--- already made still commit or are released.
+-- Closes a sale: new requests are rejected (sale_not_active), and so are
+-- the buyers in its line (by the sweep, serve.lua); reservations already
+-- made still commit or are released.
 --
 -- KEYS[1] stock hash
 -- Returns {"closed"} or {"unloaded"}.

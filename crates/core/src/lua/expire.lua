@@ -1,23 +1,27 @@
 -- The expiry sweep: releases up to a limit of reservations whose deadline
--- passed, earliest deadline first.
+-- passed, earliest deadline first, and gives their units to the head of
+-- the sku's line (line.lua).
 --
 -- KEYS[1] stock hash   KEYS[2] units held per user   KEYS[3] reservation deadlines
 -- KEYS[4] this sweep's marker
 -- ARGV[1] now (ms)   ARGV[2] limit   ARGV[3] prefix of reservation records
 -- ("fs:{sku}:res:", same hash tag)   ARGV[4] marker retention (ms)
 --
--- Returns {id1, user1, quantity1, id2, ...}: the reservations this sweep
--- released. A replay with the same sweep id (after a lost reply) answers the
--- same list, so the caller can still announce them; a reservation committed
--- or released meanwhile is only dropped from the deadlines.
+-- Returns {released, announcements}: released is {id1, user1, quantity1,
+-- id2, ...}, the reservations this sweep released. A replay with the same
+-- sweep id (after a lost reply) answers the same list, so the caller can
+-- still tell their buyers; a reservation committed or released meanwhile
+-- is only dropped from the deadlines. Announcements as in reserve.lua (a
+-- replay has none: the sweep announces what is left in line:out).
 
 local prior = redis.call('GET', KEYS[4])
 if prior then
-  return cjson.decode(prior)
+  return {cjson.decode(prior), {}}
 end
-local sale_id = redis.call('HGET', KEYS[1], 'sale_id')
-if not sale_id then
-  return {}
+local k = line_keys(KEYS[1])
+local sale = sale_of(k)
+if not sale then
+  return {{}, {}}
 end
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local released = {}
@@ -25,7 +29,7 @@ local units = 0
 for _, id in ipairs(due) do
   local record = ARGV[3] .. id
   local r = redis.call('HMGET', record, 'state', 'quantity', 'user', 'sale_id')
-  if r[1] == 'reserved' and r[4] == sale_id then
+  if r[1] == 'reserved' and r[4] == sale.sale_id then
     local qty = tonumber(r[2])
     units = units + qty
     redis.call('HINCRBY', KEYS[2], r[3], -qty)
@@ -36,10 +40,15 @@ for _, id in ipairs(due) do
   end
   redis.call('ZREM', KEYS[3], id)
 end
+local out = {}
 if units > 0 then
   redis.call('HINCRBY', KEYS[1], 'reserved', -units)
   redis.call('HINCRBY', KEYS[1], 'available', units)
-  set_flag(KEYS[1], 'sold_out', '0')
+  sale.reserved = sale.reserved - units
+  sale.available = sale.available + units
+  local now = tonumber(ARGV[1])
+  serve_line(k, sale, now, tonumber(ARGV[2]), now + ANNOUNCE_GRACE_MS, out)
 end
+settle_flags(k)
 redis.call('SET', KEYS[4], cjson.encode(released), 'PX', ARGV[4])
-return released
+return {released, out}

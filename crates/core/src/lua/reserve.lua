@@ -1,70 +1,86 @@
--- Reserves units for one purchase request, at most once per request id:
--- available -> reserved, with a deadline.
+-- Answers one purchase request, at most once per request id: reserves its
+-- units (available -> reserved, with a deadline), puts it in the sku's line
+-- when units may still come back but none is free for it, or rejects it.
 --
 -- KEYS[1] stock hash of the sku     KEYS[2] units held per user
 -- KEYS[3] processed-request marker  KEYS[4] reservation record
 -- KEYS[5] reservation deadlines (sorted set, score = deadline)
--- KEYS[6] requests the gateways admitted and no shop-worker has reserved
---         or rejected yet (admit.lua)
+-- KEYS[6] requests the gateways admitted and no shop-worker has answered
+--         yet (admit.lua); the line's keys are derived (line.lua)
 -- ARGV[1] request id   ARGV[2] user id   ARGV[3] quantity   ARGV[4] now (ms)
 -- ARGV[5] accepted at (ms)   ARGV[6] max queue age (ms)   ARGV[7] retention (ms)
+-- ARGV[8] how many waiters one call may serve at most
 --
--- Returns {"reserved", expires_at_ms, amount_cents, sale_id}
+-- Returns {answer, announcements} where answer is
+--         {"reserved", expires_at_ms, amount_cents, sale_id}
 --      or {"rejected", reason}
+--      or {"waiting"}: in the line; its answer comes when a unit is free
+--         for it or none can be (announced by whichever script decides)
 --      or {"unloaded"}: the sku has no stock here (Redis was lost and not
 --         yet recovered); nothing is written, the caller waits.
--- A replay returns the first answer unchanged: the marker holds it.
+-- and announcements lists, as id, "<user> <quantity>", answer (JSON), the
+-- other waiters this call served or turned away, for the caller to announce.
+-- A replay returns the first final answer unchanged: the marker holds it.
 
--- Whatever the answer, this request no longer waits in the queue, so its
--- place in the admission window is free.
-redis.call('ZREM', KEYS[6], ARGV[1])
+local k = line_keys(KEYS[1])
+local id, user, qty = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now, accepted = tonumber(ARGV[4]), tonumber(ARGV[5])
+-- Whatever the answer, this request no longer waits for a shop-worker, so
+-- its place among the admitted is now counted by the line or the holders.
+redis.call('ZREM', KEYS[6], id)
 local prior = redis.call('GET', KEYS[3])
 if prior then
-  return cjson.decode(prior)
+  return {cjson.decode(prior), {}}
 end
-
-local sale = redis.call('HMGET', KEYS[1], 'available', 'per_user_limit', 'price_cents',
-  'ttl_ms', 'starts_at_ms', 'ends_at_ms', 'sale_id', 'closed')
-if not sale[1] then
-  return {'unloaded'}
+if redis.call('ZSCORE', k.line, id) then
+  return {{'waiting'}, {}}
 end
-
+local sale = sale_of(k)
+if not sale then
+  return {{'unloaded'}, {}}
+end
+sale.retention = tonumber(ARGV[7])
+local out = {}
 local function answer(result)
-  redis.call('SET', KEYS[3], cjson.encode(result), 'PX', ARGV[7])
-  return result
+  settle_flags(k)
+  return {result, out}
 end
 
-local id, user, qty = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local now = tonumber(ARGV[4])
-if sale[8] == '1' or now < tonumber(sale[5]) or now >= tonumber(sale[6]) then
-  return answer({'rejected', 'sale_not_active'})
+if sale.closed or now >= sale.ends then
+  return answer(remember(k, sale, id, {'rejected', 'sale_not_active'}))
 end
-if now - tonumber(ARGV[5]) > tonumber(ARGV[6]) then
-  return answer({'rejected', 'stale'})
+-- Sent before the opening: it draws its place among the early buyers, and
+-- waits for the opening however long that takes.
+local early = accepted < sale.starts
+if not early and now - accepted > tonumber(ARGV[6]) then
+  return answer(remember(k, sale, id, {'rejected', 'stale'}))
 end
 local held = tonumber(redis.call('HGET', KEYS[2], user) or '0')
-if held + qty > tonumber(sale[2]) then
-  return answer({'rejected', 'user_limit'})
+if held + qty > sale.limit then
+  return answer(remember(k, sale, id, {'rejected', 'user_limit'}))
 end
-local available = tonumber(sale[1])
-if available < qty then
-  if available == 0 then
-    set_flag(KEYS[1], 'sold_out', '1')
+if qty > sale.available + sale.reserved then
+  return answer(remember(k, sale, id, {'rejected', 'sold_out'}))
+end
+if not early and now >= sale.starts and sale.available >= qty
+    and redis.call('ZCARD', k.line) == 0 then
+  return answer(take(k, sale, id, user, qty, now))
+end
+join(k, sale, id, user, qty, now, early)
+serve_line(k, sale, now, tonumber(ARGV[8]), now + ANNOUNCE_GRACE_MS, out)
+local mine = redis.call('GET', KEYS[3])
+if not mine then
+  return answer({'waiting'})
+end
+-- Decided in this very call: answered here, not announced with the others.
+redis.call('ZREM', k.out, id)
+redis.call('HDEL', k.who, id)
+for i = 1, #out, 3 do
+  if out[i] == id then
+    table.remove(out, i)
+    table.remove(out, i)
+    table.remove(out, i)
+    break
   end
-  return answer({'rejected', 'sold_out'})
 end
-
-redis.call('HINCRBY', KEYS[1], 'available', -qty)
-redis.call('HINCRBY', KEYS[1], 'reserved', qty)
-redis.call('HINCRBY', KEYS[2], user, qty)
-if available == qty then
-  set_flag(KEYS[1], 'sold_out', '1')
-end
-local expires = now + tonumber(sale[4])
-redis.call('HSET', KEYS[4], 'user', user, 'quantity', qty, 'expires_at_ms', expires,
-  'state', 'reserved', 'sale_id', sale[7])
--- The record outlives its deadline by the retention, so a late commit or
--- release still finds it.
-redis.call('PEXPIRE', KEYS[4], tonumber(sale[4]) + tonumber(ARGV[7]))
-redis.call('ZADD', KEYS[5], expires, id)
-return answer({'reserved', tostring(expires), tostring(qty * tonumber(sale[3])), sale[7]})
+return answer(cjson.decode(mine))

@@ -1,26 +1,30 @@
--- One consistent reading of a sku: its rules, its counters, and how many
--- reservations are overdue (past their deadline, not yet swept).
+-- One consistent reading of a sku: its rules, its counters, how many
+-- reservations are overdue (past their deadline, not yet swept), and its
+-- line.
 --
 -- KEYS[1] stock hash   KEYS[2] reservation deadlines   KEYS[3] admitted requests
--- ARGV[1] now (ms)   ARGV[2] overbook when the sale has none
+-- ARGV[1] now (ms)
 --
 -- Returns {field1, value1, ...} (the stock hash plus "overdue",
 -- "next_deadline_ms", empty when none, "queued", the purchases admitted
--- and not yet answered by a shop-worker, and "queue_limit", how many may
--- wait now), or {} when the sku has no stock.
+-- and not yet seen by a shop-worker, "waiting", the buyers in the line,
+-- "holders", the reservations not yet sold or given back, and "line_cap",
+-- how many buyers may hold, wait or be on their way at once), or {} when
+-- the sku has no stock.
 
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then
   return {}
 end
-table.insert(fields, 'overdue')
-table.insert(fields, tostring(redis.call('ZCOUNT', KEYS[2], '-inf', ARGV[1])))
-local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-table.insert(fields, 'next_deadline_ms')
-table.insert(fields, first[2] or '')
-table.insert(fields, 'queued')
-table.insert(fields, tostring(redis.call('ZCARD', KEYS[3])))
-local sale = redis.call('HMGET', KEYS[1], 'available', 'overbook')
-table.insert(fields, 'queue_limit')
-table.insert(fields, tostring(queue_limit(tonumber(sale[1]), tonumber(sale[2] or ARGV[2]))))
+local k = line_keys(KEYS[1])
+local function add(name, value)
+  table.insert(fields, name)
+  table.insert(fields, tostring(value))
+end
+add('overdue', redis.call('ZCOUNT', KEYS[2], '-inf', ARGV[1]))
+add('next_deadline_ms', redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')[2] or '')
+add('queued', redis.call('ZCARD', KEYS[3]))
+add('waiting', redis.call('ZCARD', k.line))
+add('holders', redis.call('ZCARD', KEYS[2]))
+add('line_cap', line_cap(k))
 return fields

@@ -1,0 +1,121 @@
+//! Telling a buyer what the stock scripts decided about their purchase:
+//! its reservation published for the order stage, then its status posted.
+//!
+//! A shop-worker tells the buyer of the request it is handling; any script
+//! that gives units back, or shortens a sku's line, may also decide for
+//! buyers waiting in the line (`lua/line.lua`), who are told by the same
+//! code and then acknowledged, so the sweep does not tell them again. A
+//! worker that dies before acknowledging leaves them in the line's outbox,
+//! and the sweep tells them after a grace period: publishing a reservation
+//! twice and posting a status twice are both harmless.
+
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+
+use crate::consume::Abandoned;
+use crate::ids::{Quantity, RequestId, Sku, UserId};
+use crate::messages::{self, Reservation, SCHEMA_VERSION};
+use crate::status::PurchaseState;
+use crate::status_board::{StatusBoard, Subject};
+use crate::stock::{Announcement, ReserveOutcome, StockStore};
+use crate::{clock, kafka, retry};
+
+#[derive(Clone)]
+pub struct Herald {
+    pub stock: StockStore,
+    pub board: StatusBoard,
+    pub producer: FutureProducer,
+    pub reservation_topic: String,
+    pub produce_timeout: Duration,
+}
+
+impl Herald {
+    /// Publishes a reservation (key = request id) before its status, so a
+    /// buyer never reads `reserved` for a purchase the order stage will
+    /// not see; a waiting or rejected purchase only gets its status.
+    pub async fn tell(
+        &self,
+        sku: &Sku,
+        id: RequestId,
+        user: &UserId,
+        quantity: Quantity,
+        outcome: &ReserveOutcome,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        let (state, reason) = match outcome {
+            ReserveOutcome::Reserved {
+                expires_at_ms,
+                amount_cents,
+                sale_id,
+            } => {
+                let reservation = Reservation {
+                    v: SCHEMA_VERSION,
+                    request_id: id,
+                    sku: sku.clone(),
+                    user_id: user.clone(),
+                    quantity,
+                    amount_cents: *amount_cents,
+                    sale_id: sale_id.clone(),
+                    expires_at_ms: *expires_at_ms,
+                };
+                let payload = messages::encode(&reservation);
+                let key = id.to_string();
+                retry::durable("publish reservation", shutdown, || {
+                    kafka::send(
+                        &self.producer,
+                        &self.reservation_topic,
+                        &key,
+                        &payload,
+                        kafka::trace_headers(id),
+                        self.produce_timeout,
+                    )
+                })
+                .await?;
+                (PurchaseState::Reserved, None)
+            }
+            ReserveOutcome::Rejected { reason } => (PurchaseState::Rejected, Some(reason.as_str())),
+            ReserveOutcome::Waiting => (PurchaseState::Waiting, None),
+        };
+        let subject = Subject {
+            id,
+            sku,
+            user,
+            quantity,
+        };
+        retry::durable("post status", shutdown, || {
+            self.board.post(&subject, state, reason, clock::now_ms())
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Tells every waiter in `line` (at once), then acknowledges them.
+    pub async fn announce(
+        &self,
+        sku: &Sku,
+        line: &[Announcement],
+        shutdown: &CancellationToken,
+    ) -> Result<(), Abandoned> {
+        if line.is_empty() {
+            return Ok(());
+        }
+        futures::future::try_join_all(line.iter().map(|waiter| {
+            self.tell(
+                sku,
+                waiter.id,
+                &waiter.user,
+                waiter.quantity,
+                &waiter.outcome,
+                shutdown,
+            )
+        }))
+        .await?;
+        let ids: Vec<RequestId> = line.iter().map(|waiter| waiter.id).collect();
+        retry::durable("acknowledge the line", shutdown, || {
+            self.stock.ack(sku, &ids)
+        })
+        .await
+    }
+}
