@@ -7,6 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
 
 use crate::dynamo::{DynamoError, Item, Tables, n, s};
@@ -252,6 +253,18 @@ impl OrderStore {
                 if e.as_service_error()
                     .is_some_and(|e| e.is_transaction_canceled_exception()) =>
             {
+                // Which condition failed (the order's status, or the sale
+                // on the inventory item) is what an operator needs to know.
+                if let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) =
+                    e.as_service_error()
+                {
+                    let reasons: Vec<&str> = cancelled
+                        .cancellation_reasons()
+                        .iter()
+                        .map(|r| r.code().unwrap_or("?"))
+                        .collect();
+                    tracing::warn!(?reasons, "confirm transaction cancelled");
+                }
                 self.conflict(order.order_id).await
             }
             Err(e) => Err(DynamoError::from_sdk(e)),

@@ -127,6 +127,15 @@ impl KafkaSettings {
     }
 }
 
+/// The key of the sales registry of a deployment whose topics carry
+/// `topic_prefix` (see `RedisSettings::sales_key`).
+pub fn sales_key(topic_prefix: &str) -> String {
+    match topic_prefix.trim_end_matches('.') {
+        "" => "fs:sales".to_owned(),
+        prefix => format!("fs:sales:{prefix}"),
+    }
+}
+
 /// The Redis that holds stock, reservations and purchase status.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -140,6 +149,12 @@ pub struct RedisSettings {
     /// some nodes of a Redis Cluster; when set, the cluster is used and
     /// `FLASHSALE_REDIS_URL` is ignored.
     pub cluster_nodes: Vec<String>,
+    /// The set of skus with a sale that this deployment's sweeps walk:
+    /// `fs:sales`, or `fs:sales:<FLASHSALE_TOPIC_PREFIX>` when the
+    /// deployment has a topic prefix. Several deployments may share one
+    /// Redis (the tests do); each must sweep, and announce the line of,
+    /// only its own sales, whose reservations go to its own topics.
+    pub sales_key: String,
 }
 
 impl RedisSettings {
@@ -154,6 +169,7 @@ impl RedisSettings {
                 .filter(|node| !node.is_empty())
                 .map(str::to_owned)
                 .collect(),
+            sales_key: sales_key(&env.string("TOPIC_PREFIX", "")),
         })
     }
 

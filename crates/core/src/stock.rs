@@ -68,10 +68,6 @@ pub const DEFAULT_OVERBOOK: f64 = 1.5;
 /// the rest.
 pub const SERVE_LIMIT: usize = 256;
 
-/// The set of skus with a sale: what the expiry sweep walks. Outside any
-/// sku's hash tag, and written only by plain `SADD`, never by a script.
-pub const SALES_KEY: &str = "fs:sales";
-
 /// How long a sweep remembers what it released, for a retry after a lost
 /// reply; sweeps are retried within seconds.
 const SWEEP_MARKER_MS: u64 = 10 * 60 * 1000;
@@ -618,6 +614,10 @@ pub async fn connect(settings: &RedisSettings) -> Result<RedisConn, StockError> 
 pub struct StockStore {
     conn: RedisConn,
     retention_ms: u64,
+    /// The set of skus with a sale: what the sweep walks
+    /// (`RedisSettings::sales_key`). Outside any sku's hash tag, and written
+    /// only by plain `SADD`, never by a script.
+    sales_key: String,
 }
 
 impl StockStore {
@@ -625,6 +625,7 @@ impl StockStore {
         Self {
             conn,
             retention_ms: settings.retention.as_millis() as u64,
+            sales_key: settings.sales_key.clone(),
         }
     }
 
@@ -641,7 +642,7 @@ impl StockStore {
         let mut conn = self.conn.clone();
         // Registered first: a sku in the registry without stock is skipped
         // by the sweep, while stock without registration would never expire.
-        conn.sadd::<_, _, ()>(SALES_KEY, sku.as_str()).await?;
+        conn.sadd::<_, _, ()>(&self.sales_key, sku.as_str()).await?;
         let keys = SkuKeys::new(sku);
         let reply: Vec<String> = OPEN
             .key(keys.stock())
@@ -670,7 +671,7 @@ impl StockStore {
 
     /// Every sku that has had a sale here: what the sweep walks.
     pub async fn sale_skus(&self) -> Result<Vec<Sku>, StockError> {
-        let raw: Vec<String> = self.conn.clone().smembers(SALES_KEY).await?;
+        let raw: Vec<String> = self.conn.clone().smembers(&self.sales_key).await?;
         Ok(raw.iter().filter_map(|s| Sku::parse(s).ok()).collect())
     }
 
@@ -1140,7 +1141,7 @@ impl StockStore {
             u8::from(line_full)
         );
         conn.publish::<_, _, ()>(FLAGS_CHANNEL, flags).await?;
-        conn.sadd::<_, _, ()>(SALES_KEY, sku.as_str()).await?;
+        conn.sadd::<_, _, ()>(&self.sales_key, sku.as_str()).await?;
         Ok(levels)
     }
 }

@@ -46,6 +46,7 @@ fn settings(backend: Backend) -> RedisSettings {
         url,
         retention: Duration::from_secs(24 * 3600),
         cluster_nodes,
+        sales_key: flashsale_core::settings::sales_key("stock-scripts"),
     }
 }
 
@@ -883,32 +884,17 @@ async fn admission_line(backend: Backend) {
         Admission::Admitted
     );
 
-    // Each sale leaves one unit fewer that could come back: once more wait
-    // than ceil(1.5 x units not sold), the tail is turned away (4 waiting,
-    // 2 units left after the 8th sale).
-    for (n, r) in admitted[1..=8].iter().enumerate() {
+    // Sales leave fewer units that could come back, but 4 waiters are
+    // within ceil(1.5 x units not sold) plus the reserve of the last units.
+    for r in &admitted[1..=8] {
         let committed = f.store.commit(&f.sku, r.request_id, 4_000).await.unwrap();
-        assert_eq!(committed.outcome, CommitOutcome::Committed);
-        if n < 7 {
-            assert!(committed.line.is_empty(), "commit {n}: {committed:?}");
-        } else {
-            assert_eq!(committed.line.len(), 1, "{committed:?}");
-            assert_eq!(committed.line[0].id, admitted[14].request_id);
-            assert_eq!(
-                committed.line[0].outcome,
-                ReserveOutcome::Rejected {
-                    reason: "sold_out".into()
-                }
-            );
-        }
+        assert_eq!(
+            (committed.outcome, committed.line),
+            (CommitOutcome::Committed, vec![])
+        );
     }
     // Told by the caller: the sweep does not tell again once acknowledged.
-    let ids: Vec<RequestId> = released
-        .line
-        .iter()
-        .map(|a| a.id)
-        .chain([admitted[14].request_id])
-        .collect();
+    let ids: Vec<RequestId> = released.line.iter().map(|a| a.id).collect();
     f.store.ack(&f.sku, &ids).await.unwrap();
     assert!(
         f.store
@@ -939,7 +925,7 @@ async fn admission_line(backend: Backend) {
     let away = f.store.serve(&f.sku, 4_000, FOREVER, 100).await.unwrap();
     assert_eq!(
         away.iter().map(|a| a.id).collect::<Vec<_>>(),
-        admitted[11..14]
+        admitted[11..=14]
             .iter()
             .map(|r| r.request_id)
             .collect::<Vec<_>>()
@@ -1065,6 +1051,24 @@ async fn early_draw_and_patience(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(again.len(), gone.len());
+
+    // The last waiters stay while any unit may still come back, and are
+    // told, last come first, once every unit is sold.
+    for (n, id) in drawn[..5].iter().enumerate() {
+        let id = RequestId::parse(id).unwrap();
+        let committed = f.store.commit(&f.sku, id, OPENS + 100).await.unwrap();
+        assert_eq!(committed.outcome, CommitOutcome::Committed);
+        if n < 4 {
+            assert!(committed.line.is_empty(), "sale {n}: {committed:?}");
+        } else {
+            let told: Vec<String> = committed.line.iter().map(|a| a.id.to_string()).collect();
+            assert_eq!(told, kept.iter().rev().cloned().collect::<Vec<_>>());
+            assert!(committed.line.iter().all(|a| a.outcome
+                == ReserveOutcome::Rejected {
+                    reason: "sold_out".into()
+                }));
+        }
+    }
 }
 
 macro_rules! on_both {

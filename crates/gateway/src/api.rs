@@ -181,23 +181,25 @@ async fn purchase(
         Some(key) => RequestId::derive(&user, key),
         None => RequestId::fresh(),
     };
+    // Before anything else is built for it (trace, span): in a crowd, this
+    // is the answer almost every buyer gets. A repeated key may name a
+    // purchase let in before the line filled up, whose state it must
+    // answer; any other is refused from memory.
+    let known = gateway.flags.get(&sku);
+    if let Some(flags) = known
+        && (key.is_none() || !gateway.flags.may_be_admitted(&sku, id))
+    {
+        if flags.closed {
+            return Err(gateway.shed("not_active", not_active(&sku, None)));
+        }
+        if flags.line_full {
+            return Err(gateway.shed("sold_out", sold_out(&sku)));
+        }
+    }
     let traceparent =
         kafka::continue_trace(headers.get("traceparent").and_then(|v| v.to_str().ok()), id);
     let span = tracing::info_span!("purchase", request_id = %id, %sku, %traceparent);
     async {
-        let known = gateway.flags.get(&sku);
-        // A repeated key may name a purchase let in before the line filled
-        // up, whose state it must answer; any other is refused from memory.
-        if let Some(flags) = known
-            && (key.is_none() || !gateway.flags.may_be_admitted(&sku, id))
-        {
-            if flags.closed {
-                return Err(gateway.shed("not_active", not_active(&sku, None)));
-            }
-            if flags.line_full {
-                return Err(gateway.shed("sold_out", sold_out(&sku)));
-            }
-        }
         gateway.users.check(user.as_str()).map_err(|denied| {
             gateway.shed(
                 "user_rate",
@@ -510,8 +512,11 @@ struct WaitQuery {
     wait: Option<f64>,
 }
 
-/// How often a long-poll looks at the board again.
-const POLL_EVERY: Duration = Duration::from_millis(20);
+/// How often a long-poll looks at the board again: at first soon, then
+/// less and less often, so that a line of buyers long-polling for minutes
+/// costs Redis a few reads per buyer per second, not fifty.
+const POLL_FIRST: Duration = Duration::from_millis(20);
+const POLL_AT_MOST_EVERY: Duration = Duration::from_millis(500);
 
 /// The longest a status answer waits for the shop-workers' progress.
 const QUEUE_POSITION_WAIT: Duration = Duration::from_millis(250);
@@ -537,6 +542,7 @@ async fn get_purchase(
         }
     };
     let deadline = tokio::time::Instant::now() + wait;
+    let mut every = POLL_FIRST;
     loop {
         let status = match gateway
             .board
@@ -548,7 +554,7 @@ async fn get_purchase(
             None => archived(&gateway, id).await?,
         };
         let done = status.as_ref().is_some_and(|s| s.status.is_terminal());
-        if done || tokio::time::Instant::now() + POLL_EVERY > deadline {
+        if done || tokio::time::Instant::now() + every > deadline {
             let mut status = status;
             if let Some(s) = status.as_mut() {
                 place(&gateway, s).await;
@@ -561,7 +567,8 @@ async fn get_purchase(
                 )
             });
         }
-        tokio::time::sleep(POLL_EVERY).await;
+        tokio::time::sleep(every).await;
+        every = (every * 2).min(POLL_AT_MOST_EVERY);
     }
 }
 

@@ -24,6 +24,10 @@
 -- sweep does it in its place.
 local ANNOUNCE_GRACE_MS = 5000
 
+-- Waiters a line keeps beyond ceil(overbook x units not sold) until the
+-- last unit is sold (serve_line).
+local LINE_RESERVE = 10
+
 local function line_keys(stock)
   local p = string.sub(stock, 1, #stock - 5)
   return {
@@ -144,8 +148,9 @@ end
 -- has next to no chance left. Units come back to the line through a slower
 -- path (a decline travels through the order stage and `stock-releases`)
 -- than sales shorten it, so the line keeps `overbook` waiters per unit
--- still held rather than one. A closed or ended sale turns its waiters
--- away. At most `limit` waiters are served or turned away.
+-- still held rather than one, and LINE_RESERVE more until the last unit is
+-- sold. A closed or ended sale turns its waiters away. At most `limit`
+-- waiters are served or turned away.
 local function serve_line(k, sale, now, limit, due, out)
   local done = 0
   if sale.closed or now >= sale.ends then
@@ -178,7 +183,13 @@ local function serve_line(k, sale, now, limit, due, out)
     end
     done = done + 1
   end
-  local over = redis.call('ZCARD', k.line) - line_cap(k)
+  -- The last waiters stay until every unit is sold: the last units are the
+  -- ones whose chain of declines may outlast a short line.
+  local keep = line_cap(k)
+  if sale.available + sale.reserved > 0 then
+    keep = keep + LINE_RESERVE
+  end
+  local over = redis.call('ZCARD', k.line) - keep
   while over > 0 do
     local tail = redis.call('ZRANGE', k.line, -1, -1)[1]
     if not tail then
