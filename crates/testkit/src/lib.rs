@@ -275,7 +275,7 @@ impl Answer {
         })
     }
 
-    /// The problem type of a refusal (`sold-out`, `queue-full`, ...).
+    /// The problem type of a refusal (`sold-out`, `sale-not-active`, ...).
     pub fn kind(&self) -> &str {
         self.body["type"].as_str().unwrap_or("")
     }
