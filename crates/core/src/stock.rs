@@ -50,8 +50,9 @@ script!(ADMIT, "lua/admit.lua", with line);
 script!(SERVE, "lua/serve.lua", with line);
 script!(LINE_PLACE, "lua/line_place.lua", with line);
 
-/// Where the scripts publish "<sku> <sold_out> <closed> <line_full>" (each
-/// `0` or `1`) whenever one of a sku's flags changes (`lua/flags.lua`).
+/// Where the scripts publish "<sku> <sold_out> <closed> <line_full>
+/// <ends_at_ms>" (flags `0` or `1`) whenever one of a sku's flags changes
+/// (`lua/flags.lua`).
 /// Outside any hash tag: Redis Cluster forwards a publish to every node.
 pub const FLAGS_CHANNEL: &str = "fs:sku-flags";
 
@@ -468,11 +469,18 @@ pub struct SkuFlags {
     pub closed: bool,
     /// No room in the line: every unit is sold or spoken for.
     pub line_full: bool,
+    /// When the sale ends (unix ms); 0 when not known.
+    pub ends_at_ms: u64,
 }
 
 impl SkuFlags {
+    /// Closed, or past its end: no purchase can be let in.
+    pub fn over(&self, now_ms: u64) -> bool {
+        self.closed || (self.ends_at_ms > 0 && now_ms >= self.ends_at_ms)
+    }
+
     /// Parses a message of `FLAGS_CHANNEL`:
-    /// "<sku> <sold_out> <closed> <line_full>".
+    /// "<sku> <sold_out> <closed> <line_full> <ends_at_ms>".
     pub fn from_message(message: &str) -> Option<(Sku, Self)> {
         let mut parts = message.split(' ');
         let sku = Sku::parse(parts.next()?).ok()?;
@@ -485,6 +493,7 @@ impl SkuFlags {
             sold_out: flag(parts.next())?,
             closed: flag(parts.next())?,
             line_full: flag(parts.next())?,
+            ends_at_ms: parts.next()?.parse::<f64>().ok()? as u64,
         };
         parts.next().is_none().then_some((sku, flags))
     }
@@ -698,23 +707,18 @@ impl StockStore {
     /// gateway rereads when it may have missed a published change.
     pub async fn flags(&self, sku: &Sku) -> Result<Option<SkuFlags>, StockError> {
         let mut conn = self.conn.clone();
-        let (total, sold_out, closed, line_full): (
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        ) = redis::cmd("HMGET")
+        let read: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(SkuKeys::new(sku).stock())
-            .arg("total")
-            .arg("sold_out")
-            .arg("closed")
-            .arg("line_full")
+            .arg(&["total", "sold_out", "closed", "line_full", "ends_at_ms"])
             .query_async(&mut conn)
             .await?;
-        Ok(total.map(|_| SkuFlags {
-            sold_out: sold_out.as_deref() == Some("1"),
-            closed: closed.as_deref() == Some("1"),
-            line_full: line_full.as_deref() == Some("1"),
+        let field = |i: usize| read.get(i).and_then(|v| v.as_deref());
+        let set = |i: usize| field(i) == Some("1");
+        Ok(field(0).map(|_| SkuFlags {
+            sold_out: set(1),
+            closed: set(2),
+            line_full: set(3),
+            ends_at_ms: field(4).and_then(|v| v.parse().ok()).unwrap_or(0),
         }))
     }
 
@@ -1135,10 +1139,11 @@ impl StockStore {
         .await?;
         // Gateways that still remember the sku learn its flags now.
         let flags = format!(
-            "{sku} {} {} {}",
+            "{sku} {} {} {} {}",
             u8::from(levels.sold_out),
             u8::from(closed),
-            u8::from(line_full)
+            u8::from(line_full),
+            rules.ends_at_ms
         );
         conn.publish::<_, _, ()>(FLAGS_CHANNEL, flags).await?;
         conn.sadd::<_, _, ()>(&self.sales_key, sku.as_str()).await?;
@@ -1214,6 +1219,30 @@ mod tests {
             ReleaseOutcome::WasCommitted
         );
         assert!(release(&["released"]).is_err());
+    }
+
+    #[test]
+    fn flag_messages() {
+        let (sku, flags) = SkuFlags::from_message("tv-1 1 0 1 1700").unwrap();
+        assert_eq!(sku.as_str(), "tv-1");
+        assert_eq!(
+            flags,
+            SkuFlags {
+                sold_out: true,
+                closed: false,
+                line_full: true,
+                ends_at_ms: 1700
+            }
+        );
+        assert!(!flags.over(1699) && flags.over(1700));
+        for bad in [
+            "tv-1 1 0 1",
+            "tv-1 1 0 2 5",
+            "tv-1 1 0 1 5 6",
+            "tv-1 1 0 1 x",
+        ] {
+            assert!(SkuFlags::from_message(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

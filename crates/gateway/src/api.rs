@@ -189,7 +189,7 @@ async fn purchase(
     if let Some(flags) = known
         && (key.is_none() || !gateway.flags.may_be_admitted(&sku, id))
     {
-        if flags.closed {
+        if flags.over(clock::now_ms()) {
             return Err(gateway.shed("not_active", not_active(&sku, None)));
         }
         if flags.line_full {

@@ -1,4 +1,4 @@
-//! Which skus are closed or have no room in their line, kept in memory so
+//! Which skus are closed, over, or have no room in their line, kept in memory so
 //! that the gateway can refuse a purchase of one without a network call;
 //! and which purchases were let into each sku's line, so that a repeated
 //! POST (same Idempotency-Key) for a full sku is refused from memory too,
@@ -284,11 +284,13 @@ mod tests {
         sold_out: true,
         closed: false,
         line_full: true,
+        ends_at_ms: 0,
     };
     const OPEN: SkuFlags = SkuFlags {
         sold_out: false,
         closed: false,
         line_full: false,
+        ends_at_ms: 0,
     };
 
     #[test]

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flashsale_testkit::flashsale_cli::sale::SaleSpec;
 use flashsale_testkit::flashsale_core::ids::{RequestId, UserId};
 use flashsale_testkit::flashsale_core::stock::{Answered, ReleaseOutcome, ReserveOutcome};
 use flashsale_testkit::{Answer, Pipeline, PipelineOptions, eventually};
@@ -98,13 +99,7 @@ async fn twenty_thousand_buyers_for_two_hundred_units_queue_at_most_the_window()
 /// size (413). Every refusal that may pass says when to retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_limit_answers_its_status_with_retry_after() {
-    let mut p = Pipeline::start(PipelineOptions {
-        shop_workers: 0,
-        order_workers: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("pipeline starts");
+    let mut p = gateways_only().await;
     let url = p.gateway_url.clone();
     let sku = p.sku("window");
     p.create_sale(&sku, 3, 1).await.unwrap();
@@ -479,6 +474,63 @@ async fn one_key_sent_twenty_times_at_once_is_queued_once() {
 }
 
 /// Every answer the shared admission window gave on this gateway.
+/// A sale past its end is refused from memory (`409 sale-not-active`), with
+/// or without a key: the end travels with the flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_past_its_end_is_refused_from_memory() {
+    let p = gateways_only().await;
+    let url = p.gateway_url.clone();
+    let sku = p.sku("ending");
+    p.create_sale_with(&SaleSpec {
+        duration: Duration::from_secs(2),
+        ..Pipeline::spec(&sku, 10, 1)
+    })
+    .await
+    .unwrap();
+    let ends_at = eventually(
+        "the gateway to know the sale",
+        Duration::from_secs(5),
+        || async {
+            let view = p.sku_view(&url, &sku).await?;
+            view["gateway"].is_object().then_some(())?;
+            p.stores
+                .inventory
+                .get(&sku)
+                .await
+                .ok()?
+                .map(|i| i.rules.ends_at_ms)
+        },
+    )
+    .await;
+    let now = flashsale_testkit::flashsale_core::clock::now_ms();
+    tokio::time::sleep(Duration::from_millis(ends_at.saturating_sub(now) + 50)).await;
+    let asked = redis_calls(&p, &url).await;
+    for key in [None, Some("late")] {
+        let answer = p
+            .post_purchase(&url, sku.as_str(), &format!("{}-late", p.prefix), key)
+            .await
+            .unwrap();
+        assert_eq!(
+            (answer.status, answer.kind()),
+            (409, "sale-not-active"),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(redis_calls(&p, &url).await, asked, "answered from memory");
+    p.stop().await;
+}
+
+/// A pipeline with its gateway and no workers: what reaches Kafka stays.
+async fn gateways_only() -> Pipeline {
+    Pipeline::start(PipelineOptions {
+        shop_workers: 0,
+        order_workers: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("pipeline starts")
+}
+
 async fn redis_calls(p: &Pipeline, url: &str) -> f64 {
     let mut sum = 0.0;
     for call in ["status", "admit"] {
@@ -547,13 +599,7 @@ const ODD_NUMBERS: &[&str] = &[
 /// fact a valid purchase), never a 5xx; only the 202s reach Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_gets_a_4xx_never_a_5xx_and_never_reaches_kafka() {
-    let mut p = Pipeline::start(PipelineOptions {
-        shop_workers: 0,
-        order_workers: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("pipeline starts");
+    let mut p = gateways_only().await;
     // No rate limits: every answer must come from the input alone.
     let url = p
         .add_gateway(&[
