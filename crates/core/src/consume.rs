@@ -5,7 +5,9 @@
 //! (the shop-worker's reservation), and returns the rest of the work as a
 //! task. Tasks run concurrently, but an offset is stored only when its task
 //! and every earlier one have finished, so a committed offset never skips a
-//! message whose effect is not yet durable. librdkafka auto-commits only
+//! message whose effect is not yet durable; once a task of a partition
+//! failed, no later offset of that partition is stored (the loop stops, and
+//! the next member starts again at the failed message). librdkafka auto-commits only
 //! stored offsets, and commits them on partition revocation.
 //!
 //! A watchdog looks at the member every second (`consumer_health` judges
@@ -155,6 +157,9 @@ pub async fn run<H: Handler>(
         shutdown.clone(),
     ));
     let mut pending: Pending = FuturesOrdered::new();
+    // Partitions with a message whose work failed: no offset of theirs is
+    // stored any more, so the failed message is delivered again.
+    let mut failed = Failed::default();
     let mut stopped_by: Option<String> = None;
     let mut pause = options.pause.clone();
     let mut paused = false;
@@ -174,7 +179,10 @@ pub async fn run<H: Handler>(
             _ = shutdown.cancelled() => break,
             Some(reason) = rejoin_rx.recv() => {
                 tracing::error!(%reason, group = %options.group, "consumer stalled; joining the group again with a new consumer");
-                drain(&consumer, &mut pending, options.drain_timeout).await;
+                if !drain(&consumer, &mut pending, options.drain_timeout, &mut failed).await {
+                    stopped_by = Some("a message could not be processed".into());
+                    continue;
+                }
                 current.send_replace(None);
                 let Some(fresh) = replace(consumer, options, &shutdown).await else {
                     watchdog.abort();
@@ -191,7 +199,7 @@ pub async fn run<H: Handler>(
                 None => std::future::pending().await,
             } } => {}
             Some((position, ok)) = pending.next(), if !pending.is_empty() => {
-                if !acknowledge(&consumer, position, ok) {
+                if !acknowledge(&consumer, position, ok, &mut failed) {
                     stopped_by = Some("a message could not be processed".into());
                 }
             }
@@ -219,7 +227,7 @@ pub async fn run<H: Handler>(
         }
     }
     watchdog.abort();
-    drain(&consumer, &mut pending, options.drain_timeout).await;
+    drain(&consumer, &mut pending, options.drain_timeout, &mut failed).await;
     close(consumer).await;
     tracing::info!(group = %options.group, "consumer left its group");
     match stopped_by {
@@ -239,22 +247,32 @@ fn millis_since(began: Instant) -> u64 {
 }
 
 /// Lets in-flight work finish (up to `timeout`), storing the offsets of
-/// what succeeded.
-async fn drain(consumer: &StreamConsumer, pending: &mut Pending, timeout: Duration) {
+/// what succeeded on partitions where nothing failed. `false` if some work
+/// failed (or did not finish).
+async fn drain(
+    consumer: &StreamConsumer,
+    pending: &mut Pending,
+    timeout: Duration,
+    failed: &mut Failed,
+) -> bool {
     let drained = tokio::time::timeout(timeout, async {
+        let mut all_ok = true;
         while let Some((position, ok)) = pending.next().await {
-            if !acknowledge(consumer, position, ok) {
-                break;
-            }
+            all_ok &= acknowledge(consumer, position, ok, failed);
         }
+        all_ok
     })
     .await;
-    if drained.is_err() {
-        tracing::warn!("in-flight work did not finish in time; it will be redelivered");
-    }
     // Whatever did not finish is abandoned: its offset was never stored.
     *pending = FuturesOrdered::new();
+    drained.unwrap_or_else(|_| {
+        tracing::warn!("in-flight work did not finish in time; it will be redelivered");
+        false
+    })
 }
+
+/// The partitions where a message's work failed.
+type Failed = std::collections::HashSet<(String, i32)>;
 
 /// How long closing a consumer may take: librdkafka's close can hang when
 /// the broker is gone (rust-rdkafka #611, #453), and a worker must still
@@ -469,11 +487,22 @@ fn spawned(
     })
 }
 
-/// Stores the offset after `position` if its work succeeded; returns
-/// whether the loop may go on.
-fn acknowledge(consumer: &StreamConsumer, position: Position, ok: bool) -> bool {
+/// Stores the offset of a finished message, unless its partition had a
+/// failure: then a later message's offset would commit past the failed one,
+/// which would never be delivered again. `false` for a failure.
+fn acknowledge(
+    consumer: &StreamConsumer,
+    position: Position,
+    ok: bool,
+    failed: &mut Failed,
+) -> bool {
+    let partition = (position.topic.clone(), position.partition);
     if !ok {
+        failed.insert(partition);
         return false;
+    }
+    if failed.contains(&partition) {
+        return true;
     }
     if let Err(error) = consumer.store_offset(&position.topic, position.partition, position.offset)
     {
