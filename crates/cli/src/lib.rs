@@ -2,6 +2,7 @@
 //! the surge load generator. Kept apart from `main.rs` so tests drive
 //! the very code an operator runs.
 
+pub mod lag;
 pub mod order;
 pub mod sale;
 pub mod surge;

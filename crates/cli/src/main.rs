@@ -51,6 +51,31 @@ enum Command {
     /// Send a crowd of buyers at the gateway, wait for every purchase to
     /// settle, audit, and report.
     Surge(SurgeArgs),
+    /// How far the consumer groups are behind: per topic and partition the
+    /// end offset, the committed offset, the lag in messages and in seconds
+    /// (age of the oldest record not consumed), and the member that owns
+    /// it; per group its state and members. Works against any Kafka-API
+    /// broker.
+    Lag {
+        /// Repeatable; default: the shop-workers' and order-workers' groups.
+        #[arg(long)]
+        group: Vec<String>,
+        /// Topics to look at besides those the group is known to consume
+        /// and those its members own (repeatable).
+        #[arg(long)]
+        topic: Vec<String>,
+        /// Also describe each group (state, members, who owns which
+        /// partition). Off by default: tansu 0.6 cannot describe a group,
+        /// and its group then stops handing out partitions.
+        #[arg(long)]
+        members: bool,
+        /// Print again every 2 s until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON (one document per reading).
+        #[arg(long)]
+        json: bool,
+    },
     /// Rebuild a sku's stock in Redis after Redis was lost, from DynamoDB
     /// (inventory and orders) and the reservations the order stage has not
     /// processed yet. Workers wait for it: until it ran, every stock script
@@ -201,6 +226,27 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::from_env(&Env::process())?;
     match cli.command {
+        Command::Lag {
+            group,
+            topic,
+            members,
+            watch,
+            json,
+        } => loop {
+            let groups = flashsale_cli::lag::read(&config.kafka, &group, &topic, members).await?;
+            if json {
+                println!("{}", serde_json::to_string(&groups)?);
+            } else {
+                print!("{}", flashsale_cli::lag::human(&groups));
+            }
+            if !watch {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => println!(),
+            }
+        },
         Command::Setup => {
             kafka::ensure_topics(&config.kafka).await?;
             Stores::connect(&config).await?;

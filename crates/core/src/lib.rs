@@ -15,6 +15,7 @@ pub mod dynamo;
 pub mod ids;
 pub mod inventory;
 pub mod kafka;
+pub mod lag;
 pub mod line;
 pub mod messages;
 pub mod ops;

@@ -23,7 +23,7 @@ pub struct PartitionRange {
     pub high: i64,
 }
 
-fn reader(settings: &KafkaSettings, group: &str) -> Result<BaseConsumer, KafkaFailure> {
+pub(crate) fn reader(settings: &KafkaSettings, group: &str) -> Result<BaseConsumer, KafkaFailure> {
     base_config(settings)
         .set("group.id", group)
         // A reader only looks: it must never move a group's offsets.
@@ -33,7 +33,7 @@ fn reader(settings: &KafkaSettings, group: &str) -> Result<BaseConsumer, KafkaFa
         .map_err(KafkaFailure::Client)
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, KafkaFailure> + Send + 'static,
 ) -> Result<T, KafkaFailure> {
     match tokio::task::spawn_blocking(work).await {
