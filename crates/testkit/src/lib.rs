@@ -796,6 +796,14 @@ impl ServiceProcess {
         let _ = self.0.wait();
     }
 
+    /// SIGTERM: what an operator (or Kubernetes) sends to stop it.
+    pub fn terminate(&self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+    }
+
     /// How it ended, if it has.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.0.try_wait().ok().flatten()

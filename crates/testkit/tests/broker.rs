@@ -427,3 +427,55 @@ async fn a_killed_workers_replacement_consumes_every_partition_again() {
     );
     p.stop().await;
 }
+
+/// #14 item 3: a worker asked to stop (SIGTERM) while its broker does not
+/// answer (SIGSTOPped) still exits, with status 0, within its drain timeout
+/// and a few seconds, rather than hang in librdkafka's close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_stops_in_bounded_time_with_its_broker_stalled() {
+    let p = Pipeline::start(PipelineOptions {
+        own_kafka: true,
+        shop_workers: 0,
+        order_workers: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut worker = p.service_process(
+        "order-worker",
+        &[("FLASHSALE_ORDER_METRICS_ADDR", addr.clone())],
+    );
+    eventually("the worker ready", Duration::from_secs(60), || async {
+        let ready = p
+            .http
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        ready.status().is_success().then_some(())
+    })
+    .await;
+    let broker = p.broker.as_ref().expect("own broker");
+    broker.pause().unwrap();
+    let asked = Instant::now();
+    worker.terminate();
+    // The order-worker drains for up to 30 s, and closing its consumer may
+    // take 10 s more.
+    let bound = Duration::from_secs(45);
+    let status = eventually("the worker to exit", bound, || {
+        let exited = worker.exited();
+        async move { exited }
+    })
+    .await;
+    broker.resume().unwrap();
+    eprintln!(
+        "exited {:?} after SIGTERM with the broker stalled",
+        asked.elapsed()
+    );
+    assert!(status.success(), "{status:?}");
+}
