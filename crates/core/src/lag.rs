@@ -121,6 +121,8 @@ fn read(
         .committed_offsets(wanted, TIMEOUT)
         .map_err(KafkaFailure::Client)?;
     let mut partitions = Vec::new();
+    // One client reads the oldest waiting record of every lagging partition.
+    let mut peek = None;
     for element in committed.elements() {
         let (topic, partition) = (element.topic().to_owned(), element.partition());
         let Some(&(low, high)) = ends.get(&(topic.clone(), partition)) else {
@@ -133,7 +135,11 @@ fn read(
         let from = committed.unwrap_or(low).max(low);
         let lag = (high - from).max(0);
         let lag_seconds = if lag > 0 {
-            oldest_age(settings, &topic, partition, from)
+            if peek.is_none() {
+                peek = reader(settings, "flashsale-lag-peek").ok();
+            }
+            peek.as_ref()
+                .and_then(|peek| oldest_age(peek, &topic, partition, from))
         } else {
             None
         };
@@ -222,16 +228,24 @@ fn assignment(bytes: &[u8]) -> Vec<String> {
     out
 }
 
-/// Seconds since the record at `offset` was written, read without a group.
-fn oldest_age(settings: &KafkaSettings, topic: &str, partition: i32, offset: i64) -> Option<f64> {
-    let consumer = reader(settings, "flashsale-lag-peek").ok()?;
+/// Seconds since the record at `offset` was written, read by assigning the
+/// partition (never joining or committing for a group).
+fn oldest_age(consumer: &BaseConsumer, topic: &str, partition: i32, offset: i64) -> Option<f64> {
     let mut at = TopicPartitionList::new();
     at.add_partition_offset(topic, partition, Offset::Offset(offset))
         .ok()?;
     consumer.assign(&at).ok()?;
-    let message = consumer.poll(TIMEOUT)?.ok()?;
-    let written = message.timestamp().to_millis()?;
-    Some(clock::now_ms().saturating_sub(written.max(0) as u64) as f64 / 1000.0)
+    // The client is reused across partitions: skip anything fetched for the
+    // one assigned before.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let message = consumer.poll(left)?.ok()?;
+        if message.topic() == topic && message.partition() == partition {
+            let written = message.timestamp().to_millis()?;
+            return Some(clock::now_ms().saturating_sub(written.max(0) as u64) as f64 / 1000.0);
+        }
+    }
+    None
 }
 
 #[cfg(test)]

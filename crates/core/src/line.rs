@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::consume::Abandoned;
 use crate::ids::{Quantity, RequestId, Sku, UserId};
 use crate::messages::{self, Reservation, SCHEMA_VERSION};
+use crate::settings::KafkaSettings;
 use crate::status::PurchaseState;
 use crate::status_board::{StatusBoard, Subject};
 use crate::stock::{Announcement, ReserveOutcome, StockStore};
@@ -32,6 +33,22 @@ pub struct Herald {
 }
 
 impl Herald {
+    /// Reservations go to the deployment's `reservations` topic.
+    pub fn new(
+        stock: StockStore,
+        board: StatusBoard,
+        producer: FutureProducer,
+        kafka: &KafkaSettings,
+    ) -> Self {
+        Self {
+            stock,
+            board,
+            producer,
+            reservation_topic: kafka.topic(kafka::topic::RESERVATIONS),
+            produce_timeout: kafka.produce_timeout,
+        }
+    }
+
     /// Publishes a reservation (key = request id) before its status, so a
     /// buyer never reads `reserved` for a purchase the order stage will
     /// not see; a waiting or rejected purchase only gets its status.
@@ -84,8 +101,20 @@ impl Herald {
             user,
             quantity,
         };
+        self.post(&subject, state, reason, shutdown).await
+    }
+
+    /// Posts a purchase's state once its effect is durable, retrying until
+    /// the board takes it (or shutdown).
+    pub async fn post(
+        &self,
+        subject: &Subject<'_>,
+        state: PurchaseState,
+        reason: Option<&str>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Abandoned> {
         retry::durable("post status", shutdown, || {
-            self.board.post(&subject, state, reason, clock::now_ms())
+            self.board.post(subject, state, reason, clock::now_ms())
         })
         .await
         .map(|_| ())

@@ -412,10 +412,8 @@ pub enum Admission {
         cap: u64,
     },
     SoldOut,
-    /// Closed or over (`None`), or opening in this many ms.
-    NotActive {
-        starts_in_ms: Option<u64>,
-    },
+    /// Closed or over (a buyer before the opening is let into the line).
+    NotActive,
     /// Redis holds no stock for the sku.
     Unknown,
 }
@@ -440,9 +438,7 @@ impl Admission {
                 _ => return unexpected(&reply),
             },
             [kind] if kind == "sold_out" => Self::SoldOut,
-            [kind, starts_in] if kind == "not_active" => Self::NotActive {
-                starts_in_ms: number(starts_in),
-            },
+            [kind] if kind == "not_active" => Self::NotActive,
             [kind] if kind == "unknown" => Self::Unknown,
             _ => return unexpected(&reply),
         })
@@ -455,7 +451,7 @@ impl Admission {
             Self::Processed(_) => "processed",
             Self::Full { .. } => "full",
             Self::SoldOut => "sold_out",
-            Self::NotActive { .. } => "not_active",
+            Self::NotActive => "not_active",
             Self::Unknown => "unknown",
         }
     }

@@ -3,7 +3,6 @@
 //! even when later messages of its partition succeed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
@@ -11,7 +10,7 @@ use flashsale_core::consumer_health::ConsumerHealth;
 use flashsale_core::kafka::{self, topic};
 use flashsale_core::settings::{Env, KafkaSettings};
 use rdkafka::message::{Message, OwnedMessage};
-use tokio::sync::Mutex;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 fn settings() -> KafkaSettings {
@@ -35,31 +34,28 @@ fn options(kafka: &KafkaSettings) -> ConsumerOptions {
 }
 
 /// Fails the work of the message whose payload is `fail`, after the later
-/// ones have finished theirs; records every payload it is given.
+/// ones have finished theirs; passes on every payload it is given.
 struct Flaky {
     fail: Option<String>,
-    seen: Arc<Mutex<Vec<String>>>,
-    later_done: Arc<AtomicBool>,
+    seen: mpsc::UnboundedSender<String>,
+    later_done: Arc<Notify>,
 }
 
 impl Handler for Flaky {
     async fn start(&self, message: OwnedMessage) -> Result<Completion, Abandoned> {
         let payload = String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned();
-        self.seen.lock().await.push(payload.clone());
+        let _ = self.seen.send(payload.clone());
         let (fail, later_done) = (self.fail.clone(), self.later_done.clone());
         Ok(Box::pin(async move {
             if fail.as_deref() == Some(payload.as_str()) {
-                // Let every later message of the partition finish first.
-                for _ in 0..200 {
-                    if later_done.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
+                // Let every later message of the partition finish first
+                // (m9's work notifies; a lost notification only makes the
+                // test weaker, never wrong).
+                let _ = tokio::time::timeout(Duration::from_secs(2), later_done.notified()).await;
                 return Err(Abandoned(format!("{payload} failed")));
             }
             if payload == "m9" {
-                later_done.store(true, Ordering::SeqCst);
+                later_done.notify_one();
             }
             Ok(())
         }))
@@ -87,11 +83,11 @@ async fn a_failed_message_is_delivered_again_after_later_ones_succeeded() {
     }
 
     // The first run: m3's work fails while m4..m9 succeed; the loop stops.
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (seen, mut given) = mpsc::unbounded_channel();
     let first = Flaky {
         fail: Some("m3".into()),
-        seen: seen.clone(),
-        later_done: Arc::new(AtomicBool::new(false)),
+        seen,
+        later_done: Arc::new(Notify::new()),
     };
     let opts = options(&kafka);
     let stopped = tokio::time::timeout(
@@ -106,14 +102,18 @@ async fn a_failed_message_is_delivered_again_after_later_ones_succeeded() {
     .await
     .expect("the loop stops on its own");
     assert!(stopped.is_err(), "a failed message stops the loop");
-    assert_eq!(seen.lock().await.len(), 10, "{:?}", seen.lock().await);
+    let mut all = Vec::new();
+    while let Ok(payload) = given.try_recv() {
+        all.push(payload);
+    }
+    assert_eq!(all.len(), 10, "{all:?}");
 
     // The restarted member starts again at m3, not after m9.
-    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (seen, mut given) = mpsc::unbounded_channel();
     let second = Flaky {
         fail: None,
-        seen: seen.clone(),
-        later_done: Arc::new(AtomicBool::new(false)),
+        seen,
+        later_done: Arc::new(Notify::new()),
     };
     let shutdown = CancellationToken::new();
     let running = {
@@ -124,16 +124,11 @@ async fn a_failed_message_is_delivered_again_after_later_ones_succeeded() {
         })
     };
     // The first member left its group cleanly: the second joins at once.
-    let first_seen = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(first) = seen.lock().await.first().cloned() {
-                return first;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| "nothing: every message was committed, m3 included".into());
+    let first_seen = tokio::time::timeout(Duration::from_secs(30), given.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "nothing: every message was committed, m3 included".into());
     shutdown.cancel();
     running.await.expect("joined").expect("stopped cleanly");
     assert_eq!(first_seen, "m3", "m3 was committed past");

@@ -929,7 +929,7 @@ async fn admission_line(backend: Backend) {
             .admit(&f.sku, r.request_id, 4_000, LEASE)
             .await
             .unwrap(),
-        Admission::NotActive { starts_in_ms: None }
+        Admission::NotActive
     );
     let away = f.store.serve(&f.sku, 4_000, FOREVER, 100).await.unwrap();
     assert_eq!(

@@ -190,7 +190,7 @@ async fn purchase(
         && (key.is_none() || !gateway.flags.may_be_admitted(&sku, id))
     {
         if flags.over(clock::now_ms()) {
-            return Err(gateway.shed("not_active", not_active(&sku, None)));
+            return Err(gateway.shed("not_active", not_active(&sku)));
         }
         if flags.line_full {
             return Err(gateway.shed("sold_out", sold_out(&sku)));
@@ -308,9 +308,7 @@ async fn purchase(
                 ));
             }
             Admission::SoldOut => return Err(gateway.shed("sold_out", sold_out(&sku))),
-            Admission::NotActive { starts_in_ms } => {
-                return Err(gateway.shed("not_active", not_active(&sku, starts_in_ms)));
-            }
+            Admission::NotActive => return Err(gateway.shed("not_active", not_active(&sku))),
             Admission::Unknown if known.is_some() => {
                 return Err(gateway.shed(
                     "unavailable",
@@ -441,23 +439,14 @@ fn sold_out(sku: &Sku) -> Problem {
     )
 }
 
-fn not_active(sku: &Sku, starts_in_ms: Option<u64>) -> Problem {
-    match starts_in_ms {
-        Some(ms) => {
-            let secs = ms.div_ceil(1000).max(1);
-            Problem::new(
-                StatusCode::CONFLICT,
-                "sale-not-active",
-                format!("the sale of {sku} opens in {secs} s"),
-            )
-            .retry_after(secs)
-        }
-        None => Problem::new(
-            StatusCode::CONFLICT,
-            "sale-not-active",
-            format!("the sale of {sku} is closed or over"),
-        ),
-    }
+/// Closed or over: final. (Before the opening a buyer takes a place in the
+/// line instead.)
+fn not_active(sku: &Sku) -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        "sale-not-active",
+        format!("the sale of {sku} is closed or over"),
+    )
 }
 
 /// A refusal by a rate limit, with `Retry-After` and the `RateLimit-*`
@@ -557,7 +546,7 @@ async fn get_purchase(
         if done || tokio::time::Instant::now() + every > deadline {
             let mut status = status;
             if let Some(s) = status.as_mut() {
-                place(&gateway, s).await;
+                place(&gateway, id, s).await;
             }
             return status.map(Json).ok_or_else(|| {
                 Problem::new(
@@ -575,7 +564,7 @@ async fn get_purchase(
 /// Where a purchase not yet decided stands: for `queued`, how far its
 /// record is from the shop-workers; for `waiting`, its place in the sku's
 /// line, which asking keeps (a buyer who stops asking loses it).
-async fn place(gateway: &Gateway, status: &mut PurchaseStatus) {
+async fn place(gateway: &Gateway, id: RequestId, status: &mut PurchaseStatus) {
     match status.status {
         PurchaseState::Queued => {
             let Some((partition, offset)) = status.record else {
@@ -592,10 +581,7 @@ async fn place(gateway: &Gateway, status: &mut PurchaseStatus) {
             .flatten();
         }
         PurchaseState::Waiting => {
-            let (Ok(sku), Ok(id)) = (
-                Sku::parse(&status.sku),
-                RequestId::parse(&status.request_id),
-            ) else {
+            let Ok(sku) = Sku::parse(&status.sku) else {
                 return;
             };
             let now = clock::now_ms();

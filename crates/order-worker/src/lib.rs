@@ -120,12 +120,12 @@ pub(crate) struct Metrics {
 pub(crate) struct Deps {
     pub orders: OrderStore,
     pub stock: StockStore,
-    pub board: StatusBoard,
     pub payment: PaymentClient,
     pub producer: FutureProducer,
     pub release_topic: String,
     pub produce_timeout: Duration,
-    /// Tells the buyers a commit turned away from the sku's line.
+    /// Posts statuses, and tells the buyers a commit turned away from the
+    /// sku's line.
     pub herald: Herald,
     pub currency: String,
     pub metrics: Metrics,
@@ -190,19 +190,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
     registry.register(Box::new(metrics.breaker_open.clone()))?;
     registry.register(Box::new(metrics.dynamodb_requests.clone()))?;
     let stock = StockStore::new(conn.clone(), &config.redis);
-    let board = StatusBoard::new(conn, &config.redis);
     let producer = kafka::producer(&config.kafka)?;
     let deps = Arc::new(Deps {
         orders: OrderStore::new(client, &tables),
-        herald: Herald {
-            stock: stock.clone(),
-            board: board.clone(),
-            producer: producer.clone(),
-            reservation_topic: config.kafka.topic(topic::RESERVATIONS),
-            produce_timeout: config.kafka.produce_timeout,
-        },
+        herald: Herald::new(
+            stock.clone(),
+            StatusBoard::new(conn, &config.redis),
+            producer.clone(),
+            &config.kafka,
+        ),
         stock,
-        board,
         payment: PaymentClient::new(&config.payment_url, config.payment_timeout),
         producer,
         release_topic: config.kafka.topic(topic::STOCK_RELEASES),

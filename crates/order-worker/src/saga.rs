@@ -360,10 +360,7 @@ async fn announce(deps: &Deps, order: &Order, state: PurchaseState) -> Result<()
         user: &order.user_id,
         quantity: order.quantity,
     };
-    retry::durable("post status", &deps.shutdown, || {
-        deps.board
-            .post(&subject, state, order.reason.as_deref(), clock::now_ms())
-    })
-    .await
-    .map(|_| ())
+    deps.herald
+        .post(&subject, state, order.reason.as_deref(), &deps.shutdown)
+        .await
 }

@@ -170,13 +170,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
     let metrics = Metrics::register(&registry)?;
     let stock = StockStore::new(conn.clone(), &config.redis);
     let shop = Arc::new(Shop {
-        herald: Herald {
-            stock: stock.clone(),
-            board: StatusBoard::new(conn, &config.redis),
-            producer: producer.clone(),
-            reservation_topic: config.kafka.topic(topic::RESERVATIONS),
-            produce_timeout: config.kafka.produce_timeout,
-        },
+        herald: Herald::new(
+            stock.clone(),
+            StatusBoard::new(conn, &config.redis),
+            producer.clone(),
+            &config.kafka,
+        ),
         stock,
         producer: producer.clone(),
         purchase_topic: config.kafka.topic(topic::PURCHASE_REQUESTS),
@@ -309,13 +308,9 @@ impl Shop {
         state: PurchaseState,
         reason: Option<&str>,
     ) -> Result<(), Abandoned> {
-        retry::durable("post status", &self.shutdown, || {
-            self.herald
-                .board
-                .post(subject, state, reason, clock::now_ms())
-        })
-        .await
-        .map(|_| ())
+        self.herald
+            .post(subject, state, reason, &self.shutdown)
+            .await
     }
 
     async fn release(self: Arc<Self>, message: OwnedMessage) -> Result<Completion, Abandoned> {

@@ -18,7 +18,7 @@
 --         answer, or ["waiting"] while it is in the line)
 --      or {"full", people, cap}: every unit is spoken for
 --      or {"sold_out"}: every unit is sold
---      or {"not_active", ""}: closed or over
+--      or {"not_active"}: closed or over
 --      or {"unknown"}: Redis holds no stock for the sku
 
 local k = line_keys(KEYS[1])
@@ -39,14 +39,14 @@ if admitted_at then
   return {'duplicate', admitted_at}
 end
 if sale.closed or now >= sale.ends then
-  return {'not_active', ''}
+  return {'not_active'}
 end
 if sale.available + sale.reserved <= 0 then
   settle_flags(k)
   return {'sold_out'}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
-local people, cap = line_people(k, true), line_cap(k)
+local people, cap = line_people(k), line_cap(k)
 if people >= cap then
   settle_flags(k)
   return {'full', tostring(people), tostring(cap)}

@@ -47,14 +47,11 @@ local function line_cap(k)
   return math.ceil(unsold * (tonumber(s[3]) or 1) - 1e-9)
 end
 
--- Buyers holding a unit or waiting for one; with `admitted`, also those a
--- gateway let in whose purchase no shop-worker has seen yet.
-local function line_people(k, admitted)
-  local n = redis.call('ZCARD', k.deadlines) + redis.call('ZCARD', k.line)
-  if admitted then
-    n = n + redis.call('ZCARD', k.admitted)
-  end
-  return n
+-- Buyers holding a unit, waiting for one, or on their way (let in by a
+-- gateway, not yet seen by a shop-worker).
+local function line_people(k)
+  return redis.call('ZCARD', k.deadlines) + redis.call('ZCARD', k.line)
+    + redis.call('ZCARD', k.admitted)
 end
 
 -- Recomputes the flags the gateways answer from memory, and publishes
@@ -63,7 +60,7 @@ end
 local function settle_flags(k)
   local s = redis.call('HMGET', k.stock, 'available', 'sold_out', 'line_full')
   local sold_out = (tonumber(s[1]) or 0) <= 0 and '1' or '0'
-  local full = line_people(k, true) >= line_cap(k) and '1' or '0'
+  local full = line_people(k) >= line_cap(k) and '1' or '0'
   if s[2] ~= sold_out or s[3] ~= full then
     redis.call('HSET', k.stock, 'sold_out', sold_out, 'line_full', full)
     publish_flags(k.stock)
