@@ -20,6 +20,26 @@ pub struct PurchaseRequest {
     pub accepted_at_ms: u64,
 }
 
+impl PurchaseRequest {
+    /// A request of the current schema.
+    pub fn new(
+        request_id: RequestId,
+        sku: Sku,
+        user_id: UserId,
+        quantity: Quantity,
+        accepted_at_ms: u64,
+    ) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            request_id,
+            sku,
+            user_id,
+            quantity,
+            accepted_at_ms,
+        }
+    }
+}
+
 /// On `reservations`, key = request id: units held for this purchase until
 /// `expires_at_ms`, to be paid for by the order stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

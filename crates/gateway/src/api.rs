@@ -19,7 +19,7 @@ use flashsale_core::clock;
 use flashsale_core::dynamo::DynamoError;
 use flashsale_core::ids::{IdempotencyKey, Quantity, RequestId, Sku, UserId};
 use flashsale_core::kafka;
-use flashsale_core::messages::{self, PurchaseRequest, SCHEMA_VERSION};
+use flashsale_core::messages::{self, PurchaseRequest};
 use flashsale_core::problem::Problem;
 use flashsale_core::status::{PurchaseState, PurchaseStatus};
 use flashsale_core::status_board::Subject;
@@ -329,14 +329,7 @@ async fn purchase(
                 ));
             }
         };
-        let request = PurchaseRequest {
-            v: SCHEMA_VERSION,
-            request_id: id,
-            sku: sku.clone(),
-            user_id: user.clone(),
-            quantity,
-            accepted_at_ms: now,
-        };
+        let request = PurchaseRequest::new(id, sku.clone(), user.clone(), quantity, now);
         enqueue(gateway, request, traceparent.clone(), admitted, permit).await
     }
     .instrument(span)
@@ -564,7 +557,7 @@ async fn get_purchase(
 /// Where a purchase not yet decided stands: for `queued`, how far its
 /// record is from the shop-workers; for `waiting`, its place in the sku's
 /// line, which asking keeps (a buyer who stops asking loses it).
-async fn place(gateway: &Gateway, id: RequestId, status: &mut PurchaseStatus) {
+async fn place(gateway: &Shared, id: RequestId, status: &mut PurchaseStatus) {
     match status.status {
         PurchaseState::Queued => {
             let Some((partition, offset)) = status.record else {
@@ -593,11 +586,76 @@ async fn place(gateway: &Gateway, id: RequestId, status: &mut PurchaseStatus) {
                         .decided_by_ms
                         .map(|by| by.saturating_sub(now).div_ceil(1000));
                 }
-                Ok(None) => {}
+                Ok(None) => rejoin(gateway, id, status).await,
                 Err(error) => tracing::warn!(%error, "reading a place in line failed"),
             }
         }
         _ => {}
+    }
+}
+
+/// A purchase the board shows `waiting` that its sku's line no longer
+/// holds. Either a script just decided it (its answer is remembered, and
+/// being announced), or the line was lost with the Redis that held it
+/// while the board kept, or was later given, the `waiting` post: a Redis
+/// replaced between a shop-worker's join and its post, or the line's node
+/// of a cluster lost. The admission script tells the two apart; a lost
+/// purchase is queued again, at the back of the line (the line it stood
+/// in is gone), or turned away if there is no room left in it.
+async fn rejoin(gateway: &Shared, id: RequestId, status: &PurchaseStatus) {
+    let (Ok(sku), Ok(user), Ok(quantity)) = (
+        Sku::parse(&status.sku),
+        UserId::parse(&status.user_id),
+        Quantity::new(status.quantity.into()),
+    ) else {
+        return;
+    };
+    // Taken before admitting, so that a purchase let in is also produced.
+    let Ok(permit) = gateway.in_flight.clone().try_acquire_owned() else {
+        return;
+    };
+    let now = clock::now_ms();
+    gateway
+        .metrics
+        .redis_calls
+        .with_label_values(&["admit"])
+        .inc();
+    let reason = match gateway
+        .stock
+        .admit(&sku, id, now, gateway.admission_lease_ms)
+        .await
+    {
+        Ok(Admission::Admitted) => {
+            tracing::warn!(request_id = %id, %sku, "a waiting purchase was lost with its line; queued again");
+            let request = PurchaseRequest::new(id, sku.clone(), user.clone(), quantity, now);
+            let traceparent = kafka::continue_trace(None, id);
+            if let Err(problem) = enqueue(gateway, request, traceparent, true, permit).await {
+                tracing::warn!(request_id = %id, ?problem, "could not queue a lost purchase again");
+            }
+            return;
+        }
+        Ok(Admission::Full { .. } | Admission::SoldOut) => "sold_out",
+        Ok(Admission::NotActive) => "sale_not_active",
+        // In the line, decided, on its way, or the sku not restored yet.
+        Ok(_) => return,
+        Err(error) => {
+            tracing::warn!(%error, "checking a waiting purchase failed");
+            return;
+        }
+    };
+    tracing::warn!(request_id = %id, %sku, reason, "a waiting purchase was lost with its line; no room left for it");
+    let subject = Subject {
+        id,
+        sku: &sku,
+        user: &user,
+        quantity,
+    };
+    if let Err(error) = gateway
+        .board
+        .post(&subject, PurchaseState::Rejected, Some(reason), now)
+        .await
+    {
+        tracing::warn!(%error, "could not post the rejection of a lost purchase");
     }
 }
 

@@ -7,6 +7,7 @@ use flashsale_testkit::flashsale_cli::sale;
 use flashsale_testkit::flashsale_core::ids::RequestId;
 use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
+use flashsale_testkit::flashsale_core::stock::SkuKeys;
 use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
 use serde_json::json;
 
@@ -167,6 +168,42 @@ async fn restock_reopens_a_sold_out_sale_and_close_or_the_window_rejects() {
         (levels.available, levels.reserved),
         (5, 0),
         "nothing reserved before the opening"
+    );
+
+    // The line lost while the status board kept the buyer `waiting` (a
+    // Redis replaced between the shop-worker's join and its post, or the
+    // line's node of a cluster lost): asking takes the buyer back into
+    // the line instead of leaving them waiting for an answer that never
+    // comes.
+    let mut redis = redis::Client::open(p.cli.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys = SkuKeys::new(&later);
+    let removed: i64 = redis::cmd("DEL")
+        .arg(keys.line())
+        .arg(keys.line_who())
+        .arg(keys.line_seen())
+        .arg(keys.admitted_ever())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(removed >= 2, "the line's keys existed");
+    let back = eventually(
+        "the buyer back in the lost line",
+        Duration::from_secs(30),
+        || async {
+            p.status_of(&early, 0)
+                .await
+                .filter(|s| s.queue_position.is_some())
+        },
+    )
+    .await;
+    assert_eq!(
+        (back.status.as_str(), back.queue_position),
+        ("waiting", Some(1)),
+        "{back:?}"
     );
     p.stop().await;
 }
