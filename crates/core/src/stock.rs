@@ -49,6 +49,7 @@ script!(STATUS, "lua/status.lua", with line);
 script!(ADMIT, "lua/admit.lua", with line);
 script!(SERVE, "lua/serve.lua", with line);
 script!(LINE_PLACE, "lua/line_place.lua", with line);
+script!(WITHDRAW, "lua/withdraw.lua");
 
 /// Where the scripts publish "<sku> <sold_out> <closed> <line_full>
 /// <ends_at_ms>" (flags `0` or `1`) whenever one of a sku's flags changes
@@ -523,6 +524,35 @@ impl CommitOutcome {
     }
 }
 
+/// What became of a reservation a saga withdrew before cancelling its
+/// order (`withdraw.lua`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WithdrawOutcome {
+    /// Never to be sold now (withdrawn, or already given back), for the
+    /// reason of whichever came first: the order may be cancelled.
+    Withdrawn {
+        reason: String,
+    },
+    /// Sold: paid for by another run of the same purchase, whose order is
+    /// to be confirmed.
+    WasCommitted,
+    Missing,
+}
+
+impl WithdrawOutcome {
+    fn from_reply(sku: &Sku, reply: Vec<String>) -> Result<Self, StockError> {
+        match reply.as_slice() {
+            [kind, reason] if kind == "withdrawn" || kind == "released" => Ok(Self::Withdrawn {
+                reason: reason.clone(),
+            }),
+            [kind] if kind == "committed" => Ok(Self::WasCommitted),
+            [kind] if kind == "missing" => Ok(Self::Missing),
+            [kind] if kind == "unloaded" => Err(StockError::Unloaded(sku.clone())),
+            _ => unexpected(&reply),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReleaseOutcome {
     /// The units are back in stock: released for `reason` by whichever
@@ -860,6 +890,24 @@ impl StockStore {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Answered::parse(sku, reply, |answer| CommitOutcome::from_reply(sku, answer))
+    }
+
+    /// Settles reservation `id` as never to be sold, unless it was sold
+    /// already (`withdraw.lua`).
+    pub async fn withdraw(
+        &self,
+        sku: &Sku,
+        id: RequestId,
+        reason: &str,
+    ) -> Result<WithdrawOutcome, StockError> {
+        let keys = SkuKeys::new(sku);
+        let reply: Vec<String> = WITHDRAW
+            .key(keys.stock())
+            .key(keys.reservation(id))
+            .arg(reason)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        WithdrawOutcome::from_reply(sku, reply)
     }
 
     pub async fn release(

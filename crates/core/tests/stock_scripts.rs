@@ -609,6 +609,98 @@ async fn expire_and_release_race(backend: Backend) {
     );
 }
 
+/// Two runs of one saga at once: one commits (paid), the other withdraws
+/// (it judged the reservation expired, or its charge refused). Redis
+/// decides: either every commit answers `committed` and every withdrawal
+/// `was committed`, or every commit `released` and every withdrawal
+/// `withdrawn`; a withdrawn reservation is given back by its release.
+async fn commit_and_withdraw_race(backend: Backend) {
+    let rounds = 30;
+    let f = Arc::new(Fixture::new(backend, "decide", rules(1, 1, 10_000)).await);
+    let (mut sold, mut withdrawn) = (0, 0);
+    for round in 0..rounds {
+        let request = f.request(&format!("d{round}"), 1);
+        let now = 1_000 * (round + 1);
+        let reserved = f.store.reserve(&request, now, MAX_AGE).await.unwrap();
+        assert!(
+            matches!(reserved.outcome, ReserveOutcome::Reserved { .. }),
+            "round {round}: {reserved:?}"
+        );
+        let id = request.request_id;
+        let mut commits = Vec::new();
+        let mut withdrawals = Vec::new();
+        for i in 0..6 {
+            let f = f.clone();
+            // Either side may be first off the line, round by round.
+            if (round + i) % 2 == 0 {
+                commits.push(tokio::spawn(async move {
+                    f.store.commit(&f.sku, id, now + 1).await.unwrap().outcome
+                }));
+            } else {
+                withdrawals.push(tokio::spawn(async move {
+                    f.store
+                        .withdraw(&f.sku, id, "reservation_expired")
+                        .await
+                        .unwrap()
+                }));
+            }
+        }
+        let mut commits_said = HashSet::new();
+        for commit in commits {
+            commits_said.insert(format!("{:?}", commit.await.unwrap()));
+        }
+        let mut withdrawals_said = HashSet::new();
+        for withdrawal in withdrawals {
+            withdrawals_said.insert(format!("{:?}", withdrawal.await.unwrap()));
+        }
+        assert_eq!(commits_said.len(), 1, "round {round}: {commits_said:?}");
+        assert_eq!(
+            withdrawals_said.len(),
+            1,
+            "round {round}: {withdrawals_said:?}"
+        );
+        let levels = if withdrawals_said.contains("WasCommitted") {
+            assert!(
+                commits_said.contains("Committed"),
+                "round {round}: {commits_said:?}"
+            );
+            sold += 1;
+            let levels = f.levels().await;
+            assert_eq!((levels.reserved, levels.sold), (0, sold), "round {round}");
+            // Sold units stay sold: restock one for the next round.
+            f.store
+                .restock(&f.sku, &format!("decide-{round}"), 1, now + 2)
+                .await
+                .unwrap();
+            f.levels().await
+        } else {
+            assert!(
+                commits_said.iter().all(|said| said.starts_with("Released")),
+                "round {round}: {commits_said:?}"
+            );
+            withdrawn += 1;
+            let released = f
+                .store
+                .release(&f.sku, id, "reservation_expired", now + 2)
+                .await
+                .unwrap()
+                .outcome;
+            assert!(
+                matches!(released, ReleaseOutcome::Released { .. }),
+                "round {round}: {released:?}"
+            );
+            f.levels().await
+        };
+        assert_eq!(
+            (levels.available, levels.reserved),
+            (1, 0),
+            "round {round}: {levels:?}"
+        );
+    }
+    eprintln!("{backend:?}: sold {sold} times, withdrawn {withdrawn} times");
+    assert_eq!((sold + withdrawn) as u64, rounds);
+}
+
 async fn one_user_hundred_requests(backend: Backend) {
     let f = Arc::new(Fixture::new(backend, "limit", rules(50, 1, 60_000)).await);
     let mut calls = Vec::new();
@@ -1103,6 +1195,7 @@ on_both! {
     };
     every_script_replayed_twice_gives_the_same_result_and_state => every_script_replays;
     a_reservation_racing_expire_and_release_is_released_once => expire_and_release_race;
+    a_commit_racing_a_withdrawal_decides_the_purchase_once => commit_and_withdraw_race;
     one_user_with_a_limit_of_one_gets_exactly_one_of_a_hundred => one_user_hundred_requests;
     the_line_follows_the_stock_and_gives_units_back_to_its_head => admission_line;
     early_buyers_are_drawn_and_silent_ones_leave_the_line => early_draw_and_patience;

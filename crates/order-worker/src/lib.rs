@@ -63,6 +63,15 @@ pub struct Config {
     /// `FLASHSALE_ORDER_CRASH_AFTER` (`put`, `charge` or `commit`): for the
     /// kill tests only, the process aborts at that saga step.
     pub crash_after: Option<CrashPoint>,
+    /// `FLASHSALE_ORDER_CLOCK_OFFSET_MS`: for tests only, how far this
+    /// worker's clock runs ahead (or, negative, behind) of the others, as
+    /// a badly synchronised machine's would.
+    pub clock_offset_ms: i64,
+    /// `FLASHSALE_ORDER_GROUP`: the consumer group, by default the
+    /// deployment's `flashsale-orders`. For tests only: a second group over
+    /// the same reservations runs every saga twice at once, as a partition
+    /// taken over from a worker that is only slow does.
+    pub group: Option<String>,
 }
 
 impl Config {
@@ -85,6 +94,11 @@ impl Config {
             crash_after: match env.string("ORDER_CRASH_AFTER", "").as_str() {
                 "" => None,
                 _ => Some(env.get("ORDER_CRASH_AFTER", CrashPoint::AfterPut)?),
+            },
+            clock_offset_ms: env.get("ORDER_CLOCK_OFFSET_MS", 0)?,
+            group: match env.string("ORDER_GROUP", "") {
+                group if group.is_empty() => None,
+                group => Some(group),
             },
         })
     }
@@ -131,7 +145,15 @@ pub(crate) struct Deps {
     pub metrics: Metrics,
     pub breaker: breaker::Breaker,
     pub crash_after: Option<CrashPoint>,
+    pub clock_offset_ms: i64,
     pub shutdown: CancellationToken,
+}
+
+impl Deps {
+    /// This worker's clock (see `Config::clock_offset_ms`).
+    pub fn now_ms(&self) -> u64 {
+        flashsale_core::clock::now_ms().saturating_add_signed(self.clock_offset_ms)
+    }
 }
 
 pub struct OrderWorker {
@@ -208,6 +230,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         metrics,
         breaker: breaker::Breaker::new(config.breaker_failures, config.breaker_open_for),
         crash_after: config.crash_after,
+        clock_offset_ms: config.clock_offset_ms,
         shutdown: shutdown.clone(),
     });
     let paused = deps.breaker.watch();
@@ -223,7 +246,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         kafka: config.kafka.clone(),
         stall_after: config.stall_after,
         health: ConsumerHealth::register(&registry)?,
-        group: config.kafka.group(kafka::group::ORDERS),
+        group: config
+            .group
+            .clone()
+            .unwrap_or_else(|| config.kafka.group(kafka::group::ORDERS)),
         topics: vec![config.kafka.topic(topic::RESERVATIONS)],
         max_in_flight: config.concurrency.max(1),
         drain_timeout: Duration::from_secs(30),

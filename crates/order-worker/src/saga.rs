@@ -20,11 +20,21 @@
 //! bottleneck, one write per order.
 //!
 //! Every step is idempotent by the request id: the conditional writes, the
-//! payment's idempotency key, the Lua commit and release.
+//! payment's idempotency key, the Lua commit, withdrawal and release.
+//!
+//! Two runs of one purchase may overlap (a partition taken over from a
+//! worker that was only slow), and their clocks may disagree about the
+//! deadline. Redis decides: an order is confirmed only after the commit
+//! script sold its units, and cancelled only after the withdrawal script
+//! settled them as unsold; whichever of the two comes first, the other
+//! then fails, and its run follows the winner (a run that finds its units
+//! sold confirms with the charge, which its idempotency key makes the
+//! same; a paid run that finds them withdrawn refunds). A cancelled order
+//! without a charge of its own looks one up and refunds it: the other run
+//! may have been answered after this one looked.
 
 use std::sync::Arc;
 
-use flashsale_core::clock;
 use flashsale_core::consume::Abandoned;
 use flashsale_core::kafka;
 use flashsale_core::messages::{self, Reservation, SCHEMA_VERSION, StockRelease};
@@ -35,7 +45,7 @@ use flashsale_core::payment::{
 use flashsale_core::retry;
 use flashsale_core::status::{PurchaseState, reason};
 use flashsale_core::status_board::Subject;
-use flashsale_core::stock::CommitOutcome;
+use flashsale_core::stock::{CommitOutcome, WithdrawOutcome};
 
 use crate::Deps;
 
@@ -47,7 +57,7 @@ fn current(written: Written) -> Order {
 
 pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(), Abandoned> {
     let id = reservation.request_id;
-    let now = clock::now_ms();
+    let now = deps.now_ms();
     let fresh = Order {
         order_id: id,
         sku: reservation.sku.clone(),
@@ -89,6 +99,7 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
             }
             // The shop-worker posts `cancelled` once the units are back.
             OrderStatus::Cancelled => {
+                refund_stray_charge(&deps, &order).await?;
                 deps.metrics
                     .outcomes
                     .with_label_values(&["cancelled"])
@@ -127,6 +138,13 @@ async fn settle_pending(deps: &Deps, order: &Order) -> Result<Order, Abandoned> 
         }
         Charged::NeverMade => (reason::RESERVATION_EXPIRED, None),
     };
+    if !withdraw(deps, order, why).await? {
+        // Another run of this purchase was paid and sold its units (its
+        // charge answered, ours was refused or not seen yet): this order
+        // is to be confirmed. Wait for that run, or take its place.
+        wait(deps, &mut retry::Backoff::default()).await?;
+        return reread(deps, order).await;
+    }
     cancel(deps, order, why, payment_id).await
 }
 
@@ -154,7 +172,7 @@ async fn settle_charge(
     let mut unanswered = false;
     loop {
         deps.breaker.admit(&deps.shutdown).await?;
-        let expired = clock::now_ms() > order.expires_at_ms;
+        let expired = deps.now_ms() > order.expires_at_ms;
         if unanswered || expired {
             match deps.payment.find_charge(order.order_id).await {
                 Ok(Some(charge)) => {
@@ -242,8 +260,7 @@ async fn wait(deps: &Deps, backoff: &mut retry::Backoff) -> Result<(), Abandoned
 async fn commit(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, Abandoned> {
     let outcome = timed(deps, "commit", async {
         retry::durable("commit stock", &deps.shutdown, || {
-            deps.stock
-                .commit(&order.sku, order.order_id, clock::now_ms())
+            deps.stock.commit(&order.sku, order.order_id, deps.now_ms())
         })
         .await
     })
@@ -254,30 +271,84 @@ async fn commit(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, Ab
         .announce(&order.sku, &outcome.line, &deps.shutdown)
         .await?;
     match outcome.outcome {
-        CommitOutcome::Committed => {
-            crash_point(deps, CrashPoint::AfterCommit);
-            // Read once: every retry of this delivery must send the same
-            // values under the same transaction token.
-            let confirmed_at = clock::now_ms();
-            let confirmed = timed(deps, "confirm", async {
-                retry::durable("confirm order", &deps.shutdown, || {
-                    dynamodb(deps, "confirm");
-                    deps.orders.confirm(order, charge, confirmed_at)
-                })
-                .await
-            });
-            Ok(current(confirmed.await?))
-        }
+        CommitOutcome::Committed => confirm(deps, order, charge).await,
         CommitOutcome::Expired | CommitOutcome::Released { .. } | CommitOutcome::Missing => {
             // Paid for units we no longer hold (the deadline passed, the
             // sweep gave them back, or the record outlived its retention):
-            // give the money back first, then cancel, so a crash in between
-            // repeats the (idempotent) refund rather than leaving a charge.
+            // settle them as unsold first, unless another run of this
+            // purchase sold them meanwhile (then it confirms with this very
+            // charge); then give the money back, then cancel, so a crash in
+            // between repeats the (idempotent) refund rather than leaving a
+            // charge.
             tracing::info!(?outcome, "reservation gone after payment; refunding");
+            if !withdraw(deps, order, reason::RESERVATION_EXPIRED).await? {
+                return confirm(deps, order, charge).await;
+            }
             retry::durable("refund", &deps.shutdown, || deps.payment.refund(&charge.id)).await?;
             cancel(deps, order, reason::RESERVATION_EXPIRED, Some(&charge.id)).await
         }
     }
+}
+
+/// Confirms an order whose units are sold, with its charge, in DynamoDB.
+async fn confirm(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, Abandoned> {
+    crash_point(deps, CrashPoint::AfterCommit);
+    // Read once: every retry of this delivery must send the same values
+    // under the same transaction token.
+    let confirmed_at = deps.now_ms();
+    let confirmed = timed(deps, "confirm", async {
+        retry::durable("confirm order", &deps.shutdown, || {
+            dynamodb(deps, "confirm");
+            deps.orders.confirm(order, charge, confirmed_at)
+        })
+        .await
+    });
+    Ok(current(confirmed.await?))
+}
+
+/// Settles the order's reservation as never to be sold, in Redis, before
+/// the order is cancelled: Redis decides between this and a commit, so two
+/// runs of one purchase at once (a partition taken over from a worker that
+/// was only slow), whatever their clocks, never end with one confirming
+/// and the other cancelling. `false` when the units were sold.
+async fn withdraw(deps: &Deps, order: &Order, why: &str) -> Result<bool, Abandoned> {
+    let outcome = retry::durable("withdraw reservation", &deps.shutdown, || {
+        deps.stock.withdraw(&order.sku, order.order_id, why)
+    })
+    .await?;
+    tracing::debug!(?outcome, "withdraw");
+    Ok(outcome != WithdrawOutcome::WasCommitted)
+}
+
+/// The order as DynamoDB holds it now.
+async fn reread(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
+    let stored = retry::durable("read order", &deps.shutdown, || {
+        deps.orders.get(order.order_id)
+    })
+    .await?;
+    Ok(stored.unwrap_or_else(|| order.clone()))
+}
+
+/// A cancelled order records the charge its run made, if any; another run
+/// of the same purchase may have had one answered after this run looked
+/// (or died before its own refund). Such a charge is refunded here.
+async fn refund_stray_charge(deps: &Deps, order: &Order) -> Result<(), Abandoned> {
+    if order.payment_id.is_some() {
+        return Ok(());
+    }
+    let found = retry::durable("look up a stray charge", &deps.shutdown, || {
+        deps.payment.find_charge(order.order_id)
+    })
+    .await?;
+    if let Some(charge) = found
+        && charge.status == ChargeStatus::Succeeded
+        && !charge.refunded
+    {
+        tracing::warn!(charge = %charge.id, "a cancelled order's purchase was charged by another run; refunding");
+        count(deps, "stray_refunded");
+        retry::durable("refund", &deps.shutdown, || deps.payment.refund(&charge.id)).await?;
+    }
+    Ok(())
 }
 
 /// Where the kill tests make a worker die: right after the order was put,
@@ -321,7 +392,7 @@ async fn cancel(
     let written = retry::durable("cancel order", &deps.shutdown, || {
         dynamodb(deps, "cancel");
         deps.orders
-            .cancel(order.order_id, why, payment_id, clock::now_ms())
+            .cancel(order.order_id, why, payment_id, deps.now_ms())
     })
     .await?;
     Ok(current(written))

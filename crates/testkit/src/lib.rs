@@ -509,6 +509,15 @@ impl Pipeline {
         start_order_worker(&self.env, &self.shutdown).await
     }
 
+    /// Another order-worker, with settings of its own on top of the
+    /// pipeline's.
+    pub async fn add_order_worker_with(
+        &self,
+        overrides: &[(&str, String)],
+    ) -> anyhow::Result<Worker> {
+        start_order_worker(&env_with_more(&self.env, overrides), &self.shutdown).await
+    }
+
     /// A sku name no other test uses (Redis is shared between tests).
     pub fn sku(&self, name: &str) -> Sku {
         Sku::parse(&format!("{}-{name}", self.prefix)).expect("test sku names are valid")

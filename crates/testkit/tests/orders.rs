@@ -79,6 +79,64 @@ async fn money_adds_up(p: &Pipeline, sku: &Sku) -> HashMap<OrderStatus, usize> {
     by_status
 }
 
+/// Every saga runs twice at once, as when a partition is taken over from a
+/// worker that was only slow: a second order-worker reads the same
+/// reservations in a group of its own, with its clock 3 s ahead, so that it
+/// judges reservations (4 s long) expired while the other run is still
+/// being charged (1.5 s). Whichever of the commit and the withdrawal
+/// reaches Redis first decides: every purchase ends once, and a charge is
+/// kept exactly on the confirmed orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_runs_of_each_purchase_at_once_with_skewed_clocks_end_once() {
+    let p = Arc::new(
+        Pipeline::start(PipelineOptions {
+            decline_rate: 0.2,
+            payment_latency_ms: 1500,
+            ..PipelineOptions::default()
+        })
+        .await
+        .expect("pipeline starts"),
+    );
+    let twin_group = p.kafka.group("twin-orders");
+    let _twin = p
+        .add_order_worker_with(&[
+            ("FLASHSALE_ORDER_GROUP", twin_group.clone()),
+            ("FLASHSALE_ORDER_CLOCK_OFFSET_MS", "3000".into()),
+        ])
+        .await
+        .expect("the twin order-worker starts");
+    let sku = p.sku("twice");
+    let mut spec = Pipeline::spec(&sku, 30, 1);
+    spec.reservation_ttl = Duration::from_secs(4);
+    p.create_sale_with(&spec).await.unwrap();
+
+    let settled = buy_all(&p, sku.as_str(), 30).await;
+    // Both runs of every saga have finished: both groups are at the end.
+    let reservations = p.topic("reservations");
+    let records = p.records_in(&reservations).await.unwrap();
+    assert_eq!(records, 30, "every purchase was reserved once");
+    eventually(
+        "both runs of every saga done",
+        SESSION_TIMEOUT * 6,
+        || async {
+            let main = p.committed("flashsale-orders", &reservations).await.ok()?;
+            let twin = p.committed("twin-orders", &reservations).await.ok()?;
+            (main == records && twin == records).then_some(())
+        },
+    )
+    .await;
+    let by_status = money_adds_up(&p, &sku).await;
+    let confirmed = by_status.get(&OrderStatus::Confirmed).copied().unwrap_or(0);
+    let told_confirmed = settled
+        .iter()
+        .filter(|s| s.status.as_str() == "confirmed")
+        .count();
+    assert_eq!(told_confirmed, confirmed, "{by_status:?}");
+    let levels = p.stores.stock.levels(&sku).await.unwrap().unwrap();
+    assert_eq!(levels.sold as usize, confirmed, "{levels:?}");
+    eprintln!("two runs each: {by_status:?}");
+}
+
 /// 10% declines, 5% errors, 5% charges answered after the worker gave up:
 /// 200 purchases all end, each once, and the money adds up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

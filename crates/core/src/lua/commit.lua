@@ -7,7 +7,8 @@
 --
 -- Returns {answer, announcements}: answer is {"committed"} (now or
 -- before), {"expired"} (the deadline passed: the units stay reserved until
--- the sweep or a release gives them back), {"released", reason},
+-- the sweep or a release gives them back), {"released", reason} (given
+-- back, or withdrawn to be: never sold now),
 -- {"missing"} (no record of this sale: retention ended, or the sale was
 -- replaced) or {"unloaded"} (Redis lost the sku). Announcements as in
 -- reserve.lua.
@@ -21,7 +22,8 @@ local r = redis.call('HMGET', KEYS[3], 'state', 'quantity', 'expires_at_ms', 'sa
 if not r[1] or r[4] ~= sale.sale_id then
   return {{'missing'}, {}}
 end
-if r[1] == 'released' then
+-- Withdrawn by a saga that cancels the order (withdraw.lua): not for sale.
+if r[1] == 'released' or r[1] == 'withdrawn' then
   return {{'released', r[5]}, {}}
 end
 if r[1] == 'committed' then

@@ -29,7 +29,8 @@ local units = 0
 for _, id in ipairs(due) do
   local record = ARGV[3] .. id
   local r = redis.call('HMGET', record, 'state', 'quantity', 'user', 'sale_id')
-  if r[1] == 'reserved' and r[4] == sale.sale_id then
+  -- Withdrawn (withdraw.lua) is still held: its release may not come.
+  if (r[1] == 'reserved' or r[1] == 'withdrawn') and r[4] == sale.sale_id then
     local qty = tonumber(r[2])
     units = units + qty
     redis.call('HINCRBY', KEYS[2], r[3], -qty)
