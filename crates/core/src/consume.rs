@@ -1,14 +1,22 @@
 //! The consumer loop both workers run: at-least-once, in order, and
-//! clean on shutdown.
+//! clean on shutdown and on rebalances.
 //!
 //! A handler first does, in arrival order, whatever must happen in order
 //! (the shop-worker's reservation), and returns the rest of the work as a
-//! task. Tasks run concurrently, but an offset is stored only when its task
-//! and every earlier one have finished, so a committed offset never skips a
-//! message whose effect is not yet durable; once a task of a partition
-//! failed, no later offset of that partition is stored (the loop stops, and
-//! the next member starts again at the failed message). librdkafka auto-commits only
-//! stored offsets, and commits them on partition revocation.
+//! task. Tasks run concurrently; `partition_work` keeps, per partition,
+//! which have ended, and an offset is stored only when its task and every
+//! earlier one of its partition succeeded, so a committed offset never
+//! skips a message whose effect is not yet durable. Once a task failed, no
+//! later offset of its partition is stored (the loop stops, and the next
+//! member starts again at the failed message). librdkafka auto-commits
+//! only stored offsets.
+//!
+//! On a rebalance, before partitions are taken away (`RebalanceContext`),
+//! their in-flight work may finish (up to the drain timeout), how far they
+//! got is committed synchronously, and they are forgotten: the next owner
+//! starts where this member stopped, without running the same messages at
+//! the same time, and a late finish never moves an offset of a partition
+//! this member no longer owns.
 //!
 //! A watchdog looks at the member every second (`consumer_health` judges
 //! what it sees): a member out of its group, or holding partitions that
@@ -24,9 +32,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
@@ -34,7 +45,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer_health::{Backlog, ConsumerHealth, Judge, Observation, Verdict};
 use crate::kafka::{KafkaFailure, base_config};
+use crate::partition_work::{PartitionWork, TopicPartition};
 use crate::settings::KafkaSettings;
+
+/// The consumer the workers run.
+pub type WorkConsumer = StreamConsumer<RebalanceContext>;
 
 /// The work left for one message after its in-order part; `Ok` once its
 /// effect is durable, `Err(Abandoned)` if it was given up (shutdown), in
@@ -88,8 +103,14 @@ pub fn stall_after(env: &crate::settings::Env) -> Result<Duration, crate::settin
 /// in its group, holding its partitions, before the broker drops it.
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn consumer(options: &ConsumerOptions) -> Result<StreamConsumer, KafkaFailure> {
-    let consumer: StreamConsumer = base_config(&options.kafka)
+pub fn consumer(options: &ConsumerOptions) -> Result<WorkConsumer, KafkaFailure> {
+    let context = RebalanceContext {
+        work: Arc::new(PartitionWork::default()),
+        drain_timeout: options.drain_timeout,
+        health: options.health.clone(),
+        revoked_at: std::sync::Mutex::new(None),
+    };
+    let consumer: WorkConsumer = base_config(&options.kafka)
         .set("group.id", &options.group)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "500")
@@ -102,20 +123,21 @@ pub fn consumer(options: &ConsumerOptions) -> Result<StreamConsumer, KafkaFailur
         )
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "50")
-        .create()
+        .set(
+            "partition.assignment.strategy",
+            &options.kafka.consumer_assignment,
+        )
+        .create_with_context(context)
         .map_err(KafkaFailure::Client)?;
     let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(KafkaFailure::Client)?;
     Ok(consumer)
 }
 
-struct Position {
-    topic: String,
-    partition: i32,
-    offset: i64,
-}
-
-type Pending = FuturesOrdered<Pin<Box<dyn Future<Output = (Position, bool)> + Send>>>;
+/// The work of one message, which records its own end in the partition
+/// work (also while the loop is held in a rebalance) and tells the loop
+/// whether it succeeded.
+type Pending = FuturesUnordered<JoinHandle<(TopicPartition, bool)>>;
 
 /// What the loop tells its watchdog.
 #[derive(Default)]
@@ -134,7 +156,7 @@ struct Progress {
 /// the message, left uncommitted, is delivered again, rather than idle on
 /// while looking healthy.
 pub async fn run<H: Handler>(
-    consumer: StreamConsumer,
+    consumer: WorkConsumer,
     handler: H,
     options: &ConsumerOptions,
     shutdown: CancellationToken,
@@ -146,6 +168,14 @@ pub async fn run<H: Handler>(
     // that the old one is closed holding the last reference to it.
     let (current, watched) = tokio::sync::watch::channel(Some(consumer.clone()));
     let (rejoin_tx, mut rejoin_rx) = tokio::sync::mpsc::channel::<String>(1);
+    let lag = tokio::spawn(export_lag(
+        watched.clone(),
+        options.kafka.clone(),
+        options.group.clone(),
+        options.topics.clone(),
+        options.health.clone(),
+        shutdown.clone(),
+    ));
     let watchdog = tokio::spawn(watch(
         watched,
         progress.clone(),
@@ -156,10 +186,7 @@ pub async fn run<H: Handler>(
         rejoin_tx,
         shutdown.clone(),
     ));
-    let mut pending: Pending = FuturesOrdered::new();
-    // Partitions with a message whose work failed: no offset of theirs is
-    // stored any more, so the failed message is delivered again.
-    let mut failed = Failed::default();
+    let mut pending: Pending = FuturesUnordered::new();
     let mut stopped_by: Option<String> = None;
     let mut pause = options.pause.clone();
     let mut paused = false;
@@ -179,13 +206,14 @@ pub async fn run<H: Handler>(
             _ = shutdown.cancelled() => break,
             Some(reason) = rejoin_rx.recv() => {
                 tracing::error!(%reason, group = %options.group, "consumer stalled; joining the group again with a new consumer");
-                if !drain(&consumer, &mut pending, options.drain_timeout, &mut failed).await {
+                if !drain(&consumer, &mut pending, options.drain_timeout).await {
                     stopped_by = Some("a message could not be processed".into());
                     continue;
                 }
                 current.send_replace(None);
                 let Some(fresh) = replace(consumer, options, &shutdown).await else {
                     watchdog.abort();
+                    lag.abort();
                     tracing::info!(group = %options.group, "consumer left its group");
                     return Ok(());
                 };
@@ -198,8 +226,8 @@ pub async fn run<H: Handler>(
                 Some(p) => p.changed().await.map_err(|_| ()),
                 None => std::future::pending().await,
             } } => {}
-            Some((position, ok)) = pending.next(), if !pending.is_empty() => {
-                if !acknowledge(&consumer, position, ok, &mut failed) {
+            Some(ended) = pending.next(), if !pending.is_empty() => {
+                if !acknowledge(&consumer, ended) {
                     stopped_by = Some("a message could not be processed".into());
                 }
             }
@@ -210,14 +238,19 @@ pub async fn run<H: Handler>(
                     Ok(message) => {
                         progress.delivered_ms.store(millis_since(began), Ordering::Relaxed);
                         let message = message.detach();
-                        let position = Position {
-                            topic: message.topic().to_owned(),
-                            partition: message.partition(),
-                            offset: message.offset(),
-                        };
+                        let partition = (message.topic().to_owned(), message.partition());
+                        let offset = message.offset();
+                        let work = consumer.context().work.clone();
+                        work.started(&partition, offset);
                         match handler.start(message).await {
-                            Ok(completion) => pending.push_back(spawned(position, completion)),
-                            Err(reason) => stopped_by = Some(reason.0),
+                            Ok(completion) => {
+                                options.health.count_in_flight(1);
+                                pending.push(spawned(work, partition, offset, completion, options.health.clone()));
+                            }
+                            Err(reason) => {
+                                work.finished(&partition, offset, false);
+                                stopped_by = Some(reason.0);
+                            }
                         }
                     }
                     // librdkafka reports broker hiccups here and recovers by itself.
@@ -227,7 +260,8 @@ pub async fn run<H: Handler>(
         }
     }
     watchdog.abort();
-    drain(&consumer, &mut pending, options.drain_timeout, &mut failed).await;
+    lag.abort();
+    drain(&consumer, &mut pending, options.drain_timeout).await;
     close(consumer).await;
     tracing::info!(group = %options.group, "consumer left its group");
     match stopped_by {
@@ -246,33 +280,24 @@ fn millis_since(began: Instant) -> u64 {
     began.elapsed().as_millis() as u64
 }
 
-/// Lets in-flight work finish (up to `timeout`), storing the offsets of
-/// what succeeded on partitions where nothing failed. `false` if some work
-/// failed (or did not finish).
-async fn drain(
-    consumer: &StreamConsumer,
-    pending: &mut Pending,
-    timeout: Duration,
-    failed: &mut Failed,
-) -> bool {
+/// Lets in-flight work finish (up to `timeout`), storing how far each
+/// partition got. `false` if some work failed (or did not finish).
+async fn drain(consumer: &WorkConsumer, pending: &mut Pending, timeout: Duration) -> bool {
     let drained = tokio::time::timeout(timeout, async {
         let mut all_ok = true;
-        while let Some((position, ok)) = pending.next().await {
-            all_ok &= acknowledge(consumer, position, ok, failed);
+        while let Some(ended) = pending.next().await {
+            all_ok &= acknowledge(consumer, ended);
         }
         all_ok
     })
     .await;
     // Whatever did not finish is abandoned: its offset was never stored.
-    *pending = FuturesOrdered::new();
+    *pending = FuturesUnordered::new();
     drained.unwrap_or_else(|_| {
         tracing::warn!("in-flight work did not finish in time; it will be redelivered");
         false
     })
 }
-
-/// The partitions where a message's work failed.
-type Failed = std::collections::HashSet<(String, i32)>;
 
 /// How long closing a consumer may take: librdkafka's close can hang when
 /// the broker is gone (rust-rdkafka #611, #453), and a worker must still
@@ -281,7 +306,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Commits what was stored, leaves the group and drops the consumer, on a
 /// blocking thread, giving up after `CLOSE_TIMEOUT`.
-async fn close(consumer: Arc<StreamConsumer>) {
+async fn close(consumer: Arc<WorkConsumer>) {
     let closing = tokio::task::spawn_blocking(move || {
         if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
             // Nothing stored since the last commit, or the group is gone:
@@ -299,10 +324,10 @@ async fn close(consumer: Arc<StreamConsumer>) {
 /// Closes `old` and joins the group with a new consumer, retrying until
 /// one is made; `None` if shutdown came first.
 async fn replace(
-    old: Arc<StreamConsumer>,
+    old: Arc<WorkConsumer>,
     options: &ConsumerOptions,
     shutdown: &CancellationToken,
-) -> Option<Arc<StreamConsumer>> {
+) -> Option<Arc<WorkConsumer>> {
     close(old).await;
     let mut wait = Duration::from_millis(200);
     loop {
@@ -318,11 +343,48 @@ async fn replace(
     }
 }
 
+/// Regular looks at the member, until shutdown.
+struct Looks {
+    tick: tokio::time::Interval,
+    consumer: tokio::sync::watch::Receiver<Option<Arc<WorkConsumer>>>,
+    shutdown: CancellationToken,
+}
+
+impl Looks {
+    fn every(
+        period: Duration,
+        consumer: tokio::sync::watch::Receiver<Option<Arc<WorkConsumer>>>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            tick,
+            consumer,
+            shutdown,
+        }
+    }
+
+    /// The member at the next tick (skipping ticks while it is being
+    /// replaced); `None` once shutdown is asked.
+    async fn next(&mut self) -> Option<Arc<WorkConsumer>> {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = self.tick.tick() => {}
+            }
+            if let Some(member) = self.consumer.borrow_and_update().clone() {
+                return Some(member);
+            }
+        }
+    }
+}
+
 /// Looks at the member every second, publishes its health, and asks the
 /// loop for a new consumer when the judge says so.
 #[allow(clippy::too_many_arguments)]
 async fn watch(
-    mut consumer: tokio::sync::watch::Receiver<Option<Arc<StreamConsumer>>>,
+    consumer: tokio::sync::watch::Receiver<Option<Arc<WorkConsumer>>>,
     progress: Arc<Progress>,
     began: Instant,
     topics: Vec<String>,
@@ -332,17 +394,9 @@ async fn watch(
     shutdown: CancellationToken,
 ) {
     let mut judge = Judge::new(stall_after);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut looks = Looks::every(Duration::from_secs(1), consumer, shutdown);
     let mut asking: Option<JoinHandle<Result<Backlog, String>>> = None;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Some(member) = consumer.borrow_and_update().clone() else {
-            continue;
-        };
+    while let Some(member) = looks.next().await {
         let delivered = Duration::from_millis(progress.delivered_ms.load(Ordering::Relaxed));
         let mut observation = Observation {
             paused: progress.paused.load(Ordering::Relaxed),
@@ -388,9 +442,42 @@ async fn watch(
 
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often the lag of the owned partitions is read for `/metrics`.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// Publishes, every `LAG_EVERY`, the lag of the partitions the member owns
+/// (`flashsale lag`'s reading, without asking the broker to describe the
+/// group), for autoscalers and dashboards.
+async fn export_lag(
+    consumer: tokio::sync::watch::Receiver<Option<Arc<WorkConsumer>>>,
+    kafka: KafkaSettings,
+    group: String,
+    topics: Vec<String>,
+    health: ConsumerHealth,
+    shutdown: CancellationToken,
+) {
+    let mut looks = Looks::every(LAG_EVERY, consumer, shutdown);
+    while let Some(member) = looks.next().await {
+        let owned: std::collections::HashSet<TopicPartition> = member
+            .assignment()
+            .map(|a| {
+                a.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(member);
+        match crate::lag::group_lag(&kafka, &group, &topics, false).await {
+            Ok(lag) => health.record_lag(&group, &lag.partitions, &owned),
+            Err(error) => tracing::debug!(%error, "reading the group's lag failed"),
+        }
+    }
+}
+
 /// What is left to read in `topics` for the member's group and for the
 /// member itself. Blocking: librdkafka's queries wait on the broker.
-fn backlog(consumer: &StreamConsumer, topics: &[String]) -> Result<Backlog, String> {
+fn backlog(consumer: &WorkConsumer, topics: &[String]) -> Result<Backlog, String> {
     let mut all = TopicPartitionList::new();
     let mut ends = std::collections::HashMap::new();
     for topic in topics {
@@ -448,7 +535,7 @@ fn backlog(consumer: &StreamConsumer, topics: &[String]) -> Result<Backlog, Stri
     })
 }
 
-fn set_paused(consumer: &StreamConsumer, paused: bool) {
+fn set_paused(consumer: &WorkConsumer, paused: bool) {
     let assigned = match consumer.assignment() {
         Ok(assigned) => assigned,
         Err(error) => {
@@ -466,49 +553,153 @@ fn set_paused(consumer: &StreamConsumer, paused: bool) {
     }
 }
 
+/// Runs a message's remaining work as a task of its own, which records
+/// its end in the partition work whatever happens (a panic included).
 fn spawned(
-    position: Position,
+    work: Arc<PartitionWork>,
+    partition: TopicPartition,
+    offset: i64,
     completion: Completion,
-) -> Pin<Box<dyn Future<Output = (Position, bool)> + Send>> {
-    let task: JoinHandle<Result<(), Abandoned>> = tokio::spawn(completion);
-    Box::pin(async move {
-        let ok = match task.await {
+    health: ConsumerHealth,
+) -> JoinHandle<(TopicPartition, bool)> {
+    tokio::spawn(async move {
+        let ok = match std::panic::AssertUnwindSafe(completion)
+            .catch_unwind()
+            .await
+        {
             Ok(Ok(())) => true,
             Ok(Err(reason)) => {
-                tracing::warn!(%reason, offset = position.offset, "message left uncommitted");
+                tracing::warn!(%reason, offset, "message left uncommitted");
                 false
             }
-            Err(join) => {
-                tracing::error!(error = %join, offset = position.offset, "message handler crashed");
+            Err(_) => {
+                tracing::error!(offset, "message handler crashed");
                 false
             }
         };
-        (position, ok)
+        work.finished(&partition, offset, ok);
+        health.count_handled(ok);
+        health.count_in_flight(-1);
+        (partition, ok)
     })
 }
 
-/// Stores the offset of a finished message, unless its partition had a
-/// failure: then a later message's offset would commit past the failed one,
-/// which would never be delivered again. `false` for a failure.
+/// Stores how far the partition of a message whose work ended got.
+/// `false` for a failure.
 fn acknowledge(
-    consumer: &StreamConsumer,
-    position: Position,
-    ok: bool,
-    failed: &mut Failed,
+    consumer: &WorkConsumer,
+    ended: Result<(TopicPartition, bool), tokio::task::JoinError>,
 ) -> bool {
-    let partition = (position.topic.clone(), position.partition);
-    if !ok {
-        failed.insert(partition);
+    let Ok((partition, ok)) = ended else {
+        // The task itself was lost (runtime shutting down): its end was
+        // not recorded, so nothing past it is stored.
         return false;
+    };
+    if let Some(offset) = consumer.context().work.advance(&partition) {
+        store(consumer, &partition, offset);
     }
-    if failed.contains(&partition) {
-        return true;
+    ok
+}
+
+fn store<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    (topic, partition): &TopicPartition,
+    offset: i64,
+) {
+    if let Err(error) = consumer.store_offset(topic, *partition, offset) {
+        // Revoked meanwhile: the rebalance stored what was done.
+        tracing::debug!(%error, %topic, partition, "offset not stored");
     }
-    if let Err(error) = consumer.store_offset(&position.topic, position.partition, position.offset)
-    {
-        // The partition was revoked while its message was in flight: the new
-        // owner replays it, and every handler is idempotent.
-        tracing::debug!(%error, topic = %position.topic, partition = position.partition, "offset not stored");
+}
+
+/// What the workers' consumers do on a rebalance, inside librdkafka's
+/// callback (which runs in the loop's poll of the consumer).
+pub struct RebalanceContext {
+    work: Arc<PartitionWork>,
+    drain_timeout: Duration,
+    health: ConsumerHealth,
+    /// When partitions were last taken away, for the time rebalances keep
+    /// them from being worked on.
+    revoked_at: std::sync::Mutex<Option<Instant>>,
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
+        let partitions: Vec<TopicPartition> = revoked
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        if let Ok(mut at) = self.revoked_at.lock() {
+            *at = Some(Instant::now());
+        }
+        // The callback holds the loop's task; the work it waits for runs
+        // in tasks of its own, which this thread must not keep from running.
+        let settled = block_in_place(|| self.work.wait_idle(&partitions, self.drain_timeout));
+        if !settled {
+            tracing::warn!(
+                partitions = partitions.len(),
+                "work of revoked partitions did not finish in time; the next owner runs it again"
+            );
+        }
+        let mut done = TopicPartitionList::new();
+        for partition in &partitions {
+            if let Some(offset) = self.work.advance(partition) {
+                store(consumer, partition, offset);
+                // Committed is the next offset to read.
+                if let Err(error) =
+                    done.add_partition_offset(&partition.0, partition.1, Offset::Offset(offset + 1))
+                {
+                    tracing::warn!(%error, "cannot name an offset to commit");
+                }
+            }
+        }
+        self.work.forget(&partitions);
+        if done.count() > 0
+            && let Err(error) = consumer.commit(&done, CommitMode::Sync)
+        {
+            // Auto-commit on revocation still sends what was stored.
+            tracing::warn!(%error, "committing revoked partitions failed");
+        }
+        tracing::info!(
+            revoked = partitions.len(),
+            committed = done.count(),
+            "partitions revoked"
+        );
     }
-    true
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(assigned) => {
+                let paused = self
+                    .revoked_at
+                    .lock()
+                    .ok()
+                    .and_then(|mut at| at.take())
+                    .map(|at| at.elapsed());
+                self.health.count_rebalance(paused);
+                tracing::info!(
+                    assigned = assigned.count(),
+                    paused_ms = paused.map(|p| p.as_millis() as u64),
+                    "partitions assigned"
+                );
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance failed"),
+        }
+    }
+}
+
+/// Runs blocking `f` without starving the runtime's other tasks where the
+/// runtime allows it (a multi-threaded one).
+fn block_in_place<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }

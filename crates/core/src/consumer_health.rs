@@ -27,7 +27,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{
+    Counter, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// What is left to read, as far as the broker could say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,7 +206,18 @@ pub struct ConsumerHealth {
     assigned: IntGauge,
     backlog: IntGauge,
     rejoins: IntCounter,
+    rebalances: IntCounter,
+    rebalance_paused: Counter,
+    in_flight: IntGauge,
+    handled: IntCounterVec,
+    lag: IntGaugeVec,
+    lag_seconds: GaugeVec,
 }
+
+/// Labels of the lag gauges, as kafka-lag-exporter names them, so that
+/// dashboards and autoscalers (KEDA's Prometheus scaler, an alert) made for
+/// it work unchanged.
+const LAG_LABELS: [&str; 3] = ["group", "topic", "partition"];
 
 impl ConsumerHealth {
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
@@ -220,9 +233,49 @@ impl ConsumerHealth {
             "consumer_rejoins_total",
             "Times the member gave up a stalled consumer and joined its group with a new one",
         )?;
+        let rebalances = IntCounter::new(
+            "consumer_rebalances_total",
+            "Partition assignments this member received (each rebalance it took part in)",
+        )?;
+        let rebalance_paused = Counter::new(
+            "consumer_rebalance_paused_seconds_total",
+            "Seconds from partitions being revoked to the next assignment: time no work was taken",
+        )?;
+        let in_flight = IntGauge::new(
+            "consumer_in_flight_messages",
+            "Messages whose work has started and not ended",
+        )?;
+        let handled = IntCounterVec::new(
+            Opts::new(
+                "consumer_messages_total",
+                "Messages whose work ended, by outcome (succeeded, failed)",
+            ),
+            &["outcome"],
+        )?;
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                "kafka_consumergroup_group_lag",
+                "Records past the group's committed offset, for each partition this member owns",
+            ),
+            &LAG_LABELS,
+        )?;
+        let lag_seconds = GaugeVec::new(
+            Opts::new(
+                "kafka_consumergroup_group_lag_seconds",
+                "Age of the oldest record past the group's committed offset, for each partition \
+                 this member owns (0 when none waits)",
+            ),
+            &LAG_LABELS,
+        )?;
         registry.register(Box::new(assigned.clone()))?;
         registry.register(Box::new(backlog.clone()))?;
         registry.register(Box::new(rejoins.clone()))?;
+        registry.register(Box::new(rebalances.clone()))?;
+        registry.register(Box::new(rebalance_paused.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(handled.clone()))?;
+        registry.register(Box::new(lag.clone()))?;
+        registry.register(Box::new(lag_seconds.clone()))?;
         Ok(Self {
             state: Arc::new(Mutex::new(Seen {
                 problem: Some("not yet observed".into()),
@@ -231,6 +284,12 @@ impl ConsumerHealth {
             assigned,
             backlog,
             rejoins,
+            rebalances,
+            rebalance_paused,
+            in_flight,
+            handled,
+            lag,
+            lag_seconds,
         })
     }
 
@@ -283,6 +342,46 @@ impl ConsumerHealth {
 
     pub fn count_rejoin(&self) {
         self.rejoins.inc();
+    }
+
+    /// An assignment arrived; `paused` since partitions were last revoked.
+    pub fn count_rebalance(&self, paused: Option<std::time::Duration>) {
+        self.rebalances.inc();
+        if let Some(paused) = paused {
+            self.rebalance_paused.inc_by(paused.as_secs_f64());
+        }
+    }
+
+    pub fn count_in_flight(&self, change: i64) {
+        self.in_flight.add(change);
+    }
+
+    pub fn count_handled(&self, ok: bool) {
+        let outcome = if ok { "succeeded" } else { "failed" };
+        self.handled.with_label_values(&[outcome]).inc();
+    }
+
+    /// Publishes the lag of the partitions the member owns (`owned`) and
+    /// drops the ones it no longer does.
+    pub fn record_lag(
+        &self,
+        group: &str,
+        partitions: &[crate::lag::PartitionLag],
+        owned: &std::collections::HashSet<(String, i32)>,
+    ) {
+        self.lag.reset();
+        self.lag_seconds.reset();
+        for p in partitions {
+            if !owned.contains(&(p.topic.clone(), p.partition)) {
+                continue;
+            }
+            let partition = p.partition.to_string();
+            let labels = [group, p.topic.as_str(), partition.as_str()];
+            self.lag.with_label_values(&labels).set(p.lag);
+            self.lag_seconds
+                .with_label_values(&labels)
+                .set(p.lag_seconds.unwrap_or(0.0));
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub mod line;
 pub mod messages;
 pub mod ops;
 pub mod orders;
+pub mod partition_work;
 pub mod payment;
 pub mod problem;
 pub mod recovery;

@@ -106,6 +106,11 @@ pub struct KafkaSettings {
     /// `FLASHSALE_KAFKA_PRODUCE_TIMEOUT_MS`: how long a produce may wait for
     /// the broker's acknowledgement before we give up on it.
     pub produce_timeout: Duration,
+    /// `FLASHSALE_CONSUMER_ASSIGNMENT`: the consumer groups' assignor
+    /// (`partition.assignment.strategy`); `cooperative-sticky` moves only the
+    /// partitions that must move on a rebalance, and leaves the others
+    /// working. Every member of a group must name the same one.
+    pub consumer_assignment: String,
 }
 
 impl KafkaSettings {
@@ -115,6 +120,7 @@ impl KafkaSettings {
             prefix: env.string("TOPIC_PREFIX", ""),
             partitions: env.get("KAFKA_PARTITIONS", 3)?,
             produce_timeout: env.millis("KAFKA_PRODUCE_TIMEOUT_MS", 5_000)?,
+            consumer_assignment: env.string("CONSUMER_ASSIGNMENT", "cooperative-sticky"),
         })
     }
 

@@ -133,3 +133,223 @@ async fn a_failed_message_is_delivered_again_after_later_ones_succeeded() {
     running.await.expect("joined").expect("stopped cleanly");
     assert_eq!(first_seen, "m3", "m3 was committed past");
 }
+
+/// Work that takes a while, reporting which member did it.
+struct Slow {
+    member: &'static str,
+    done: mpsc::UnboundedSender<(&'static str, String)>,
+}
+
+impl Handler for Slow {
+    async fn start(&self, message: OwnedMessage) -> Result<Completion, Abandoned> {
+        let payload = String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned();
+        let (member, done) = (self.member, self.done.clone());
+        Ok(Box::pin(async move {
+            // The work itself: long enough to be in flight when the
+            // partition is taken away.
+            tokio::time::sleep(Duration::from_millis(4000)).await;
+            let _ = done.send((member, payload));
+            Ok(())
+        }))
+    }
+}
+
+async fn produce(kafka: &KafkaSettings, from: usize, to: usize, every: Duration) {
+    let producer = kafka::producer(kafka).expect("producer");
+    for n in from..to {
+        tokio::time::sleep(every).await;
+        kafka::send(
+            &producer,
+            &kafka.topic(topic::PURCHASE_REQUESTS),
+            &format!("key-{n}"),
+            format!("m{n}").as_bytes(),
+            kafka::headers_with_trace("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            kafka.produce_timeout,
+        )
+        .await
+        .expect("produced");
+    }
+}
+
+/// A second member joins while the first has work in flight on every
+/// partition: the partitions that move are handed over only once their
+/// work finished and its offsets are committed, so the new owner starts
+/// after it, and no message is worked on twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_taken_away_are_finished_and_committed_before_they_move() {
+    let kafka = settings();
+    kafka::ensure_topics(&kafka).await.expect("topics");
+    produce(&kafka, 0, 12, Duration::ZERO).await;
+    let (done, mut finished) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let member = |name: &'static str| {
+        let (opts, shutdown, done) = (options(&kafka), shutdown.clone(), done.clone());
+        tokio::spawn(async move {
+            let consumer = consume::consumer(&opts).expect("consumer");
+            let handler = Slow { member: name, done };
+            consume::run(consumer, handler, &opts, shutdown).await
+        })
+    };
+    let first = member("first");
+    let mut handled: Vec<(&'static str, String)> = Vec::new();
+    // The first member is at work (its first messages are done, the rest
+    // in flight) when the second joins.
+    let one = tokio::time::timeout(Duration::from_secs(30), finished.recv())
+        .await
+        .expect("the first member works")
+        .expect("a message");
+    handled.push(one);
+    let second = member("second");
+    let total = 60;
+    // A steady flow: work is in flight whenever the rebalance comes.
+    let flow = {
+        let kafka = kafka.clone();
+        tokio::spawn(async move { produce(&kafka, 12, total, Duration::from_millis(100)).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let distinct: std::collections::HashSet<&String> = handled.iter().map(|(_, p)| p).collect();
+        if distinct.len() == total {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, finished.recv()).await {
+            Ok(Some(one)) => handled.push(one),
+            _ => panic!("only {} of {total} messages were handled", distinct.len()),
+        }
+    }
+    flow.await.expect("produced");
+    shutdown.cancel();
+    first
+        .await
+        .expect("joined")
+        .expect("the first stopped cleanly");
+    second
+        .await
+        .expect("joined")
+        .expect("the second stopped cleanly");
+    while let Ok(one) = finished.try_recv() {
+        handled.push(one);
+    }
+    let mut by_payload: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (member, payload) in &handled {
+        by_payload.entry(payload).or_default().push(member);
+    }
+    let twice: Vec<_> = by_payload.iter().filter(|(_, by)| by.len() > 1).collect();
+    assert!(twice.is_empty(), "worked on twice: {twice:?}");
+    let by_second = handled.iter().filter(|(m, _)| *m == "second").count();
+    assert!(by_second > 0, "no partition moved to the second member");
+    eprintln!("first {}, second {by_second}", handled.len() - by_second);
+}
+
+/// The value of `name` with all of `labels` in `registry`, if exported.
+fn sample(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let family = registry
+        .gather()
+        .into_iter()
+        .find(|family| family.name() == name)?;
+    let metric = family.get_metric().iter().find(|metric| {
+        labels.iter().all(|(key, value)| {
+            metric
+                .get_label()
+                .iter()
+                .any(|pair| pair.name() == *key && pair.value() == *value)
+        })
+    })?;
+    match family.get_field_type() {
+        prometheus::proto::MetricType::GAUGE => Some(metric.get_gauge().get_value()),
+        prometheus::proto::MetricType::COUNTER => Some(metric.get_counter().get_value()),
+        _ => None,
+    }
+}
+
+/// A member with a backlog exports, as kafka-lag-exporter names them, the
+/// lag of the partitions it owns in records and in seconds, and its
+/// rebalances, work in flight and messages handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_exports_its_lag_rebalances_and_work_for_autoscalers() {
+    let kafka = settings();
+    kafka::ensure_topics(&kafka).await.expect("topics");
+    produce(&kafka, 0, 8, Duration::ZERO).await;
+    let registry = prometheus::Registry::new();
+    let mut opts = options(&kafka);
+    opts.health = ConsumerHealth::register(&registry).expect("metrics");
+    // One at a time, slowly: a backlog stays for a while.
+    opts.max_in_flight = 1;
+    let group = opts.group.clone();
+    let topic = kafka.topic(topic::PURCHASE_REQUESTS);
+    let (done, _finished) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let running = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let consumer = consume::consumer(&opts).expect("consumer");
+            consume::run(
+                consumer,
+                Slow {
+                    member: "only",
+                    done,
+                },
+                &opts,
+                shutdown,
+            )
+            .await
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (lag, lag_seconds) = loop {
+        let lag: f64 = (0..kafka.partitions)
+            .filter_map(|p| {
+                let p = p.to_string();
+                sample(
+                    &registry,
+                    "kafka_consumergroup_group_lag",
+                    &[("group", &group), ("topic", &topic), ("partition", &p)],
+                )
+            })
+            .sum();
+        let oldest = (0..kafka.partitions)
+            .filter_map(|p| {
+                let p = p.to_string();
+                sample(
+                    &registry,
+                    "kafka_consumergroup_group_lag_seconds",
+                    &[("group", &group), ("partition", &p)],
+                )
+            })
+            .fold(0.0, f64::max);
+        if lag > 0.0 && oldest > 0.0 {
+            break (lag, oldest);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no lag exported: {:?}",
+            registry
+                .gather()
+                .iter()
+                .map(|f| f.name().to_owned())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(lag <= 8.0, "{lag}");
+    assert!(lag_seconds < 60.0, "{lag_seconds}");
+    assert_eq!(
+        sample(&registry, "consumer_in_flight_messages", &[]),
+        Some(1.0)
+    );
+    assert!(sample(&registry, "consumer_rebalances_total", &[]) >= Some(1.0));
+    assert!(
+        sample(
+            &registry,
+            "consumer_messages_total",
+            &[("outcome", "succeeded")]
+        ) >= Some(1.0),
+        "the lag is read every 5 s; a message of 4 s is done by then"
+    );
+    shutdown.cancel();
+    running.await.expect("joined").expect("stopped cleanly");
+    assert_eq!(
+        sample(&registry, "consumer_in_flight_messages", &[]),
+        Some(0.0)
+    );
+}
