@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Counter, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Counter, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// What is left to read, as far as the broker could say.
@@ -208,6 +208,7 @@ pub struct ConsumerHealth {
     rejoins: IntCounter,
     rebalances: IntCounter,
     rebalance_paused: Counter,
+    longest_pause: Gauge,
     in_flight: IntGauge,
     handled: IntCounterVec,
     lag: IntGaugeVec,
@@ -241,6 +242,10 @@ impl ConsumerHealth {
             "consumer_rebalance_paused_seconds_total",
             "Seconds from partitions being revoked to the next assignment: time no work was taken",
         )?;
+        let longest_pause = Gauge::new(
+            "consumer_rebalance_longest_pause_seconds",
+            "The longest time from partitions being revoked to the next assignment",
+        )?;
         let in_flight = IntGauge::new(
             "consumer_in_flight_messages",
             "Messages whose work has started and not ended",
@@ -272,6 +277,7 @@ impl ConsumerHealth {
         registry.register(Box::new(rejoins.clone()))?;
         registry.register(Box::new(rebalances.clone()))?;
         registry.register(Box::new(rebalance_paused.clone()))?;
+        registry.register(Box::new(longest_pause.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(handled.clone()))?;
         registry.register(Box::new(lag.clone()))?;
@@ -286,6 +292,7 @@ impl ConsumerHealth {
             rejoins,
             rebalances,
             rebalance_paused,
+            longest_pause,
             in_flight,
             handled,
             lag,
@@ -349,6 +356,9 @@ impl ConsumerHealth {
         self.rebalances.inc();
         if let Some(paused) = paused {
             self.rebalance_paused.inc_by(paused.as_secs_f64());
+            if paused.as_secs_f64() > self.longest_pause.get() {
+                self.longest_pause.set(paused.as_secs_f64());
+            }
         }
     }
 

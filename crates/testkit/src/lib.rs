@@ -620,6 +620,50 @@ impl Pipeline {
         Ok((sale, orders, charges))
     }
 
+    /// What the stub and DynamoDB say about a sale, checked: no order was
+    /// charged twice, a charge was kept exactly on the confirmed orders,
+    /// every order is at rest, and the audit is clean. The orders by status.
+    pub async fn money_adds_up(
+        &self,
+        sku: &Sku,
+    ) -> std::collections::HashMap<flashsale_core::orders::OrderStatus, usize> {
+        use flashsale_core::orders::OrderStatus;
+        use flashsale_core::payment::ChargeStatus;
+        let (_, orders, charges) = self.sale_books(sku).await.expect("the sale's books");
+        let mut per_order: std::collections::HashMap<&str, Vec<_>> = Default::default();
+        for charge in &charges {
+            per_order
+                .entry(charge.metadata.order_id.as_str())
+                .or_default()
+                .push(charge);
+        }
+        let mut by_status = std::collections::HashMap::new();
+        for order in &orders {
+            *by_status.entry(order.status).or_default() += 1;
+            let id = order.order_id.to_string();
+            let made = per_order.remove(id.as_str()).unwrap_or_default();
+            assert!(made.len() <= 1, "{id} charged {} times", made.len());
+            let kept = made
+                .iter()
+                .filter(|c| c.status == ChargeStatus::Succeeded && !c.refunded)
+                .count();
+            match order.status {
+                OrderStatus::Confirmed => {
+                    assert_eq!(kept, 1, "confirmed {id} without a kept charge: {made:?}")
+                }
+                OrderStatus::Cancelled => assert_eq!(kept, 0, "cancelled {id} kept {made:?}"),
+                other => panic!("{id} is still {other} at rest"),
+            }
+        }
+        assert!(
+            per_order.is_empty(),
+            "charges without an order: {per_order:?}"
+        );
+        let audit = self.stores.audit(sku, true).await.expect("the audit runs");
+        assert!(audit.ok(), "{:?}", audit.violations);
+        by_status
+    }
+
     /// POSTs one unit of `sku` for `user` to the gateway at `base_url`,
     /// with the response's headers.
     pub async fn post_purchase(

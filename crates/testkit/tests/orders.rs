@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use flashsale_testkit::flashsale_cli::order;
 use flashsale_testkit::flashsale_core::consume::SESSION_TIMEOUT;
-use flashsale_testkit::flashsale_core::ids::{RequestId, Sku};
+use flashsale_testkit::flashsale_core::ids::RequestId;
 use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::payment::{ChargeStatus, LatencyModel, StubBehaviour};
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
@@ -38,45 +38,6 @@ async fn buy_all(p: &Arc<Pipeline>, sku: &str, n: usize) -> Vec<PurchaseStatus> 
         settled.push(buyer.await.expect("buyer"));
     }
     settled
-}
-
-/// What the stub and DynamoDB say about a sale: every order, and every
-/// charge by order id. Asserts that no order was charged twice and that a
-/// charge was kept exactly on the confirmed orders.
-async fn money_adds_up(p: &Pipeline, sku: &Sku) -> HashMap<OrderStatus, usize> {
-    let (_, orders, charges) = p.sale_books(sku).await.unwrap();
-    let mut per_order: HashMap<&str, Vec<_>> = HashMap::new();
-    for charge in &charges {
-        per_order
-            .entry(charge.metadata.order_id.as_str())
-            .or_default()
-            .push(charge);
-    }
-    let mut by_status = HashMap::new();
-    for order in &orders {
-        *by_status.entry(order.status).or_default() += 1;
-        let id = order.order_id.to_string();
-        let made = per_order.remove(id.as_str()).unwrap_or_default();
-        assert!(made.len() <= 1, "{id} charged {} times", made.len());
-        let kept = made
-            .iter()
-            .filter(|c| c.status == ChargeStatus::Succeeded && !c.refunded)
-            .count();
-        match order.status {
-            OrderStatus::Confirmed => {
-                assert_eq!(kept, 1, "confirmed {id} without a kept charge: {made:?}")
-            }
-            OrderStatus::Cancelled => assert_eq!(kept, 0, "cancelled {id} kept {made:?}"),
-            other => panic!("{id} is still {other} at rest"),
-        }
-    }
-    assert!(
-        per_order.is_empty(),
-        "charges without an order: {per_order:?}"
-    );
-    let audit = p.stores.audit(sku, true).await.unwrap();
-    assert!(audit.ok(), "{:?}", audit.violations);
-    by_status
 }
 
 /// Every saga runs twice at once, as when a partition is taken over from a
@@ -125,7 +86,7 @@ async fn two_runs_of_each_purchase_at_once_with_skewed_clocks_end_once() {
         },
     )
     .await;
-    let by_status = money_adds_up(&p, &sku).await;
+    let by_status = p.money_adds_up(&sku).await;
     let confirmed = by_status.get(&OrderStatus::Confirmed).copied().unwrap_or(0);
     let told_confirmed = settled
         .iter()
@@ -206,7 +167,7 @@ async fn declines_errors_and_ambiguous_timeouts_never_charge_twice() {
         .set_behaviour(&StubBehaviour::simple(0.1, 5))
         .await
         .unwrap();
-    let by_status = money_adds_up(&p, &sku).await;
+    let by_status = p.money_adds_up(&sku).await;
     assert_eq!(by_status.values().sum::<usize>(), 200);
 
     // `flashsale order show`: every step's time, the payment id, the charge.
@@ -298,7 +259,7 @@ async fn a_ten_second_outage_opens_the_breaker_and_cancels_nothing() {
         assert_eq!(s.status.as_str(), "confirmed", "{s:?}");
     }
     assert!(sold_during < 120, "the outage came too late to matter");
-    let by_status = money_adds_up(&p, &sku).await;
+    let by_status = p.money_adds_up(&sku).await;
     assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&120));
     let order_metrics = p.worker_metrics.last().expect("an order-worker");
     assert_eq!(
@@ -405,7 +366,7 @@ async fn an_order_worker_killed_at_each_step_is_finished_by_the_next() {
         );
         drop(next);
     }
-    let by_status = money_adds_up(&p, &sku).await;
+    let by_status = p.money_adds_up(&sku).await;
     assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&3));
     match Arc::try_unwrap(p) {
         Ok(p) => p.stop().await,
@@ -462,7 +423,7 @@ async fn a_paid_order_whose_redis_was_lost_is_recovered_sold_and_confirmed() {
     let settled = p.terminal(&id).await;
     assert_eq!(settled.status.as_str(), "confirmed", "{settled:?}");
     drop(next);
-    let by_status = money_adds_up(&p, &sku).await;
+    let by_status = p.money_adds_up(&sku).await;
     assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&1));
     match Arc::try_unwrap(p) {
         Ok(p) => p.stop().await,
