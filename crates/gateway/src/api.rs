@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -505,16 +505,19 @@ const QUEUE_POSITION_WAIT: Duration = Duration::from_millis(250);
 
 async fn get_purchase(
     State(gateway): State<Shared>,
-    Path(raw_id): Path<String>,
+    raw_id: Result<Path<String>, PathRejection>,
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<PurchaseStatus>, Problem> {
-    let id = RequestId::parse(&raw_id)
+    let id = RequestId::parse(&path_segment(raw_id, "invalid-request-id")?)
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-request-id", e.to_string()))?;
     let Query(query) =
         query.map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-query", e.body_text()))?;
     let wait = match query.wait {
         None => Duration::ZERO,
-        Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s).min(gateway.max_wait),
+        // Capped before it becomes a Duration, which 1e20 s would overflow.
+        Some(s) if s.is_finite() && s >= 0.0 => {
+            Duration::from_secs_f64(s.min(gateway.max_wait.as_secs_f64()))
+        }
         Some(_) => {
             return Err(Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -707,11 +710,18 @@ struct GatewayView {
     line_full: bool,
 }
 
+/// A path's one parameter, or a problem of `kind` saying why it is not one
+/// (say, percent-encoded bytes that are not UTF-8).
+fn path_segment(raw: Result<Path<String>, PathRejection>, kind: &str) -> Result<String, Problem> {
+    raw.map(|Path(raw)| raw)
+        .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, kind, e.body_text()))
+}
+
 async fn get_sku(
     State(gateway): State<Shared>,
-    Path(raw): Path<String>,
+    raw: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Availability>, Problem> {
-    let sku = Sku::parse(&raw)
+    let sku = Sku::parse(&path_segment(raw, "invalid-sku")?)
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-sku", e.to_string()))?;
     let status = gateway
         .stock

@@ -153,6 +153,29 @@ pub async fn start(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<RunningGateway, StartError> {
+    let app = app(&config, shutdown.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.addr,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.addr,
+        source,
+    })?;
+    tracing::info!(%local_addr, "gateway listening");
+    Ok(RunningGateway {
+        local_addr,
+        task: tokio::spawn(ops::serve(listener, app, shutdown)),
+    })
+}
+
+/// The gateway's whole HTTP application (the purchase API and `/healthz`,
+/// `/readyz`, `/metrics`), connected to its stores, with its background
+/// tasks running until `shutdown`; what `start` serves, and what tests
+/// drive in process.
+pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::Router, StartError> {
     kafka::ensure_topics(&config.kafka).await?;
     let conn = stock::connect(&config.redis).await?;
     let registry = prometheus::Registry::new();
@@ -200,22 +223,7 @@ pub async fn start(
         gateway.purchase_topic.clone(),
         gateway.stock.clone(),
     );
-    let app = api::router(gateway, config.max_body_bytes).merge(ops::router(registry, ready));
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.addr,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.addr,
-        source,
-    })?;
-    tracing::info!(%local_addr, "gateway listening");
-    Ok(RunningGateway {
-        local_addr,
-        task: tokio::spawn(ops::serve(listener, app, shutdown)),
-    })
+    Ok(api::router(gateway, config.max_body_bytes).merge(ops::router(registry, ready)))
 }
 
 /// Keeps the per-buyer buckets to the buyers seen lately.

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use flashsale_cli;
 pub use flashsale_core;
+pub use flashsale_gateway;
 
 /// The process environment's `FLASHSALE_*` settings (the stack's ports),
 /// with `overrides` on top.
@@ -49,7 +50,7 @@ fn state_dir(name: &str) -> std::path::PathBuf {
     std::path::Path::new(&base).join(name)
 }
 
-fn env_with_more(env: &Env, more: &[(&str, String)]) -> Env {
+pub fn env_with_more(env: &Env, more: &[(&str, String)]) -> Env {
     let mut vars = env.vars();
     for (k, v) in more {
         vars.insert((*k).to_owned(), v.clone());
