@@ -30,10 +30,51 @@ pub struct SaleSpec {
     pub overbook: f64,
 }
 
+/// Why a sale cannot be created as asked.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum InvalidSale {
+    #[error("the price must be at least 1 cent: a processor refuses a charge of 0")]
+    Free,
+    #[error("the per-user limit must be at least 1: nobody could buy")]
+    NoLimit,
+    #[error("the reservation TTL must be at least 1 s: a buyer needs time to pay")]
+    TtlTooShort,
+    #[error("the duration must be at least 1 s")]
+    NoDuration,
+    #[error("the overbook must be a number of at least 1 (buyers per unit), not {0}")]
+    Overbook(f64),
+}
+
+impl SaleSpec {
+    /// Whether a sale like this can sell to anyone, for money. (No stock
+    /// is allowed: a sale announced sold out, or to be restocked.)
+    pub fn check(&self) -> Result<(), InvalidSale> {
+        if self.price_cents == 0 {
+            return Err(InvalidSale::Free);
+        }
+        if self.per_user_limit == 0 {
+            return Err(InvalidSale::NoLimit);
+        }
+        if self.reservation_ttl < Duration::from_secs(1) {
+            return Err(InvalidSale::TtlTooShort);
+        }
+        if self.duration < Duration::from_secs(1) {
+            return Err(InvalidSale::NoDuration);
+        }
+        if !(self.overbook.is_finite() && self.overbook >= 1.0) {
+            return Err(InvalidSale::Overbook(self.overbook));
+        }
+        Ok(())
+    }
+}
+
 /// Creates the sale, or replaces the sku's sale: a new sale id, fresh stock,
 /// per-user counts forgotten; orders and charges of the earlier sale are
-/// not counted in this one.
+/// not counted in this one. A spec that fails `SaleSpec::check` is refused
+/// before anything is written.
 pub async fn create(stores: &Stores, spec: &SaleSpec) -> anyhow::Result<SaleRules> {
+    spec.check()
+        .map_err(|why| anyhow::anyhow!("cannot create the sale of {}: {why}", spec.sku))?;
     let starts_at_ms = clock::now_ms().saturating_add(spec.starts_in.as_millis() as u64);
     let rules = SaleRules {
         sale_id: Uuid::now_v7().to_string(),

@@ -379,3 +379,48 @@ async fn redis_lost_mid_surge_is_recovered_and_the_sale_finishes_clean() {
     assert_eq!(report.sold + report.available, total as i64, "{report:?}");
     assert!(report.sold > 0 && report.cancelled_orders > 0, "{report:?}");
 }
+
+/// A sale nobody could buy from, or that would sell for nothing, is
+/// refused at `sale create` with a message naming what is wrong, and
+/// nothing of it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_that_cannot_be_sold_is_refused_at_create() {
+    let p = Pipeline::start(PipelineOptions {
+        shop_workers: 0,
+        order_workers: 0,
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("invalid");
+    type Spoil = fn(&mut sale::SaleSpec);
+    let cases: [(&str, Spoil); 5] = [
+        ("price", |s| s.price_cents = 0),
+        ("per-user limit", |s| s.per_user_limit = 0),
+        ("reservation TTL", |s| {
+            s.reservation_ttl = Duration::from_millis(500)
+        }),
+        ("duration", |s| s.duration = Duration::ZERO),
+        ("overbook", |s| s.overbook = f64::NAN),
+    ];
+    for (what, spoil) in cases {
+        let mut spec = Pipeline::spec(&sku, 5, 1);
+        spoil(&mut spec);
+        let refused = p
+            .create_sale_with(&spec)
+            .await
+            .expect_err(&format!("a sale with a bad {what} is refused"));
+        assert!(
+            refused.to_string().contains(what),
+            "the message names the {what}: {refused}"
+        );
+        assert!(
+            sale::show(&p.stores, &sku).await.unwrap().is_none(),
+            "nothing stored for a bad {what}"
+        );
+    }
+    p.create_sale_with(&Pipeline::spec(&sku, 5, 1))
+        .await
+        .expect("a good sale is created");
+    p.stop().await;
+}
