@@ -28,7 +28,9 @@ use flashsale_core::settings::{
 use flashsale_core::status_board::StatusBoard;
 use flashsale_core::stock::{self, StockError, StockStore};
 use flashsale_core::{ops, retry};
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
@@ -128,6 +130,8 @@ pub(crate) struct Metrics {
     pub breaker_open: IntGauge,
     /// Requests sent to DynamoDB (retries included), by operation.
     pub dynamodb_requests: IntCounterVec,
+    /// Saga passes that left the order PENDING.
+    pub stalls: IntCounter,
 }
 
 /// What a saga needs.
@@ -204,6 +208,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
             ),
             &["op"],
         )?,
+        stalls: IntCounter::new(
+            "order_saga_stalls_total",
+            "Saga passes that left the order PENDING (a confirm refused, another run of the \
+             purchase not done), each followed by a growing wait; a steady rise needs an operator",
+        )?,
     };
     registry.register(Box::new(metrics.outcomes.clone()))?;
     registry.register(Box::new(metrics.dead_letters.clone()))?;
@@ -211,6 +220,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
     registry.register(Box::new(metrics.step_seconds.clone()))?;
     registry.register(Box::new(metrics.breaker_open.clone()))?;
     registry.register(Box::new(metrics.dynamodb_requests.clone()))?;
+    registry.register(Box::new(metrics.stalls.clone()))?;
     let stock = StockStore::new(conn.clone(), &config.redis);
     let producer = kafka::producer(&config.kafka)?;
     let deps = Arc::new(Deps {

@@ -84,12 +84,26 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
     });
     let mut order = current(put.await?);
     crash_point(&deps, CrashPoint::AfterPut);
+    // Waits between passes that could not move the order on.
+    let mut stalled = retry::Backoff::default();
     loop {
         tracing::debug!(status = %order.status, "saga step");
         order = match order.status {
             // Past the deadline, no new charge is sent: the saga only
             // finds out whether an earlier attempt made one.
-            OrderStatus::Pending => settle_pending(&deps, &order).await?,
+            OrderStatus::Pending => {
+                let next = settle_pending(&deps, &order).await?;
+                if next.status == OrderStatus::Pending {
+                    // A confirm refused while the order stayed PENDING (its
+                    // sale replaced in DynamoDB), or another run of this
+                    // purchase not done yet: try again, more and more
+                    // slowly, and let an alert see it.
+                    deps.metrics.stalls.inc();
+                    tracing::warn!("the saga could not move the order on; trying again");
+                    wait(&deps, &mut stalled).await?;
+                }
+                next
+            }
             OrderStatus::Confirmed => {
                 deps.metrics
                     .outcomes
@@ -141,8 +155,8 @@ async fn settle_pending(deps: &Deps, order: &Order) -> Result<Order, Abandoned> 
     if !withdraw(deps, order, why).await? {
         // Another run of this purchase was paid and sold its units (its
         // charge answered, ours was refused or not seen yet): this order
-        // is to be confirmed. Wait for that run, or take its place.
-        wait(deps, &mut retry::Backoff::default()).await?;
+        // is to be confirmed. Wait for that run (the caller backs off on a
+        // PENDING order), or take its place.
         return reread(deps, order).await;
     }
     cancel(deps, order, why, payment_id).await

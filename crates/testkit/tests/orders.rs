@@ -430,3 +430,56 @@ async fn a_paid_order_whose_redis_was_lost_is_recovered_sold_and_confirmed() {
         Err(_) => panic!("the pipeline is still shared"),
     }
 }
+
+/// A saga whose confirm can never succeed (here: the sale in DynamoDB was
+/// replaced while the charge was in flight, so the inventory condition
+/// fails) retries with a growing wait, not in a tight loop, and counts
+/// each pass that left the order `PENDING` for an alert to fire on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_confirm_that_is_always_refused_backs_off_and_is_counted() {
+    let p = Pipeline::start(PipelineOptions {
+        payment_latency_ms: 1_000,
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("refused");
+    let rules = p.create_sale(&sku, 5, 1).await.unwrap();
+    let (status, body) = p.buy(sku.as_str(), "ida", None).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["request_id"].as_str().expect("request id").to_owned();
+    // While the charge is in flight, the sale in DynamoDB becomes another.
+    eventually("the order put", SESSION_TIMEOUT, || async {
+        p.order(&id).await.map(|_| ())
+    })
+    .await;
+    let mut replaced = rules.clone();
+    replaced.sale_id = "another-sale".into();
+    p.stores.inventory.put(&sku, &replaced).await.unwrap();
+    // Every pass after the first is quick: only the confirm holds it up.
+    p.set_payment(0.0, 0).await.unwrap();
+
+    let order_metrics = p.worker_metrics.last().expect("an order-worker").clone();
+    let confirms = || {
+        p.metric(
+            &order_metrics,
+            "order_dynamodb_requests_total{op=\"confirm\"}",
+        )
+    };
+    eventually("a refused confirm", SESSION_TIMEOUT, || async {
+        (confirms().await >= 1.0).then_some(())
+    })
+    .await;
+    let before = confirms().await;
+    // The measurement window: how often it tries in 3 s.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tried = confirms().await - before;
+    assert!(tried <= 12.0, "{tried} confirms in 3 s: a tight loop");
+    let stalls = p.metric(&order_metrics, "order_saga_stalls_total").await;
+    assert!(stalls >= 2.0, "stalls counted: {stalls}");
+    assert_eq!(
+        p.order(&id).await.map(|o| o.status),
+        Some(OrderStatus::Pending)
+    );
+    p.stop().await;
+}
