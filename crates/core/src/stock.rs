@@ -100,7 +100,12 @@ impl StockError {
 
 /// Worth retrying: the connection dropped or Redis is restarting.
 pub fn redis_is_transient(e: &redis::RedisError) -> bool {
-    e.is_io_error()
+    // Out of memory under `noeviction`, a replica during a failover, a
+    // node still loading: conditions that pass, not wrong commands.
+    matches!(
+        e.code(),
+        Some("OOM" | "READONLY" | "LOADING" | "MASTERDOWN")
+    ) || e.is_io_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_timeout()

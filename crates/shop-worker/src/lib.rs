@@ -200,16 +200,28 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
 
     let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
     let metrics_addr = listener.local_addr()?;
+    let progress = Arc::new(sweep::SweepProgress::new(config.sweep_interval));
+    let stores_ready = ops::kafka_and_redis_ready(
+        shop.producer.clone(),
+        shop.purchase_topic.clone(),
+        shop.stock.clone(),
+    );
+    let sweep_ready: ops::ReadinessCheck = {
+        let progress = progress.clone();
+        Arc::new(move || {
+            let (stores_ready, progress) = (stores_ready.clone(), progress.clone());
+            Box::pin(async move {
+                let summary = stores_ready().await?;
+                match progress.problem() {
+                    None => Ok(summary),
+                    Some(problem) => Err(problem),
+                }
+            })
+        })
+    };
     let app = ops::router(
         registry,
-        ops::with_consumer(
-            ops::kafka_and_redis_ready(
-                shop.producer.clone(),
-                shop.purchase_topic.clone(),
-                shop.stock.clone(),
-            ),
-            options.health.clone(),
-        ),
+        ops::with_consumer(sweep_ready, options.health.clone()),
     );
     let ops_shutdown = shutdown.clone();
     let ops_task = tokio::spawn(ops::serve(listener, app, ops_shutdown));
@@ -218,6 +230,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
         shop.clone(),
         config.sweep_interval,
         config.sweep_batch,
+        progress,
     ));
     let task = tokio::spawn(async move {
         let stopped = consume::run(consumer, ShopHandler(shop), &options, shutdown.clone()).await;

@@ -10,10 +10,12 @@
 //! the record already moved. No lock is needed, and a worker that dies
 //! mid-sweep leaves nothing half-done.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flashsale_core::clock;
+use flashsale_core::consume::Abandoned;
 use flashsale_core::ids::Sku;
 use flashsale_core::retry;
 use flashsale_core::status::{PurchaseState, reason};
@@ -22,7 +24,84 @@ use flashsale_core::stock::Answered;
 
 use crate::Shop;
 
-pub(crate) async fn run(shop: Arc<Shop>, interval: Duration, batch: usize) {
+/// How the sweep is doing, for `/readyz`: a worker whose sweep has not
+/// completed a round for a while gives no units back, and says so.
+pub(crate) struct SweepProgress {
+    interval: Duration,
+    /// When the last complete round ended (ms), or the sweep began.
+    last_round_ms: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// Rounds a sweep may miss before the worker is not ready (at least
+/// `STALE_FLOOR`): one slow round is not a problem.
+const STALE_ROUNDS: u32 = 5;
+const STALE_FLOOR: Duration = Duration::from_secs(3);
+
+impl SweepProgress {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last_round_ms: AtomicU64::new(clock::now_ms()),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    fn completed(&self) {
+        self.last_round_ms.store(clock::now_ms(), Ordering::Relaxed);
+        if let Ok(mut error) = self.last_error.lock() {
+            *error = None;
+        }
+    }
+
+    fn failed(&self, error: String) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(error);
+        }
+    }
+
+    /// `call`'s result, its error noted as the sweep's latest.
+    async fn noted<T, E: std::fmt::Display>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let result = call.await;
+        if let Err(error) = &result {
+            self.failed(error.to_string());
+        }
+        result
+    }
+
+    /// Why the sweep is behind, if it is.
+    pub(crate) fn problem(&self) -> Option<String> {
+        let since = Duration::from_millis(
+            clock::now_ms().saturating_sub(self.last_round_ms.load(Ordering::Relaxed)),
+        );
+        if since <= (self.interval * STALE_ROUNDS).max(STALE_FLOOR) {
+            return None;
+        }
+        let error = self
+            .last_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+            .unwrap_or_else(|| "a round is still running".into());
+        Some(format!(
+            "the expiry sweep has not completed a round for {} s: {error}",
+            since.as_secs()
+        ))
+    }
+}
+
+/// Sweeps every sale each `interval` until shutdown. A round that fails
+/// (Redis refusing writes, unreachable, out of memory) is logged and tried
+/// again at the next one: the sweep never stops before the worker does.
+pub(crate) async fn run(
+    shop: Arc<Shop>,
+    interval: Duration,
+    batch: usize,
+    progress: Arc<SweepProgress>,
+) {
     let batch = batch.max(1);
     loop {
         tokio::select! {
@@ -33,19 +112,36 @@ pub(crate) async fn run(shop: Arc<Shop>, interval: Duration, batch: usize) {
             Ok(skus) => skus,
             Err(error) => {
                 tracing::warn!(%error, "expiry sweep: cannot list the sales; next round");
+                progress.failed(format!("cannot list the sales: {error}"));
                 continue;
             }
         };
+        let mut complete = true;
         for sku in skus {
-            if sweep_sku(&shop, &sku, batch).await.is_err() {
-                return;
+            if let Err(Abandoned(error)) = sweep_sku(&shop, &sku, batch, &progress).await {
+                if shop.shutdown.is_cancelled() {
+                    return;
+                }
+                tracing::warn!(%sku, %error, "expiry sweep failed; next round");
+                progress.failed(error);
+                complete = false;
             }
+        }
+        if complete {
+            progress.completed();
         }
     }
 }
 
-/// Sweeps one sku until fewer than a batch were due. `Err` on shutdown.
-async fn sweep_sku(shop: &Shop, sku: &Sku, batch: usize) -> Result<(), ()> {
+/// Sweeps one sku until fewer than a batch were due.
+/// Each failed attempt of its store calls is noted in `progress` (they are
+/// retried until they succeed or the worker stops).
+async fn sweep_sku(
+    shop: &Shop,
+    sku: &Sku,
+    batch: usize,
+    progress: &SweepProgress,
+) -> Result<(), Abandoned> {
     loop {
         // One id and one `now` per batch, kept across retries: a call whose
         // reply was lost is answered again from the sweep's marker, so the
@@ -56,11 +152,10 @@ async fn sweep_sku(shop: &Shop, sku: &Sku, batch: usize) -> Result<(), ()> {
             outcome: expired,
             line,
         } = retry::durable("expire", &shop.shutdown, || {
-            shop.stock.expire(sku, &sweep_id, now, batch)
+            progress.noted(shop.stock.expire(sku, &sweep_id, now, batch))
         })
-        .await
-        .map_err(|_| ())?;
-        shop.tell_line(sku, &line).await.map_err(|_| ())?;
+        .await?;
+        shop.tell_line(sku, &line).await?;
         let swept = expired.len();
         if swept > 0 {
             tracing::info!(%sku, released = swept, "expiry sweep released reservations");
@@ -78,8 +173,7 @@ async fn sweep_sku(shop: &Shop, sku: &Sku, batch: usize) -> Result<(), ()> {
                 PurchaseState::Cancelled,
                 Some(reason::RESERVATION_EXPIRED),
             )
-            .await
-            .map_err(|_| ())?;
+            .await?;
         }
         if swept < batch {
             break;
@@ -88,11 +182,10 @@ async fn sweep_sku(shop: &Shop, sku: &Sku, batch: usize) -> Result<(), ()> {
     loop {
         let now = clock::now_ms();
         let line = retry::durable("serve the line", &shop.shutdown, || {
-            shop.stock.serve(sku, now, shop.line_patience_ms, batch)
+            progress.noted(shop.stock.serve(sku, now, shop.line_patience_ms, batch))
         })
-        .await
-        .map_err(|_| ())?;
-        shop.tell_line(sku, &line).await.map_err(|_| ())?;
+        .await?;
+        shop.tell_line(sku, &line).await?;
         if line.len() < batch {
             return Ok(());
         }

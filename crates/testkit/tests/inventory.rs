@@ -424,3 +424,87 @@ async fn a_sale_that_cannot_be_sold_is_refused_at_create() {
         .expect("a good sale is created");
     p.stop().await;
 }
+
+/// Redis refuses every write for a while (out of memory under
+/// `noeviction`) while reservations pass their deadline: the shop-worker
+/// says it is not ready, and why, while its sweep cannot finish a round;
+/// once Redis takes writes again the sweep gives every unit back and tells
+/// every buyer, and the audit is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweep_outlives_a_redis_that_refuses_writes() {
+    let p = Pipeline::start(PipelineOptions {
+        // Nobody pays: every reservation waits for the sweep.
+        order_workers: 0,
+        own_redis: true,
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("oom");
+    let mut spec = Pipeline::spec(&sku, 5, 1);
+    spec.reservation_ttl = Duration::from_secs(2);
+    p.create_sale_with(&spec).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(accepted(&p, sku.as_str(), &format!("oom-{n}")).await);
+    }
+    eventually("five reservations", SETTLE, || async {
+        let levels = p.stores.stock.levels(&sku).await.ok()??;
+        (levels.reserved == 5).then_some(())
+    })
+    .await;
+
+    let redis = redis::Client::open(p.redis.as_ref().expect("own redis").url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let config = |name: &'static str, value: &'static str| {
+        let mut redis = redis.clone();
+        async move {
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(value)
+                .query_async::<()>(&mut redis)
+                .await
+                .expect("CONFIG SET")
+        }
+    };
+    config("maxmemory-policy", "noeviction").await;
+    config("maxmemory", "1").await;
+    let shop = p.worker_metrics[0].clone();
+    let readiness = || async {
+        let response = p.http.get(format!("{shop}/readyz")).send().await.ok()?;
+        Some((response.status().as_u16(), response.text().await.ok()?))
+    };
+    let (_, why) = eventually("the shop-worker not ready", SETTLE, || async {
+        readiness()
+            .await
+            .filter(|(status, body)| *status == 503 && body.contains("sweep"))
+    })
+    .await;
+    eprintln!("not ready while Redis refuses writes: {why}");
+
+    config("maxmemory", "0").await;
+    eventually("every unit given back", SETTLE, || async {
+        let levels = p.stores.stock.levels(&sku).await.ok()??;
+        (levels.reserved == 0 && levels.available == 5).then_some(())
+    })
+    .await;
+    for id in &ids {
+        let told = p.terminal(id).await;
+        assert_eq!(
+            (told.status.as_str(), told.reason.as_deref()),
+            ("cancelled", Some("reservation_expired")),
+            "{told:?}"
+        );
+    }
+    eventually("ready again", SETTLE, || async {
+        readiness().await.filter(|(status, _)| *status == 200)
+    })
+    .await;
+    let report = p.stores.audit(&sku, true).await.unwrap();
+    assert!(report.ok(), "{:?}", report.violations);
+    p.stop().await;
+}
