@@ -45,6 +45,20 @@ pub(crate) async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The partitions of `topic` as the broker has them (partitions may have
+/// been added since this deployment's settings were written).
+fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, KafkaFailure> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .map_err(KafkaFailure::Unreachable)?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
+}
+
 /// Low and high watermarks of every partition of `topic`.
 pub async fn watermarks(
     settings: &KafkaSettings,
@@ -54,7 +68,8 @@ pub async fn watermarks(
     let topic = topic.to_owned();
     blocking(move || {
         let consumer = reader(&settings, "flashsale-watermarks")?;
-        (0..settings.partitions)
+        partitions_of(&consumer, &topic)?
+            .into_iter()
             .map(|partition| {
                 let (low, high) = consumer
                     .fetch_watermarks(&topic, partition, TIMEOUT)
@@ -88,7 +103,6 @@ pub async fn committed(
 pub struct GroupProgress {
     consumer: std::sync::Arc<BaseConsumer>,
     topic: String,
-    partitions: i32,
 }
 
 impl GroupProgress {
@@ -96,7 +110,6 @@ impl GroupProgress {
         Ok(Self {
             consumer: std::sync::Arc::new(reader(settings, group)?),
             topic: topic.to_owned(),
-            partitions: settings.partitions,
         })
     }
 
@@ -104,7 +117,7 @@ impl GroupProgress {
         let this = self.clone();
         blocking(move || {
             let mut wanted = TopicPartitionList::new();
-            for partition in 0..this.partitions {
+            for partition in partitions_of(&this.consumer, &this.topic)? {
                 wanted.add_partition(&this.topic, partition);
             }
             let committed = this
