@@ -208,8 +208,7 @@ async fn purchase(
                     "user-rate-limited",
                     format!(
                         "{user} sent more than {} purchases in a burst ({}/s on average)",
-                        denied.limit,
-                        denied.per_second
+                        denied.limit, denied.per_second
                     ),
                     denied,
                 ),
@@ -243,15 +242,14 @@ async fn purchase(
             )
         })?;
         let now = clock::now_ms();
-        gateway.metrics.redis_calls.with_label_values(&["admit"]).inc();
+        gateway
+            .metrics
+            .redis_calls
+            .with_label_values(&["admit"])
+            .inc();
         let admission = gateway
             .stock
-            .admit(
-                &sku,
-                id,
-                now,
-                gateway.admission_lease_ms,
-            )
+            .admit(&sku, id, now, gateway.admission_lease_ms)
             .await
             .map_err(|e| gateway.shed("unavailable", unavailable("the stock store", e)))?;
         gateway
@@ -309,24 +307,8 @@ async fn purchase(
             }
             Admission::SoldOut => return Err(gateway.shed("sold_out", sold_out(&sku))),
             Admission::NotActive => return Err(gateway.shed("not_active", not_active(&sku))),
-            Admission::Unknown if known.is_some() => {
-                return Err(gateway.shed(
-                    "unavailable",
-                    Problem::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "stock-unavailable",
-                        format!(
-                            "the stock of {sku} is being restored; retry with the same Idempotency-Key"
-                        ),
-                    )
-                    .retry_after(1),
-                ));
-            }
             Admission::Unknown => {
-                return Err(gateway.shed(
-                    "invalid",
-                    invalid("unknown-sku", format!("there is no sale for sku {sku:?}")),
-                ));
+                return Err(unknown_to_redis(gateway, &sku, known.is_some()).await);
             }
         };
         let request = PurchaseRequest::new(id, sku.clone(), user.clone(), quantity, now);
@@ -334,6 +316,41 @@ async fn purchase(
     }
     .instrument(span)
     .await
+}
+
+/// A sku Redis holds no stock for: lost with Redis and not recovered yet
+/// (a sale this gateway has seen, or one DynamoDB holds), so retry; or no
+/// sale at all.
+async fn unknown_to_redis(gateway: &Gateway, sku: &Sku, seen: bool) -> Problem {
+    let sold = if seen {
+        true
+    } else {
+        match gateway.inventory.get(sku).await {
+            Ok(sale) => sale.is_some(),
+            Err(DynamoError::Request(e)) => {
+                return gateway.shed("unavailable", unavailable("the sale store", e));
+            }
+            Err(error) => {
+                tracing::debug!(%error, "sale lookup refused");
+                false
+            }
+        }
+    };
+    if !sold {
+        return gateway.shed(
+            "invalid",
+            invalid("unknown-sku", format!("there is no sale for sku {sku:?}")),
+        );
+    }
+    gateway.shed(
+        "unavailable",
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stock-unavailable",
+            format!("the stock of {sku} is being restored; retry with the same Idempotency-Key"),
+        )
+        .retry_after(1),
+    )
 }
 
 async fn earlier_status(

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashsale_core::dynamo::{self, Tables};
+use flashsale_core::inventory::InventoryStore;
 use flashsale_core::kafka::{self, KafkaFailure, group, topic};
 use flashsale_core::ops;
 use flashsale_core::orders::OrderStore;
@@ -118,6 +119,9 @@ pub(crate) struct Gateway {
     pub stock: StockStore,
     pub board: StatusBoard,
     pub orders: OrderStore,
+    /// Sales as DynamoDB holds them: what tells a sku Redis lost from one
+    /// never sold.
+    pub inventory: InventoryStore,
     pub producer: FutureProducer,
     pub purchase_topic: String,
     pub produce_timeout: Duration,
@@ -183,6 +187,8 @@ pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::R
     let metrics = metrics::Metrics::register(&registry)?;
     let stock = StockStore::new(conn.clone(), &config.redis);
     let flags = Arc::new(FlagCopy::default());
+    let dynamo = dynamo::client(&config.dynamo).await;
+    let tables = Tables::new(&config.dynamo);
     tokio::spawn(flags::follow(
         flags.clone(),
         stock.clone(),
@@ -194,10 +200,8 @@ pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::R
     let gateway = Arc::new(Gateway {
         stock,
         board: StatusBoard::new(conn, &config.redis),
-        orders: OrderStore::new(
-            dynamo::client(&config.dynamo).await,
-            &Tables::new(&config.dynamo),
-        ),
+        orders: OrderStore::new(dynamo.clone(), &tables),
+        inventory: InventoryStore::new(dynamo, &tables),
         producer: kafka::producer(&config.kafka)?,
         queue: QueueWatch::new(GroupProgress::new(
             &config.kafka,

@@ -520,6 +520,43 @@ async fn a_sale_past_its_end_is_refused_from_memory() {
     p.stop().await;
 }
 
+/// A sku whose sale DynamoDB holds but Redis has lost (not yet recovered)
+/// is not unknown: a gateway that never saw it answers `503` with
+/// `Retry-After` (retry with the same key), not `422 unknown-sku`; a sku
+/// with no sale anywhere stays `422`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_lost_by_redis_is_unavailable_not_unknown() {
+    let mut p = gateways_only().await;
+    let sku = p.sku("lost-stock");
+    p.create_sale(&sku, 5, 1).await.unwrap();
+    p.stores.stock.unload(&sku).await.unwrap();
+    // A gateway started after the loss has no memory of the sku.
+    let fresh = p.add_gateway(&[]).await.unwrap();
+    let answer = p
+        .post_purchase(&fresh, sku.as_str(), "una", Some("una-1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status, answer.kind()),
+        (503, "stock-unavailable"),
+        "{:?}",
+        answer.body
+    );
+    assert!(answer.retry_after().is_some(), "{:?}", answer.body);
+    let nowhere = p.sku("never-sold");
+    let answer = p
+        .post_purchase(&fresh, nowhere.as_str(), "una", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status, answer.kind()),
+        (422, "unknown-sku"),
+        "{:?}",
+        answer.body
+    );
+    p.stop().await;
+}
+
 /// A pipeline with its gateway and no workers: what reaches Kafka stays.
 async fn gateways_only() -> Pipeline {
     Pipeline::start(PipelineOptions {
