@@ -94,6 +94,8 @@ impl Herald {
             }
             ReserveOutcome::Rejected { reason } => (PurchaseState::Rejected, Some(reason.as_str())),
             ReserveOutcome::Waiting => (PurchaseState::Waiting, None),
+            // Its buyer was told it failed: there is nobody to tell.
+            ReserveOutcome::Voided => return Ok(()),
         };
         let subject = Subject {
             id,

@@ -93,6 +93,12 @@ impl StatusBoard {
         Ok(written == 1)
     }
 
+    /// Takes a purchase off the board (one whose buyer was told it failed,
+    /// and that nobody will process).
+    pub async fn forget(&self, id: RequestId) -> Result<(), redis::RedisError> {
+        self.conn.clone().del(key(&id.to_string())).await
+    }
+
     pub async fn get(&self, id: RequestId) -> Result<Option<PurchaseStatus>, redis::RedisError> {
         let fields: HashMap<String, String> =
             self.conn.clone().hgetall(key(&id.to_string())).await?;

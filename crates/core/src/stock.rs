@@ -50,6 +50,7 @@ script!(ADMIT, "lua/admit.lua", with line);
 script!(SERVE, "lua/serve.lua", with line);
 script!(LINE_PLACE, "lua/line_place.lua", with line);
 script!(WITHDRAW, "lua/withdraw.lua");
+script!(VOID, "lua/void.lua", with line);
 
 /// Where the scripts publish "<sku> <sold_out> <closed> <line_full>
 /// <ends_at_ms>" (flags `0` or `1`) whenever one of a sku's flags changes
@@ -304,12 +305,16 @@ pub enum ReserveOutcome {
     /// In the sku's line: units may still come back, none is free for it
     /// yet. Its final answer is announced by whichever call decides it.
     Waiting,
+    /// Its buyer was answered with a failure before any shop-worker saw it
+    /// (`void.lua`): not processed, and nothing to tell.
+    Voided,
 }
 
 impl ReserveOutcome {
     fn from_reply(sku: &Sku, reply: Vec<String>) -> Result<Self, StockError> {
         match reply.as_slice() {
             [kind] if kind == "waiting" => Ok(Self::Waiting),
+            [kind] if kind == "voided" => Ok(Self::Voided),
             [kind, expires, amount, sale] if kind == "reserved" => {
                 match (expires.parse(), amount.parse()) {
                     (Ok(expires_at_ms), Ok(amount_cents)) => Ok(Self::Reserved {
@@ -787,6 +792,37 @@ impl StockStore {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Admission::from_reply(sku, reply)
+    }
+
+    /// Makes sure purchase `id`, whose buyer is to be answered with a
+    /// failure, is never processed later (`void.lua`), unless a
+    /// shop-worker answered it already: `Ok(None)` when voided, else its
+    /// answer.
+    pub async fn void(
+        &self,
+        sku: &Sku,
+        id: RequestId,
+        now_ms: u64,
+    ) -> Result<Option<ReserveOutcome>, StockError> {
+        let keys = SkuKeys::new(sku);
+        let reply: Vec<String> = VOID
+            .key(keys.stock())
+            .key(keys.processed(id))
+            .arg(id.to_string())
+            .arg(now_ms)
+            .arg(self.retention_ms)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match reply.as_slice() {
+            [kind] if kind == "voided" => Ok(None),
+            [kind, answer] if kind == "processed" => {
+                match serde_json::from_str::<Vec<String>>(answer) {
+                    Ok(answer) => Ok(Some(ReserveOutcome::from_reply(sku, answer)?)),
+                    Err(_) => unexpected(&reply),
+                }
+            }
+            _ => unexpected(&reply),
+        }
     }
 
     /// Gives back the place of an admitted request that never reached

@@ -701,6 +701,47 @@ async fn commit_and_withdraw_race(backend: Backend) {
     assert_eq!((sold + withdrawn) as u64, rounds);
 }
 
+/// A purchase voided because its buyer was told it failed: its record,
+/// arriving later, is not processed; the buyer's retry with the same key
+/// (accepted after the void) is; a purchase already answered is not voided.
+async fn void_then_retry(backend: Backend) {
+    let f = Fixture::new(backend, "void", rules(5, 1, 10_000)).await;
+    let late = f.request("late", 1);
+    assert_eq!(
+        f.store.void(&f.sku, late.request_id, 2_000).await.unwrap(),
+        None
+    );
+    let mut first = late.clone();
+    first.accepted_at_ms = 1_900;
+    let answered = f
+        .store
+        .reserve(&first, 2_100, MAX_AGE)
+        .await
+        .unwrap()
+        .outcome;
+    assert_eq!(answered, ReserveOutcome::Voided);
+    assert_eq!(f.levels().await.available, 5, "nothing reserved for it");
+    let mut retry = late.clone();
+    retry.accepted_at_ms = 2_500;
+    let answered = f
+        .store
+        .reserve(&retry, 2_600, MAX_AGE)
+        .await
+        .unwrap()
+        .outcome;
+    assert!(
+        matches!(answered, ReserveOutcome::Reserved { .. }),
+        "{answered:?}"
+    );
+    // Answered already: not voided, and the answer is given instead.
+    let answer = f.store.void(&f.sku, late.request_id, 2_700).await.unwrap();
+    assert!(
+        matches!(answer, Some(ReserveOutcome::Reserved { .. })),
+        "{answer:?}"
+    );
+    assert_eq!(f.levels().await.reserved, 1);
+}
+
 async fn one_user_hundred_requests(backend: Backend) {
     let f = Arc::new(Fixture::new(backend, "limit", rules(50, 1, 60_000)).await);
     let mut calls = Vec::new();
@@ -721,6 +762,7 @@ async fn one_user_hundred_requests(backend: Backend) {
             ReserveOutcome::Reserved { .. } => "reserved".to_owned(),
             ReserveOutcome::Rejected { reason } => reason,
             ReserveOutcome::Waiting => "waiting".to_owned(),
+            ReserveOutcome::Voided => "voided".to_owned(),
         };
         *outcomes.entry(label).or_default() += 1;
     }
@@ -1196,6 +1238,7 @@ on_both! {
     every_script_replayed_twice_gives_the_same_result_and_state => every_script_replays;
     a_reservation_racing_expire_and_release_is_released_once => expire_and_release_race;
     a_commit_racing_a_withdrawal_decides_the_purchase_once => commit_and_withdraw_race;
+    a_voided_purchase_is_not_processed_but_its_retry_is => void_then_retry;
     one_user_with_a_limit_of_one_gets_exactly_one_of_a_hundred => one_user_hundred_requests;
     the_line_follows_the_stock_and_gives_units_back_to_its_head => admission_line;
     early_buyers_are_drawn_and_silent_ones_leave_the_line => early_draw_and_patience;

@@ -122,7 +122,11 @@ async fn create_purchase(
     body: Result<Json<PurchaseBody>, JsonRejection>,
 ) -> Response {
     let limit = gateway.request_timeout;
-    match tokio::time::timeout(limit, purchase(&gateway, &headers, body)).await {
+    let deadline = tokio::time::Instant::now() + limit;
+    // The produce's wait ends before `deadline` and voids what the broker
+    // did not take; this is only a backstop for the store calls around it.
+    let backstop = deadline + Duration::from_secs(1);
+    match tokio::time::timeout_at(backstop, purchase(&gateway, &headers, body, deadline)).await {
         Ok(Ok(response)) => response,
         Ok(Err(problem)) => problem.into_response(),
         Err(_) => gateway
@@ -151,6 +155,7 @@ async fn purchase(
     gateway: &Shared,
     headers: &HeaderMap,
     body: Result<Json<PurchaseBody>, JsonRejection>,
+    deadline: tokio::time::Instant,
 ) -> Result<Response, Problem> {
     let Json(body) = body.map_err(|r| gateway.shed("invalid", body_problem(r)))?;
     let sku = Sku::parse(&body.sku)
@@ -284,12 +289,7 @@ async fn purchase(
                 if let Some(earlier) = earlier_status(gateway, id).await? {
                     return repeat(earlier, &sku, quantity);
                 }
-                let state = match outcome {
-                    ReserveOutcome::Reserved { .. } => PurchaseState::Reserved,
-                    ReserveOutcome::Rejected { .. } => PurchaseState::Rejected,
-                    ReserveOutcome::Waiting => PurchaseState::Waiting,
-                };
-                return Ok(accepted(id, state));
+                return Ok(accepted(id, state_of(&outcome)));
             }
             Admission::Full { people, cap } => {
                 return Err(gateway.shed(
@@ -312,7 +312,15 @@ async fn purchase(
             }
         };
         let request = PurchaseRequest::new(id, sku.clone(), user.clone(), quantity, now);
-        enqueue(gateway, request, traceparent.clone(), admitted, permit).await
+        enqueue(
+            gateway,
+            request,
+            traceparent.clone(),
+            admitted,
+            permit,
+            deadline,
+        )
+        .await
     }
     .instrument(span)
     .await
@@ -369,20 +377,42 @@ async fn earlier_status(
         .map_err(|e| gateway.shed("unavailable", unavailable("the status store", e)))
 }
 
-/// Produces the purchase and waits for the broker. The produce runs as a
-/// task of its own, to its end, even if the buyer's request times out or
+/// The state a buyer is told for a shop-worker's answer.
+fn state_of(outcome: &ReserveOutcome) -> PurchaseState {
+    match outcome {
+        ReserveOutcome::Reserved { .. } => PurchaseState::Reserved,
+        ReserveOutcome::Rejected { .. } | ReserveOutcome::Voided => PurchaseState::Rejected,
+        ReserveOutcome::Waiting => PurchaseState::Waiting,
+    }
+}
+
+/// What is left of the request's time for the void (one Redis call) once
+/// the broker has not answered.
+const VOID_BUDGET: Duration = Duration::from_millis(250);
+
+/// Produces the purchase and waits for the broker, until shortly before
+/// `deadline`. The produce runs as a task of its own, to its end, even if
 /// the buyer hangs up: the record may be on its way, and the status board
-/// (acknowledged) or the admission window (failed) must learn how it ended.
+/// (acknowledged) or the admission window (failed) must learn how it
+/// ended. A purchase the broker did not acknowledge in time, or refused,
+/// is voided before its buyer is told it failed (`void.lua`): if Kafka
+/// has it after all, no shop-worker processes it; if a shop-worker
+/// already did, the buyer is told that instead of a failure.
 async fn enqueue(
     gateway: &Shared,
     request: PurchaseRequest,
     traceparent: String,
     admitted: bool,
     permit: OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
 ) -> Result<Response, Problem> {
     let id = request.request_id;
+    let sku = request.sku.clone();
+    // Whether its buyer was told it failed; held while `queued` is posted,
+    // so that no such post lands after the purchase was voided.
+    let voided = Arc::new(tokio::sync::Mutex::new(false));
     let task = {
-        let gateway = gateway.clone();
+        let (gateway, voided) = (gateway.clone(), voided.clone());
         async move {
             let _permit = permit;
             let started = Instant::now();
@@ -409,12 +439,14 @@ async fn enqueue(
                         user: &request.user_id,
                         quantity: request.quantity,
                     };
+                    let voided = voided.lock().await;
                     // Durable in Kafka now; if Redis misses this post the
                     // shop-worker's own post shows the purchase shortly.
-                    if let Err(error) = gateway
-                        .board
-                        .post_queued(&subject, record, clock::now_ms())
-                        .await
+                    if !*voided
+                        && let Err(error) = gateway
+                            .board
+                            .post_queued(&subject, record, clock::now_ms())
+                            .await
                     {
                         tracing::warn!(%error, "could not post the queued status");
                     }
@@ -431,10 +463,38 @@ async fn enqueue(
         }
         .instrument(tracing::Span::current())
     };
-    match tokio::spawn(task).await {
-        Ok(Ok(())) => Ok(accepted(id, PurchaseState::Queued)),
-        Ok(Err(error)) => Err(gateway.shed("broker", unavailable("the purchase queue", error))),
-        Err(error) => Err(gateway.shed("broker", unavailable("the purchase queue", error))),
+    let waited = tokio::time::timeout_at(deadline - VOID_BUDGET, tokio::spawn(task)).await;
+    let why = match waited {
+        Ok(Ok(Ok(()))) => return Ok(accepted(id, PurchaseState::Queued)),
+        Ok(Ok(Err(error))) => error,
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => "the broker did not acknowledge it in time".to_owned(),
+    };
+    *voided.lock().await = true;
+    match gateway.stock.void(&sku, id, clock::now_ms()).await {
+        Ok(None) => {
+            if let Err(error) = gateway.board.forget(id).await {
+                tracing::warn!(%error, "could not take back the queued status");
+            }
+            Err(gateway.shed(
+                "broker",
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily-unavailable",
+                    format!(
+                        "the purchase queue did not take the purchase ({why}); it will not be \
+                         processed: retry (with the same Idempotency-Key)"
+                    ),
+                )
+                .retry_after(1),
+            ))
+        }
+        // It went through after all, and a shop-worker answered it.
+        Ok(Some(outcome)) => Ok(accepted(id, state_of(&outcome))),
+        Err(error) => {
+            tracing::error!(%error, "could not void a purchase the broker did not take; it may still be processed");
+            Err(gateway.shed("broker", unavailable("the purchase queue", why)))
+        }
     }
 }
 
@@ -649,7 +709,10 @@ async fn rejoin(gateway: &Shared, id: RequestId, status: &PurchaseStatus) {
             tracing::warn!(request_id = %id, %sku, "a waiting purchase was lost with its line; queued again");
             let request = PurchaseRequest::new(id, sku.clone(), user.clone(), quantity, now);
             let traceparent = kafka::continue_trace(None, id);
-            if let Err(problem) = enqueue(gateway, request, traceparent, true, permit).await {
+            let deadline = tokio::time::Instant::now() + gateway.request_timeout;
+            if let Err(problem) =
+                enqueue(gateway, request, traceparent, true, permit, deadline).await
+            {
                 tracing::warn!(request_id = %id, ?problem, "could not queue a lost purchase again");
             }
             return;

@@ -276,6 +276,7 @@ impl Shop {
             ReserveOutcome::Reserved { .. } => "reserved",
             ReserveOutcome::Rejected { reason } => reason.as_str(),
             ReserveOutcome::Waiting => "waiting",
+            ReserveOutcome::Voided => "voided",
         };
         self.metrics.reservations.with_label_values(&[label]).inc();
         tracing::debug!(parent: &span, outcome = label, decided = answered.line.len(), "reserve");
@@ -308,6 +309,7 @@ impl Shop {
                 ReserveOutcome::Reserved { .. } => "served",
                 ReserveOutcome::Rejected { reason } => reason.as_str(),
                 ReserveOutcome::Waiting => "waiting",
+                ReserveOutcome::Voided => "voided",
             };
             self.metrics.line.with_label_values(&[label]).inc();
         }

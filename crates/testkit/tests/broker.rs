@@ -480,3 +480,104 @@ async fn a_worker_stops_in_bounded_time_with_its_broker_stalled() {
     );
     assert!(status.success(), "{status:?}");
 }
+
+/// The broker stalls (SIGSTOP) for longer than the gateway's request
+/// timeout while buyers without an Idempotency-Key keep coming; then it
+/// resumes and delivers what it had taken. A purchase whose buyer was
+/// answered with a failure is never processed: no order, no charge. The
+/// ones answered `202` are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_purchase_answered_with_a_failure_is_never_processed_later() {
+    let p = Arc::new(
+        Pipeline::start(PipelineOptions {
+            own_kafka: true,
+            env: vec![
+                // The gateway gives up on the broker before its producer does.
+                ("FLASHSALE_GATEWAY_REQUEST_TIMEOUT_MS", "1500".into()),
+                ("FLASHSALE_KAFKA_PRODUCE_TIMEOUT_MS", "20000".into()),
+                ("FLASHSALE_GATEWAY_USER_RPS", "0".into()),
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect("pipeline starts"),
+    );
+    let sku = p.sku("unanswered");
+    p.create_sale(&sku, 100, 1).await.unwrap();
+    let mut accepted = 0;
+    for n in 0..3 {
+        let (status, body) = p
+            .buy(sku.as_str(), &format!("{}-early{n}", p.prefix), None)
+            .await;
+        assert_eq!(status, 202, "{body}");
+        accepted += 1;
+    }
+    let broker = p.broker.as_ref().expect("own broker");
+    broker.pause().unwrap();
+    // One buyer with a key, who will ask again once the broker is back.
+    let retrier = format!("{}-retrier", p.prefix);
+    let keyed = {
+        let (p, sku, retrier) = (p.clone(), sku.to_string(), retrier.clone());
+        tokio::spawn(async move { p.try_buy(&sku, &retrier, Some(&retrier)).await })
+    };
+    let buyers: Vec<_> = (0..12)
+        .map(|n| {
+            let (p, sku) = (p.clone(), sku.to_string());
+            tokio::spawn(async move { p.try_buy(&sku, &format!("{}-u{n}", p.prefix), None).await })
+        })
+        .collect();
+    let mut failed = 0;
+    for buyer in buyers {
+        match buyer.await.expect("a buyer") {
+            Ok((202, _)) => accepted += 1,
+            Ok((status, body)) => {
+                assert!(status >= 500, "{status}: {body}");
+                failed += 1;
+            }
+            Err(error) => panic!("the gateway did not answer: {error}"),
+        }
+    }
+    let (status, body) = keyed.await.expect("the keyed buyer").expect("an answer");
+    assert!(status >= 500, "{status}: {body}");
+    broker.resume().unwrap();
+    assert!(failed > 0, "the stall outlasted no request");
+    // Asked again with the same key, the purchase is taken and processed.
+    let (status, body) = eventually("the retry taken", Duration::from_secs(30), || async {
+        p.try_buy(sku.as_str(), &retrier, Some(&retrier))
+            .await
+            .ok()
+            .filter(|(status, _)| *status == 202)
+    })
+    .await;
+    let id = body["request_id"].as_str().expect("request id").to_owned();
+    assert_eq!(status, 202);
+    assert_eq!(p.terminal(&id).await.status.as_str(), "confirmed");
+    accepted += 1;
+    // Everything the broker had taken is delivered and worked through.
+    eventually("the pipeline at rest", Duration::from_secs(90), || async {
+        let records = p.records_in(&p.purchase_topic()).await.ok()?;
+        let done = p
+            .committed(kafka::group::SHOP, &p.purchase_topic())
+            .await
+            .ok()?;
+        let reservations = p.records_in(&p.topic(topic::RESERVATIONS)).await.ok()?;
+        let orders_done = p
+            .committed(kafka::group::ORDERS, &p.topic(topic::RESERVATIONS))
+            .await
+            .ok()?;
+        (records > 0 && done == records && orders_done == reservations).then_some(())
+    })
+    .await;
+    let (_, orders, charges) = p.sale_books(&sku).await.unwrap();
+    eprintln!(
+        "{accepted} accepted, {failed} answered with a failure; {} orders, {} charges",
+        orders.len(),
+        charges.len()
+    );
+    assert_eq!(
+        orders.len(),
+        accepted,
+        "orders for purchases answered with a failure"
+    );
+    assert_eq!(charges.len(), accepted);
+}

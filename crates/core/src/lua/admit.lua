@@ -28,7 +28,8 @@ if not sale then
 end
 local id, now = ARGV[1], tonumber(ARGV[2])
 local answer = redis.call('GET', KEYS[3])
-if answer then
+-- A voided purchase (void.lua) asked again: admitted as new.
+if answer and string.sub(answer, 1, 10) ~= '["voided",' then
   return {'processed', answer}
 end
 if redis.call('ZSCORE', k.line, id) then

@@ -17,7 +17,9 @@
 --      or {"waiting"}: in the line; its answer comes when a unit is free
 --         for it or none can be (announced by whichever script decides)
 --      or {"unloaded"}: the sku has no stock here (Redis was lost and not
---         yet recovered); nothing is written, the caller waits.
+--         yet recovered); nothing is written, the caller waits
+--      or {"voided"}: its buyer was answered with a failure (void.lua);
+--         nothing is done, nothing is told.
 -- and announcements lists, as id, "<user> <quantity>", answer (JSON), the
 -- other waiters this call served or turned away, for the caller to announce.
 -- A replay returns the first final answer unchanged: the marker holds it.
@@ -30,7 +32,17 @@ local now, accepted = tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('ZREM', KEYS[6], id)
 local prior = redis.call('GET', KEYS[3])
 if prior then
-  return {cjson.decode(prior), {}}
+  local answer = cjson.decode(prior)
+  -- Voided (void.lua): a record accepted before then was answered with a
+  -- failure and is never processed; one accepted after is the buyer's
+  -- retry with the same key, processed as new.
+  if answer[1] ~= 'voided' then
+    return {answer, {}}
+  end
+  if accepted <= tonumber(answer[2]) then
+    return {{'voided'}, {}}
+  end
+  redis.call('DEL', KEYS[3])
 end
 if redis.call('ZSCORE', k.line, id) then
   return {{'waiting'}, {}}
