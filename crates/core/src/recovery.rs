@@ -5,12 +5,19 @@
 //! * DynamoDB `inventory`: the sale's rules, its total, and `sold`;
 //! * DynamoDB `orders` of the sale: `CONFIRMED` orders hold sold units,
 //!   `CANCELLED` ones gave theirs back, and a `PENDING` one holds reserved
-//!   units unless the payment service holds a kept charge for it: then its
-//!   saga may have committed in the lost Redis and be about to confirm, so
-//!   its units are counted sold (its commit is then a no-op);
+//!   units unless the payment service holds a kept charge for it, made
+//!   before its deadline: then its saga may have committed in the lost
+//!   Redis and be about to confirm, so its units are counted sold (its
+//!   commit is then a no-op);
 //! * the `reservations` topic from the order-workers' committed offsets
-//!   on: reservations the order stage has not written to DynamoDB yet, all
+//!   on: reservations the order stage has not written to DynamoDB yet,
 //!   reserved.
+//!
+//! A reservation past its deadline that is not known to be sold (no kept
+//! charge made in time) is restored as given back, `reservation_expired`:
+//! the lost Redis's sweep had given it back or was about to, and its unit
+//! may have been sold again since (counting it held read as oversold).
+//! Its saga, when it comes, finds it released and refunds or cancels.
 //!
 //! Every recovered reservation also gets back its processed marker, so a
 //! purchase request redelivered after the loss is answered as before and
@@ -101,9 +108,10 @@ pub async fn recover(
     }
     let (sale, orders) = settled_snapshot(sources, sku).await?;
     let known: HashMap<RequestId, &Order> = orders.iter().map(|o| (o.order_id, o)).collect();
+    let now = crate::clock::now_ms();
     let mut restored = Vec::with_capacity(orders.len());
     for order in &orders {
-        restored.push(from_order(order, paid(sources.payment, order).await?));
+        restored.push(from_order(order, paid(sources.payment, order).await?, now));
     }
     let from_orders = restored.len();
 
@@ -115,13 +123,14 @@ pub async fn recover(
             && !known.contains_key(&reservation.request_id)
             && seen.insert(reservation.request_id);
         if fresh {
+            let state = held_unless_expired(reservation.expires_at_ms, now);
             restored.push(RestoredReservation {
                 id: reservation.request_id,
                 user: reservation.user_id,
                 quantity: reservation.quantity,
                 amount_cents: reservation.amount_cents,
                 expires_at_ms: reservation.expires_at_ms,
-                state: RestoredState::Reserved,
+                state,
             });
         }
     }
@@ -157,11 +166,11 @@ pub async fn recover(
     })
 }
 
-/// Whether a `PENDING` order holds a kept charge: its saga is past the
-/// charge and may be past the Redis commit.
-async fn paid(payment: &PaymentClient, order: &Order) -> Result<bool, RecoveryError> {
+/// How a `PENDING` order was paid: `Some(created at)` of a kept charge (its
+/// saga is past the charge, and may be past the Redis commit).
+async fn paid(payment: &PaymentClient, order: &Order) -> Result<Option<u64>, RecoveryError> {
     if order.status != OrderStatus::Pending {
-        return Ok(false);
+        return Ok(None);
     }
     let charge =
         payment
@@ -171,10 +180,24 @@ async fn paid(payment: &PaymentClient, order: &Order) -> Result<bool, RecoveryEr
                 order: order.order_id,
                 error,
             })?;
-    Ok(charge.is_some_and(|c| c.status == ChargeStatus::Succeeded && !c.refunded))
+    Ok(charge
+        .filter(|c| c.status == ChargeStatus::Succeeded && !c.refunded)
+        .map(|c| c.created_at_ms))
 }
 
-fn from_order(order: &Order, paid: bool) -> RestoredReservation {
+/// A reservation not known to be sold: held until its deadline, given back
+/// after it.
+fn held_unless_expired(expires_at_ms: u64, now_ms: u64) -> RestoredState {
+    if now_ms > expires_at_ms {
+        RestoredState::Released {
+            reason: crate::status::reason::RESERVATION_EXPIRED.to_owned(),
+        }
+    } else {
+        RestoredState::Reserved
+    }
+}
+
+fn from_order(order: &Order, paid_at_ms: Option<u64>, now_ms: u64) -> RestoredReservation {
     RestoredReservation {
         id: order.order_id,
         user: order.user_id.clone(),
@@ -182,10 +205,14 @@ fn from_order(order: &Order, paid: bool) -> RestoredReservation {
         amount_cents: order.amount_cents,
         expires_at_ms: order.expires_at_ms,
         state: match order.status {
-            // Paid orders are sold: their saga commits (now a no-op) and
-            // confirms, whatever their deadline did during the outage.
-            OrderStatus::Pending if paid => RestoredState::Committed,
-            OrderStatus::Pending => RestoredState::Reserved,
+            // Paid in time: its saga may have committed before the loss, so
+            // it is sold; it commits (now a no-op) and confirms, whatever
+            // the deadline did during the outage. Paid after the deadline,
+            // its commit was refused: like an unpaid one.
+            OrderStatus::Pending => match paid_at_ms {
+                Some(at) if at <= order.expires_at_ms => RestoredState::Committed,
+                _ => held_unless_expired(order.expires_at_ms, now_ms),
+            },
             OrderStatus::Confirmed => RestoredState::Committed,
             OrderStatus::Cancelled => RestoredState::Released {
                 reason: order.reason.clone().unwrap_or_default(),

@@ -8,6 +8,7 @@ use flashsale_testkit::flashsale_core::ids::RequestId;
 use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
 use flashsale_testkit::flashsale_core::stock::SkuKeys;
+use flashsale_testkit::flashsale_core::{clock, kafka};
 use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
 use serde_json::json;
 
@@ -506,5 +507,152 @@ async fn the_sweep_outlives_a_redis_that_refuses_writes() {
     .await;
     let report = p.stores.audit(&sku, true).await.unwrap();
     assert!(report.ok(), "{:?}", report.violations);
+    p.stop().await;
+}
+
+/// A unit reserved, expired and sold again, then Redis lost before the
+/// order stage saw the first reservation: recovery counts the expired
+/// reservation as given back (not as held, which read as oversold and
+/// refused), the counts equal the orders, and the sale goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unit_expired_and_sold_again_is_recovered_as_sold_once() {
+    use flashsale_testkit::flashsale_core::messages::{self, Reservation};
+    use flashsale_testkit::flashsale_core::orders::Order;
+    use flashsale_testkit::flashsale_core::payment::{
+        ChargeMetadata, ChargeOutcome, ChargeRequest,
+    };
+    use flashsale_testkit::flashsale_core::topic_reader;
+    use rdkafka::message::Message;
+
+    let p = Pipeline::start(PipelineOptions {
+        // The order stage is behind: it has seen neither reservation.
+        order_workers: 0,
+        own_redis: true,
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("resold");
+    let mut spec = Pipeline::spec(&sku, 1, 1);
+    spec.reservation_ttl = Duration::from_secs(2);
+    let rules = p.create_sale_with(&spec).await.unwrap();
+    let first = accepted(&p, sku.as_str(), "ann").await;
+    let expired = p.terminal(&first).await;
+    assert_eq!(
+        expired.reason.as_deref(),
+        Some("reservation_expired"),
+        "{expired:?}"
+    );
+    let second = accepted(&p, sku.as_str(), "bob").await;
+    eventually("the unit reserved again", SETTLE, || async {
+        p.status_of(&second, 1)
+            .await
+            .filter(|s| s.status.as_str() == "reserved")
+    })
+    .await;
+
+    // The second buyer's saga, as an order-worker runs it: order, charge,
+    // commit, confirm. (A worker here would also settle the first.)
+    let topic = p.topic(kafka::topic::RESERVATIONS);
+    let ranges = topic_reader::watermarks(&p.kafka, &topic).await.unwrap();
+    let records = topic_reader::read(&p.kafka, &topic, ranges, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let reservation: Reservation = records
+        .iter()
+        .filter_map(|m| messages::decode::<Reservation>(m.payload()).ok())
+        .find(|r| r.request_id.to_string() == second)
+        .expect("bob's reservation");
+    let now = clock::now_ms();
+    let order = Order {
+        order_id: reservation.request_id,
+        sku: sku.clone(),
+        sale_id: rules.sale_id.clone(),
+        user_id: reservation.user_id.clone(),
+        quantity: reservation.quantity,
+        amount_cents: reservation.amount_cents,
+        status: OrderStatus::Pending,
+        reason: None,
+        payment_id: None,
+        expires_at_ms: reservation.expires_at_ms,
+        created_at_ms: now,
+        updated_at_ms: now,
+        paid_at_ms: None,
+        confirmed_at_ms: None,
+        cancelled_at_ms: None,
+    };
+    p.stores.orders.create(&order).await.unwrap();
+    let request = ChargeRequest {
+        amount_cents: order.amount_cents,
+        currency: "EUR".into(),
+        metadata: ChargeMetadata {
+            order_id: second.clone(),
+            sku: sku.to_string(),
+            sale_id: rules.sale_id.clone(),
+        },
+    };
+    let ChargeOutcome::Succeeded(charge) = p
+        .stores
+        .payment
+        .charge(order.order_id, &request)
+        .await
+        .unwrap()
+    else {
+        panic!("the charge was declined");
+    };
+    p.stores
+        .stock
+        .commit(&sku, order.order_id, clock::now_ms())
+        .await
+        .unwrap();
+    p.stores
+        .orders
+        .confirm(&order, &charge, clock::now_ms())
+        .await
+        .unwrap();
+
+    // Redis lost: killed, its data gone, started empty.
+    let own = p.redis.as_ref().expect("own redis");
+    own.kill().unwrap();
+    own.wipe_and_restart().await.unwrap();
+    let recovered = eventually("a recovery", SETTLE, || async {
+        match p.stores.recover(&p.cli, &sku, false).await {
+            Ok(recovered) => Some(Ok(recovered)),
+            Err(error) if error.to_string().contains("exceed the total") => Some(Err(error)),
+            Err(error) => {
+                eprintln!("recover: {error}");
+                None
+            }
+        }
+    })
+    .await
+    .expect("recovered, not refused as oversold");
+    let levels = &recovered.levels;
+    assert_eq!(
+        (levels.available, levels.reserved, levels.sold),
+        (0, 0, 1),
+        "{recovered:?}"
+    );
+
+    // The order stage catches up, and the sale goes on.
+    let _orders = p.add_order_worker().await.unwrap();
+    sale::restock(&p.stores, &sku, 1, "resold-1").await.unwrap();
+    // The gateway hears of the restocked unit (its flags follow Redis).
+    eventually("the gateway sees the unit", SETTLE, || async {
+        let view = p.sku_view(&p.gateway_url, &sku).await?;
+        (view["gateway"]["line_full"] == false).then_some(())
+    })
+    .await;
+    let third = accepted(&p, sku.as_str(), "cyd").await;
+    assert_eq!(p.terminal(&third).await.status.as_str(), "confirmed");
+    let by_status = p.money_adds_up(&sku).await;
+    assert_eq!(
+        (
+            by_status.get(&OrderStatus::Confirmed).copied(),
+            by_status.get(&OrderStatus::Cancelled).copied()
+        ),
+        (Some(2), Some(1)),
+        "{by_status:?}"
+    );
     p.stop().await;
 }
