@@ -76,6 +76,28 @@ pub struct Order {
 }
 
 impl Order {
+    /// The `PENDING` order a reservation becomes when the order stage
+    /// takes it, at `now_ms`.
+    pub fn pending(reservation: &crate::messages::Reservation, now_ms: u64) -> Self {
+        Self {
+            order_id: reservation.request_id,
+            sku: reservation.sku.clone(),
+            sale_id: reservation.sale_id.clone(),
+            user_id: reservation.user_id.clone(),
+            quantity: reservation.quantity,
+            amount_cents: reservation.amount_cents,
+            status: OrderStatus::Pending,
+            reason: None,
+            payment_id: None,
+            expires_at_ms: reservation.expires_at_ms,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            paid_at_ms: None,
+            confirmed_at_ms: None,
+            cancelled_at_ms: None,
+        }
+    }
+
     /// The purchase as a buyer sees it, from the order record: what the
     /// gateway answers once the status board in Redis has forgotten it.
     pub fn purchase_status(&self) -> PurchaseStatus {

@@ -56,25 +56,8 @@ fn current(written: Written) -> Order {
 }
 
 pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(), Abandoned> {
-    let id = reservation.request_id;
     let now = deps.now_ms();
-    let fresh = Order {
-        order_id: id,
-        sku: reservation.sku.clone(),
-        sale_id: reservation.sale_id.clone(),
-        user_id: reservation.user_id.clone(),
-        quantity: reservation.quantity,
-        amount_cents: reservation.amount_cents,
-        status: OrderStatus::Pending,
-        reason: None,
-        payment_id: None,
-        expires_at_ms: reservation.expires_at_ms,
-        created_at_ms: now,
-        updated_at_ms: now,
-        paid_at_ms: None,
-        confirmed_at_ms: None,
-        cancelled_at_ms: None,
-    };
+    let fresh = Order::pending(&reservation, now);
     let put = timed(&deps, "put", async {
         retry::durable("put order", &deps.shutdown, || {
             dynamodb(&deps, "put");

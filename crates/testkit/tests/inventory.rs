@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use flashsale_testkit::flashsale_cli::sale;
-use flashsale_testkit::flashsale_core::ids::RequestId;
+use flashsale_testkit::flashsale_core::ids::{RequestId, Sku};
 use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
+use flashsale_testkit::flashsale_core::stock::SaleRules;
 use flashsale_testkit::flashsale_core::stock::SkuKeys;
 use flashsale_testkit::flashsale_core::{clock, kafka};
 use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
@@ -426,6 +427,23 @@ async fn a_sale_that_cannot_be_sold_is_refused_at_create() {
     p.stop().await;
 }
 
+/// A pipeline with a Redis of its own and no order-worker, and a sale of
+/// `units` whose reservations last 2 s.
+async fn unpaid_sale_on_own_redis(name: &str, units: u64) -> (Pipeline, Sku, SaleRules) {
+    let p = Pipeline::start(PipelineOptions {
+        order_workers: 0,
+        own_redis: true,
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku(name);
+    let mut spec = Pipeline::spec(&sku, units, 1);
+    spec.reservation_ttl = Duration::from_secs(2);
+    let rules = p.create_sale_with(&spec).await.unwrap();
+    (p, sku, rules)
+}
+
 /// Redis refuses every write for a while (out of memory under
 /// `noeviction`) while reservations pass their deadline: the shop-worker
 /// says it is not ready, and why, while its sweep cannot finish a round;
@@ -433,18 +451,8 @@ async fn a_sale_that_cannot_be_sold_is_refused_at_create() {
 /// every buyer, and the audit is clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweep_outlives_a_redis_that_refuses_writes() {
-    let p = Pipeline::start(PipelineOptions {
-        // Nobody pays: every reservation waits for the sweep.
-        order_workers: 0,
-        own_redis: true,
-        ..PipelineOptions::default()
-    })
-    .await
-    .expect("pipeline starts");
-    let sku = p.sku("oom");
-    let mut spec = Pipeline::spec(&sku, 5, 1);
-    spec.reservation_ttl = Duration::from_secs(2);
-    p.create_sale_with(&spec).await.unwrap();
+    // Nobody pays: every reservation waits for the sweep.
+    let (p, sku, _) = unpaid_sale_on_own_redis("oom", 5).await;
     let mut ids = Vec::new();
     for n in 0..5 {
         ids.push(accepted(&p, sku.as_str(), &format!("oom-{n}")).await);
@@ -524,18 +532,8 @@ async fn a_unit_expired_and_sold_again_is_recovered_as_sold_once() {
     use flashsale_testkit::flashsale_core::topic_reader;
     use rdkafka::message::Message;
 
-    let p = Pipeline::start(PipelineOptions {
-        // The order stage is behind: it has seen neither reservation.
-        order_workers: 0,
-        own_redis: true,
-        ..PipelineOptions::default()
-    })
-    .await
-    .expect("pipeline starts");
-    let sku = p.sku("resold");
-    let mut spec = Pipeline::spec(&sku, 1, 1);
-    spec.reservation_ttl = Duration::from_secs(2);
-    let rules = p.create_sale_with(&spec).await.unwrap();
+    // The order stage is behind: it has seen neither reservation.
+    let (p, sku, rules) = unpaid_sale_on_own_redis("resold", 1).await;
     let first = accepted(&p, sku.as_str(), "ann").await;
     let expired = p.terminal(&first).await;
     assert_eq!(
@@ -563,24 +561,7 @@ async fn a_unit_expired_and_sold_again_is_recovered_as_sold_once() {
         .filter_map(|m| messages::decode::<Reservation>(m.payload()).ok())
         .find(|r| r.request_id.to_string() == second)
         .expect("bob's reservation");
-    let now = clock::now_ms();
-    let order = Order {
-        order_id: reservation.request_id,
-        sku: sku.clone(),
-        sale_id: rules.sale_id.clone(),
-        user_id: reservation.user_id.clone(),
-        quantity: reservation.quantity,
-        amount_cents: reservation.amount_cents,
-        status: OrderStatus::Pending,
-        reason: None,
-        payment_id: None,
-        expires_at_ms: reservation.expires_at_ms,
-        created_at_ms: now,
-        updated_at_ms: now,
-        paid_at_ms: None,
-        confirmed_at_ms: None,
-        cancelled_at_ms: None,
-    };
+    let order = Order::pending(&reservation, clock::now_ms());
     p.stores.orders.create(&order).await.unwrap();
     let request = ChargeRequest {
         amount_cents: order.amount_cents,
