@@ -408,11 +408,16 @@ pub struct LinePlace {
 /// What `admit.lua` decided about one purchase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// In the window: produce it now.
-    Admitted,
+    /// In the window: produce it now. `at_ms`: when, by the clock the
+    /// admission used.
+    Admitted {
+        at_ms: u64,
+    },
     /// Admitted earlier (the same request id) and not answered yet.
     Duplicate {
         admitted_at_ms: u64,
+        /// Now, by the same clock.
+        now_ms: u64,
     },
     /// A shop-worker already answered this request id.
     Processed(ReserveOutcome),
@@ -433,10 +438,16 @@ impl Admission {
     fn from_reply(sku: &Sku, reply: Vec<String>) -> Result<Self, StockError> {
         let number = |raw: &str| raw.parse::<f64>().ok().map(|n| n as u64);
         Ok(match reply.as_slice() {
-            [kind] if kind == "admitted" => Self::Admitted,
-            [kind, at] if kind == "duplicate" => match number(at) {
-                Some(admitted_at_ms) => Self::Duplicate { admitted_at_ms },
+            [kind, at] if kind == "admitted" => match number(at) {
+                Some(at_ms) => Self::Admitted { at_ms },
                 None => return unexpected(&reply),
+            },
+            [kind, at, now] if kind == "duplicate" => match (number(at), number(now)) {
+                (Some(admitted_at_ms), Some(now_ms)) => Self::Duplicate {
+                    admitted_at_ms,
+                    now_ms,
+                },
+                _ => return unexpected(&reply),
             },
             [kind, answer] if kind == "processed" => {
                 match serde_json::from_str::<Vec<String>>(answer) {
@@ -457,7 +468,7 @@ impl Admission {
 
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Admitted => "admitted",
+            Self::Admitted { .. } => "admitted",
             Self::Duplicate { .. } => "duplicate",
             Self::Processed(_) => "processed",
             Self::Full { .. } => "full",
@@ -773,12 +784,13 @@ impl StockStore {
 
     /// Lets request `id` into the sku's line if there is room
     /// (`admit.lua`). `lease_ms`: how long an admitted request may stay
-    /// unseen by a shop-worker before the line forgets it.
+    /// unseen by a shop-worker before the line forgets it. `now_ms`: `None`
+    /// for Redis's own clock (what gateways use: theirs may disagree).
     pub async fn admit(
         &self,
         sku: &Sku,
         id: RequestId,
-        now_ms: u64,
+        now_ms: Option<u64>,
         lease_ms: u64,
     ) -> Result<Admission, StockError> {
         let keys = SkuKeys::new(sku);
@@ -787,7 +799,7 @@ impl StockStore {
             .key(keys.admitted())
             .key(keys.processed(id))
             .arg(id.to_string())
-            .arg(now_ms)
+            .arg(now_ms.map(|n| n.to_string()).unwrap_or_default())
             .arg(lease_ms)
             .invoke_async(&mut self.conn.clone())
             .await?;

@@ -843,7 +843,7 @@ async fn admission_line(backend: Backend) {
             for r in chunk {
                 let answer = f
                     .store
-                    .admit(&f.sku, r.request_id, 1_000, LEASE)
+                    .admit(&f.sku, r.request_id, Some(1_000), LEASE)
                     .await
                     .unwrap();
                 out.push((r, answer));
@@ -855,7 +855,7 @@ async fn admission_line(backend: Backend) {
     for call in calls {
         for (request, answer) in call.await.unwrap() {
             match answer {
-                Admission::Admitted => admitted.push(request),
+                Admission::Admitted { .. } => admitted.push(request),
                 Admission::Full { people, cap } => assert_eq!((people, cap), (15, 15)),
                 other => panic!("unexpected {other:?}"),
             }
@@ -885,11 +885,12 @@ async fn admission_line(backend: Backend) {
     );
     assert_eq!(
         f.store
-            .admit(&f.sku, admitted[0].request_id, 1_200, LEASE)
+            .admit(&f.sku, admitted[0].request_id, Some(1_200), LEASE)
             .await
             .unwrap(),
         Admission::Duplicate {
-            admitted_at_ms: 1_000
+            admitted_at_ms: 1_000,
+            now_ms: 1_200
         }
     );
 
@@ -941,7 +942,7 @@ async fn admission_line(backend: Backend) {
     let fresh = f.request("late", 1);
     assert_eq!(
         f.store
-            .admit(&f.sku, fresh.request_id, 2_000, LEASE)
+            .admit(&f.sku, fresh.request_id, Some(2_000), LEASE)
             .await
             .unwrap(),
         Admission::Full {
@@ -951,14 +952,14 @@ async fn admission_line(backend: Backend) {
     );
     assert!(matches!(
         f.store
-            .admit(&f.sku, admitted[0].request_id, 2_000, LEASE)
+            .admit(&f.sku, admitted[0].request_id, Some(2_000), LEASE)
             .await
             .unwrap(),
         Admission::Processed(ReserveOutcome::Reserved { .. })
     ));
     assert_eq!(
         f.store
-            .admit(&f.sku, admitted[14].request_id, 2_000, LEASE)
+            .admit(&f.sku, admitted[14].request_id, Some(2_000), LEASE)
             .await
             .unwrap(),
         Admission::Processed(ReserveOutcome::Waiting)
@@ -1001,7 +1002,7 @@ async fn admission_line(backend: Backend) {
         let r = f.request(&format!("again{n}"), 1);
         answers.push(
             f.store
-                .admit(&f.sku, r.request_id, 3_000, LEASE)
+                .admit(&f.sku, r.request_id, Some(3_000), LEASE)
                 .await
                 .unwrap(),
         );
@@ -1009,7 +1010,7 @@ async fn admission_line(backend: Backend) {
     assert_eq!(
         answers,
         [
-            Admission::Admitted,
+            Admission::Admitted { at_ms: 3_000 },
             Admission::Full {
                 people: 15,
                 cap: 15
@@ -1021,10 +1022,12 @@ async fn admission_line(backend: Backend) {
     let r = f.request("patient", 1);
     assert_eq!(
         f.store
-            .admit(&f.sku, r.request_id, 3_000 + LEASE + 1, LEASE)
+            .admit(&f.sku, r.request_id, Some(3_000 + LEASE + 1), LEASE)
             .await
             .unwrap(),
-        Admission::Admitted
+        Admission::Admitted {
+            at_ms: 3_000 + LEASE + 1
+        }
     );
 
     // Sales leave fewer units that could come back, but 4 waiters are
@@ -1060,7 +1063,7 @@ async fn admission_line(backend: Backend) {
     let r = f.request("closed", 1);
     assert_eq!(
         f.store
-            .admit(&f.sku, r.request_id, 4_000, LEASE)
+            .admit(&f.sku, r.request_id, Some(4_000), LEASE)
             .await
             .unwrap(),
         Admission::NotActive
@@ -1080,7 +1083,7 @@ async fn admission_line(backend: Backend) {
     let unknown = Sku::parse(&format!("nosuch-{}", uuid::Uuid::now_v7().simple())).unwrap();
     assert_eq!(
         f.store
-            .admit(&unknown, r.request_id, 4_000, LEASE)
+            .admit(&unknown, r.request_id, Some(4_000), LEASE)
             .await
             .unwrap(),
         Admission::Unknown

@@ -15,7 +15,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use flashsale_core::clock;
 use flashsale_core::dynamo::DynamoError;
 use flashsale_core::ids::{IdempotencyKey, Quantity, RequestId, Sku, UserId};
 use flashsale_core::kafka;
@@ -194,7 +193,7 @@ async fn purchase(
     if let Some(flags) = known
         && (key.is_none() || !gateway.flags.may_be_admitted(&sku, id))
     {
-        if flags.over(clock::now_ms()) {
+        if flags.over(gateway.now_ms()) {
             return Err(gateway.shed("not_active", not_active(&sku)));
         }
         if flags.line_full {
@@ -246,15 +245,15 @@ async fn purchase(
                 .retry_after(1),
             )
         })?;
-        let now = clock::now_ms();
         gateway
             .metrics
             .redis_calls
             .with_label_values(&["admit"])
             .inc();
+        // Redis's clock, not this gateway's: every gateway shares the line.
         let admission = gateway
             .stock
-            .admit(&sku, id, now, gateway.admission_lease_ms)
+            .admit(&sku, id, None, gateway.admission_lease_ms)
             .await
             .map_err(|e| gateway.shed("unavailable", unavailable("the stock store", e)))?;
         gateway
@@ -262,9 +261,12 @@ async fn purchase(
             .admissions
             .with_label_values(&[admission.label()])
             .inc();
-        let admitted = match admission {
-            Admission::Admitted => true,
-            Admission::Duplicate { admitted_at_ms } => {
+        let (admitted, now) = match admission {
+            Admission::Admitted { at_ms } => (true, at_ms),
+            Admission::Duplicate {
+                admitted_at_ms,
+                now_ms: now,
+            } => {
                 if let Some(earlier) = earlier_status(gateway, id).await? {
                     return repeat(earlier, &sku, quantity);
                 }
@@ -283,7 +285,7 @@ async fn purchase(
                 // Admitted long enough ago that its produce has ended, and
                 // never acknowledged: the instance that admitted it died.
                 // Queue it again; a shop-worker answers a request id once.
-                false
+                (false, now)
             }
             Admission::Processed(outcome) => {
                 if let Some(earlier) = earlier_status(gateway, id).await? {
@@ -445,7 +447,7 @@ async fn enqueue(
                     if !*voided
                         && let Err(error) = gateway
                             .board
-                            .post_queued(&subject, record, clock::now_ms())
+                            .post_queued(&subject, record, gateway.now_ms())
                             .await
                     {
                         tracing::warn!(%error, "could not post the queued status");
@@ -471,7 +473,7 @@ async fn enqueue(
         Err(_) => "the broker did not acknowledge it in time".to_owned(),
     };
     *voided.lock().await = true;
-    match gateway.stock.void(&sku, id, clock::now_ms()).await {
+    match gateway.stock.void(&sku, id, gateway.now_ms()).await {
         Ok(None) => {
             if let Err(error) = gateway.board.forget(id).await {
                 tracing::warn!(%error, "could not take back the queued status");
@@ -657,7 +659,7 @@ async fn place(gateway: &Shared, id: RequestId, status: &mut PurchaseStatus) {
             let Ok(sku) = Sku::parse(&status.sku) else {
                 return;
             };
-            let now = clock::now_ms();
+            let now = gateway.now_ms();
             match gateway.stock.line_place(&sku, id, now).await {
                 Ok(Some(place)) => {
                     status.queue_position = Some(place.position);
@@ -694,7 +696,6 @@ async fn rejoin(gateway: &Shared, id: RequestId, status: &PurchaseStatus) {
     let Ok(permit) = gateway.in_flight.clone().try_acquire_owned() else {
         return;
     };
-    let now = clock::now_ms();
     gateway
         .metrics
         .redis_calls
@@ -702,12 +703,12 @@ async fn rejoin(gateway: &Shared, id: RequestId, status: &PurchaseStatus) {
         .inc();
     let reason = match gateway
         .stock
-        .admit(&sku, id, now, gateway.admission_lease_ms)
+        .admit(&sku, id, None, gateway.admission_lease_ms)
         .await
     {
-        Ok(Admission::Admitted) => {
+        Ok(Admission::Admitted { at_ms }) => {
             tracing::warn!(request_id = %id, %sku, "a waiting purchase was lost with its line; queued again");
-            let request = PurchaseRequest::new(id, sku.clone(), user.clone(), quantity, now);
+            let request = PurchaseRequest::new(id, sku.clone(), user.clone(), quantity, at_ms);
             let traceparent = kafka::continue_trace(None, id);
             let deadline = tokio::time::Instant::now() + gateway.request_timeout;
             if let Err(problem) =
@@ -735,7 +736,12 @@ async fn rejoin(gateway: &Shared, id: RequestId, status: &PurchaseStatus) {
     };
     if let Err(error) = gateway
         .board
-        .post(&subject, PurchaseState::Rejected, Some(reason), now)
+        .post(
+            &subject,
+            PurchaseState::Rejected,
+            Some(reason),
+            gateway.now_ms(),
+        )
         .await
     {
         tracing::warn!(%error, "could not post the rejection of a lost purchase");
@@ -805,7 +811,7 @@ async fn get_sku(
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-sku", e.to_string()))?;
     let status = gateway
         .stock
-        .status(&sku, clock::now_ms())
+        .status(&sku, gateway.now_ms())
         .await
         .map_err(|e| unavailable("the stock store", e))?
         .ok_or_else(|| {

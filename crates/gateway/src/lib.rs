@@ -67,12 +67,17 @@ pub struct Config {
     pub user_burst: u32,
     /// `FLASHSALE_GATEWAY_ADMISSION_LEASE_MS`: an admitted purchase no
     /// shop-worker answered within this long stops counting against its
-    /// sku's window (its gateway may have died before producing it).
+    /// sku's window (its gateway may have died before producing it). By
+    /// default `FLASHSALE_MAX_QUEUE_AGE_MS`, the shop-workers' cutoff; the
+    /// lease is measured on Redis's clock.
     pub admission_lease: Duration,
     /// `FLASHSALE_GATEWAY_FLAG_REFRESH_MS`: how often the in-memory sku
     /// flags are reread in full, besides following every change as it is
     /// published.
     pub flag_refresh: Duration,
+    /// `FLASHSALE_GATEWAY_CLOCK_OFFSET_MS`: for tests only, how far this
+    /// gateway's clock runs ahead (or, negative, behind) of the others.
+    pub clock_offset_ms: i64,
 }
 
 impl Config {
@@ -94,8 +99,14 @@ impl Config {
             max_in_flight: env.get("GATEWAY_MAX_IN_FLIGHT", 1024)?,
             user_rps: env.get("GATEWAY_USER_RPS", 5.0)?,
             user_burst: env.get("GATEWAY_USER_BURST", 10)?,
-            admission_lease: env.millis("GATEWAY_ADMISSION_LEASE_MS", 60_000)?,
+            // By default the shop-workers' cutoff: a purchase that old is
+            // answered `stale`, never given a unit, so its place is free.
+            admission_lease: env.millis(
+                "GATEWAY_ADMISSION_LEASE_MS",
+                env.get("MAX_QUEUE_AGE_MS", 60_000)?,
+            )?,
             flag_refresh: env.millis("GATEWAY_FLAG_REFRESH_MS", 1_000)?,
+            clock_offset_ms: env.get("GATEWAY_CLOCK_OFFSET_MS", 0)?,
         })
     }
 }
@@ -137,9 +148,15 @@ pub(crate) struct Gateway {
     /// the instance that admitted it: its produce cannot still be running.
     pub abandoned_after_ms: u64,
     pub queue: QueueWatch,
+    pub clock_offset_ms: i64,
 }
 
 impl Gateway {
+    /// This gateway's clock (see `Config::clock_offset_ms`).
+    pub fn now_ms(&self) -> u64 {
+        flashsale_core::clock::now_ms().saturating_add_signed(self.clock_offset_ms)
+    }
+
     /// Counts a refusal by reason and passes it on.
     pub fn shed(&self, reason: &str, problem: Problem) -> Problem {
         self.metrics.shed.with_label_values(&[reason]).inc();
@@ -218,6 +235,7 @@ pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::R
         global: GlobalLimiter::new(Rate::new(config.max_rps, config.burst)),
         in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
         admission_lease_ms: config.admission_lease.as_millis() as u64,
+        clock_offset_ms: config.clock_offset_ms,
         abandoned_after_ms: (config.kafka.produce_timeout + Duration::from_secs(1)).as_millis()
             as u64,
     });

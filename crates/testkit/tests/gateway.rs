@@ -568,6 +568,43 @@ async fn a_sale_lost_by_redis_is_unavailable_not_unknown() {
     p.stop().await;
 }
 
+/// Two gateways whose clocks disagree by ten minutes share one line: the
+/// one ahead must not take the other's admissions for expired leases and
+/// let in more buyers than the line holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gateways_whose_clocks_differ_share_one_line_bound() {
+    let mut p = gateways_only().await;
+    let sku = p.sku("two-clocks");
+    // 2 units, overbook 1.5: 3 buyers at most hold, wait or are on their way.
+    p.create_sale(&sku, 2, 1).await.unwrap();
+    let ahead = p
+        .add_gateway(&[("FLASHSALE_GATEWAY_CLOCK_OFFSET_MS", "600000".into())])
+        .await
+        .unwrap();
+    let url = p.gateway_url.clone();
+    // Two let in by the first gateway, the third by the one ahead.
+    for (n, gateway) in [(0, &url), (1, &url), (2, &ahead)] {
+        let answer = p
+            .post_purchase(gateway, sku.as_str(), &format!("{}-c{n}", p.prefix), None)
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 202, "{:?}", answer.body);
+    }
+    for n in 3..6 {
+        let answer = p
+            .post_purchase(&ahead, sku.as_str(), &format!("{}-c{n}", p.prefix), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (answer.status, answer.kind()),
+            (409, "sold-out"),
+            "the gateway ahead let a buyer past the bound: {:?}",
+            answer.body
+        );
+    }
+    p.stop().await;
+}
+
 /// A pipeline with its gateway and no workers: what reaches Kafka stays.
 async fn gateways_only() -> Pipeline {
     Pipeline::start(PipelineOptions {

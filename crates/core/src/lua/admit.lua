@@ -8,12 +8,13 @@
 -- KEYS[1] stock hash   KEYS[2] admitted requests (sorted set, score =
 -- admitted at, ms; reserve.lua removes each as it answers it)
 -- KEYS[3] the request's processed marker (written by reserve.lua)
--- ARGV[1] request id   ARGV[2] now (ms)   ARGV[3] lease (ms): an entry that
--- old is dropped, so a gateway that died between admitting and producing
--- does not narrow the line for ever
+-- ARGV[1] request id   ARGV[2] now (ms), or "" for Redis's own clock: the
+-- one clock every gateway shares, whatever theirs say
+-- ARGV[3] lease (ms): an entry that old is dropped, so a gateway that
+-- died between admitting and producing does not narrow the line for ever
 --
--- Returns {"admitted"} (also published on `fs:admitted` as "<sku> <id>")
---      or {"duplicate", admitted_at}: admitted before, not answered yet
+-- Returns {"admitted", now} (also published on `fs:admitted` as "<sku> <id>")
+--      or {"duplicate", admitted_at, now}: admitted before, not answered yet
 --      or {"processed", answer}: a shop-worker answered it (reserve's
 --         answer, or ["waiting"] while it is in the line)
 --      or {"full", people, cap}: every unit is spoken for
@@ -27,6 +28,10 @@ if not sale then
   return {'unknown'}
 end
 local id, now = ARGV[1], tonumber(ARGV[2])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local answer = redis.call('GET', KEYS[3])
 -- A voided purchase (void.lua) asked again: admitted as new.
 if answer and string.sub(answer, 1, 10) ~= '["voided",' then
@@ -37,7 +42,7 @@ if redis.call('ZSCORE', k.line, id) then
 end
 local admitted_at = redis.call('ZSCORE', KEYS[2], id)
 if admitted_at then
-  return {'duplicate', admitted_at}
+  return {'duplicate', admitted_at, tostring(now)}
 end
 if sale.closed or now >= sale.ends then
   return {'not_active'}
@@ -57,4 +62,4 @@ redis.call('SADD', k.ever, id)
 local sku = string.match(KEYS[1], '^fs:{(.+)}:stock$') or KEYS[1]
 redis.call('PUBLISH', 'fs:admitted', sku .. ' ' .. id)
 settle_flags(k)
-return {'admitted'}
+return {'admitted', tostring(now)}
