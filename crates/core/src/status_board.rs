@@ -18,6 +18,11 @@ use crate::status::{PurchaseState, PurchaseStatus};
 static POST: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/purchase_status.lua")));
 
+/// Where `purchase_status.lua` publishes the request id of every status it
+/// writes: what a gateway's long-polls wait on. Outside any hash tag: Redis
+/// Cluster forwards a publish to every node.
+pub const STATUS_CHANNEL: &str = "fs:status";
+
 /// The Redis key of a purchase's status.
 pub fn key(id: &str) -> String {
     format!("fs:purchase:{{{id}}}")

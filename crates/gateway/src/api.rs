@@ -573,12 +573,6 @@ struct WaitQuery {
     wait: Option<f64>,
 }
 
-/// How often a long-poll looks at the board again: at first soon, then
-/// less and less often, so that a line of buyers long-polling for minutes
-/// costs Redis a few reads per buyer per second, not fifty.
-const POLL_FIRST: Duration = Duration::from_millis(20);
-const POLL_AT_MOST_EVERY: Duration = Duration::from_millis(500);
-
 /// The longest a status answer waits for the shop-workers' progress.
 const QUEUE_POSITION_WAIT: Duration = Duration::from_millis(250);
 
@@ -606,8 +600,31 @@ async fn get_purchase(
         }
     };
     let deadline = tokio::time::Instant::now() + wait;
-    let mut every = POLL_FIRST;
+    // Registered before the first read, so that no change is missed; a
+    // long-poll then reads the board when it starts, when a change to its
+    // purchase is published, and when its wait is over: never on a timer.
+    let waiter = if wait.is_zero() {
+        None
+    } else {
+        Some(gateway.waiters.wait_on(id).ok_or_else(|| {
+            gateway.shed(
+                "long_polls",
+                Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too-many-long-polls",
+                    "this gateway has as many long-polls waiting as it allows; \
+                     ask again shortly, or without ?wait",
+                )
+                .retry_after(1),
+            )
+        })?)
+    };
     loop {
+        let woken = waiter.as_ref().map(|w| w.notify().notified());
+        tokio::pin!(woken);
+        if let Some(woken) = woken.as_mut().as_pin_mut() {
+            woken.enable();
+        }
         let status = match gateway
             .board
             .get(id)
@@ -618,7 +635,7 @@ async fn get_purchase(
             None => archived(&gateway, id).await?,
         };
         let done = status.as_ref().is_some_and(|s| s.status.is_terminal());
-        if done || tokio::time::Instant::now() + every > deadline {
+        if done || waiter.is_none() || tokio::time::Instant::now() >= deadline {
             let mut status = status;
             if let Some(s) = status.as_mut() {
                 place(&gateway, id, s).await;
@@ -631,8 +648,14 @@ async fn get_purchase(
                 )
             });
         }
-        tokio::time::sleep(every).await;
-        every = (every * 2).min(POLL_AT_MOST_EVERY);
+        tokio::select! {
+            _ = async {
+                if let Some(woken) = woken.as_mut().as_pin_mut() {
+                    woken.await;
+                }
+            } => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
     }
 }
 

@@ -15,6 +15,9 @@
 //! skips, in a reread, every sku that got a message since the reread began:
 //! that message (or a later one) is at least as new.
 //!
+//! The same subscription carries every status change (`STATUS_CHANNEL`),
+//! which wakes the long-polls waiting on it (`waiters`).
+//!
 //! Admissions are published by `admit.lua` before the flag flip that makes
 //! a line full, on the same connection, so a copy that shows a sku full has
 //! heard of every purchase let in before. Until the admitted sets were
@@ -27,11 +30,13 @@ use std::time::Duration;
 
 use flashsale_core::ids::{RequestId, Sku};
 use flashsale_core::settings::RedisSettings;
+use flashsale_core::status_board::STATUS_CHANNEL;
 use flashsale_core::stock::{ADMITTED_CHANNEL, FLAGS_CHANNEL, SkuFlags, StockStore};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::waiters::Waiters;
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -187,6 +192,7 @@ async fn reread(
 /// connection drops (a Redis restart).
 pub async fn follow(
     copy: Arc<FlagCopy>,
+    waiters: Arc<Waiters>,
     stock: StockStore,
     redis: RedisSettings,
     refresh: Duration,
@@ -208,6 +214,7 @@ pub async fn follow(
                 .await?;
             pubsub.subscribe(FLAGS_CHANNEL).await?;
             pubsub.subscribe(ADMITTED_CHANNEL).await?;
+            pubsub.subscribe(STATUS_CHANNEL).await?;
             Ok::<_, redis::RedisError>(pubsub)
         }
         .await;
@@ -225,6 +232,8 @@ pub async fn follow(
         };
         backoff = Duration::from_millis(50);
         copy.admitted_incomplete();
+        // Status changes may have been missed while unsubscribed.
+        waiters.wake_all();
         metrics.flags_subscribed.set(1);
         tracing::info!(%url, "following sku flags");
         let mut messages = pubsub.into_on_message();
@@ -240,6 +249,12 @@ pub async fn follow(
                         break;
                     };
                     let payload: String = message.get_payload().unwrap_or_default();
+                    if message.get_channel_name() == STATUS_CHANNEL {
+                        if let Ok(id) = RequestId::parse(&payload) {
+                            waiters.wake(id);
+                        }
+                        continue;
+                    }
                     if message.get_channel_name() == ADMITTED_CHANNEL {
                         if !copy.apply_admitted(&payload) {
                             tracing::warn!(%payload, "unreadable admission message");

@@ -13,6 +13,7 @@ mod flags;
 mod limits;
 mod metrics;
 mod queue;
+mod waiters;
 
 pub use api::PurchaseBody;
 
@@ -75,6 +76,9 @@ pub struct Config {
     /// flags are reread in full, besides following every change as it is
     /// published.
     pub flag_refresh: Duration,
+    /// `FLASHSALE_GATEWAY_MAX_WAITERS`: long-polls waiting at once; beyond
+    /// it a long-poll is answered `429`.
+    pub max_waiters: usize,
     /// `FLASHSALE_GATEWAY_CLOCK_OFFSET_MS`: for tests only, how far this
     /// gateway's clock runs ahead (or, negative, behind) of the others.
     pub clock_offset_ms: i64,
@@ -106,6 +110,7 @@ impl Config {
                 env.get("MAX_QUEUE_AGE_MS", 60_000)?,
             )?,
             flag_refresh: env.millis("GATEWAY_FLAG_REFRESH_MS", 1_000)?,
+            max_waiters: env.get("GATEWAY_MAX_WAITERS", 10_000)?,
             clock_offset_ms: env.get("GATEWAY_CLOCK_OFFSET_MS", 0)?,
         })
     }
@@ -148,6 +153,7 @@ pub(crate) struct Gateway {
     /// the instance that admitted it: its produce cannot still be running.
     pub abandoned_after_ms: u64,
     pub queue: QueueWatch,
+    pub waiters: Arc<waiters::Waiters>,
     pub clock_offset_ms: i64,
 }
 
@@ -206,8 +212,10 @@ pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::R
     let flags = Arc::new(FlagCopy::default());
     let dynamo = dynamo::client(&config.dynamo).await;
     let tables = Tables::new(&config.dynamo);
+    let waiters = waiters::Waiters::new(config.max_waiters, metrics.long_polls.clone());
     tokio::spawn(flags::follow(
         flags.clone(),
+        waiters.clone(),
         stock.clone(),
         config.redis.clone(),
         config.flag_refresh,
@@ -236,6 +244,7 @@ pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::R
         in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
         admission_lease_ms: config.admission_lease.as_millis() as u64,
         clock_offset_ms: config.clock_offset_ms,
+        waiters,
         abandoned_after_ms: (config.kafka.produce_timeout + Duration::from_secs(1)).as_millis()
             as u64,
     });

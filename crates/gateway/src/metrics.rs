@@ -16,6 +16,8 @@ pub struct Metrics {
     pub flag_rereads: IntCounter,
     pub flags_subscribed: IntGauge,
     pub limited_users: IntGauge,
+    /// Long-polls waiting for a status change.
+    pub long_polls: IntGauge,
 }
 
 impl Metrics {
@@ -73,6 +75,10 @@ impl Metrics {
                 "gateway_rate_limited_users",
                 "Buyers whose rate-limit bucket is not full",
             )?,
+            long_polls: IntGauge::new(
+                "gateway_long_polls",
+                "Long-polls waiting for a purchase's status to change",
+            )?,
         };
         registry.register(Box::new(metrics.responses.clone()))?;
         registry.register(Box::new(metrics.shed.clone()))?;
@@ -84,6 +90,7 @@ impl Metrics {
         registry.register(Box::new(metrics.flag_rereads.clone()))?;
         registry.register(Box::new(metrics.flags_subscribed.clone()))?;
         registry.register(Box::new(metrics.limited_users.clone()))?;
+        registry.register(Box::new(metrics.long_polls.clone()))?;
         Ok(metrics)
     }
 }

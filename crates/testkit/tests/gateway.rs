@@ -10,6 +10,7 @@ use flashsale_testkit::flashsale_cli::sale::SaleSpec;
 use flashsale_testkit::flashsale_core::ids::{RequestId, UserId};
 use flashsale_testkit::flashsale_core::stock::{Answered, ReleaseOutcome, ReserveOutcome};
 use flashsale_testkit::{Answer, Pipeline, PipelineOptions, eventually};
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 /// 20,000 buyers at once for 200 units: at most ceil(200 x 1.5) = 300
@@ -602,6 +603,126 @@ async fn gateways_whose_clocks_differ_share_one_line_bound() {
             answer.body
         );
     }
+    p.stop().await;
+}
+
+/// Redis's count of commands processed so far.
+async fn redis_commands(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(redis)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_commands_processed")
+}
+
+/// Three thousand buyers long-poll purchases that do not move: they are
+/// woken by the status changes the workers publish, not by polling, so
+/// Redis sees a few commands per long-poll, not one every few hundred
+/// milliseconds; a long-poll on a purchase that ends is answered at once;
+/// and long-polls beyond the bound are refused with `429`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_polls_wait_on_published_changes_not_on_redis() {
+    let p = Pipeline::start(PipelineOptions {
+        shop_workers: 0,
+        order_workers: 0,
+        own_redis: true,
+        env: vec![
+            ("FLASHSALE_GATEWAY_USER_RPS", "0".into()),
+            ("FLASHSALE_GATEWAY_MAX_WAITERS", "3500".into()),
+        ],
+        ..Default::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("polled");
+    p.create_sale(&sku, 5_000, 1).await.unwrap();
+    // Queued purchases that no shop-worker will take.
+    let ids: Vec<String> = futures::stream::iter(0..3_000)
+        .map(|n| {
+            let (p, sku) = (&p, &sku);
+            async move {
+                let (status, body) = p
+                    .buy(sku.as_str(), &format!("{}-p{n}", p.prefix), None)
+                    .await;
+                assert_eq!(status, 202, "{body}");
+                body["request_id"].as_str().expect("request id").to_owned()
+            }
+        })
+        .buffered(128)
+        .collect()
+        .await;
+    let mut redis = redis::Client::open(p.redis.as_ref().expect("own redis").url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let before = redis_commands(&mut redis).await;
+    let started = Instant::now();
+    let polls = futures::future::join_all(ids.iter().map(|id| {
+        let url = format!("{}/v1/purchases/{id}?wait=4", p.gateway_url);
+        let http = p.http.clone();
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()) }
+    }));
+    let answers = polls.await;
+    let waited = started.elapsed();
+    let commands = redis_commands(&mut redis).await - before;
+    let ok = answers.iter().filter(|a| matches!(a, Ok(200))).count();
+    eprintln!("{ok} long-polls of 4 s took {waited:?}; Redis processed {commands} commands");
+    assert_eq!(
+        ok,
+        3_000,
+        "{:?}",
+        answers.iter().find(|a| !matches!(a, Ok(200)))
+    );
+    assert!(waited >= Duration::from_secs(4), "they waited: {waited:?}");
+    // Each long-poll reads the board when it starts and when it ends.
+    assert!(
+        commands <= 3 * 3_000 + 500,
+        "{commands} commands for 3,000 long-polls"
+    );
+
+    // A long-poll on a purchase that ends is answered when it ends.
+    let id = ids[0].clone();
+    let poll = {
+        let url = format!("{}/v1/purchases/{id}?wait=20", p.gateway_url);
+        let http = p.http.clone();
+        tokio::spawn(async move {
+            let body: Value = http.get(url).send().await.ok()?.json().await.ok()?;
+            Some((Instant::now(), body))
+        })
+    };
+    // The poll is waiting (it registered) before the purchase ends.
+    eventually("the long-poll waiting", Duration::from_secs(10), || async {
+        (p.metric(&p.gateway_url, "gateway_long_polls").await >= 1.0).then_some(())
+    })
+    .await;
+    let user = UserId::parse(&format!("{}-p0", p.prefix)).unwrap();
+    let subject = flashsale_testkit::flashsale_core::status_board::Subject {
+        id: RequestId::parse(&id).unwrap(),
+        sku: &sku,
+        user: &user,
+        quantity: flashsale_testkit::flashsale_core::ids::Quantity::new(1).unwrap(),
+    };
+    let ended = Instant::now();
+    p.stores
+        .board
+        .post(
+            &subject,
+            flashsale_testkit::flashsale_core::status::PurchaseState::Rejected,
+            Some("stale"),
+            flashsale_testkit::flashsale_core::clock::now_ms(),
+        )
+        .await
+        .unwrap();
+    let (answered, body) = poll.await.unwrap().expect("an answer");
+    let after = answered.duration_since(ended);
+    eprintln!("a long-poll answered {after:?} after its purchase ended");
+    assert_eq!(body["status"], "rejected", "{body}");
+    assert!(after < Duration::from_secs(1), "{after:?}");
     p.stop().await;
 }
 

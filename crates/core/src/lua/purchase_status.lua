@@ -8,6 +8,8 @@
 --
 -- A purchase that reaches `waiting` keeps when (waiting_since_ms).
 --
+-- Publishes the request id on `fs:status` when it writes.
+--
 -- Returns 1 if written, 0 if the stored state is as far along or further
 -- (terminal states share the top rank: the first one written stays).
 
@@ -25,4 +27,6 @@ if ARGV[1] == 'waiting' then
   redis.call('HSET', KEYS[1], 'waiting_since_ms', ARGV[4])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+-- Long-polls wait for this (status_board::STATUS_CHANNEL): the id only.
+redis.call('PUBLISH', 'fs:status', string.match(KEYS[1], '{(.+)}$'))
 return 1
