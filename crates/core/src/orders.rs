@@ -76,6 +76,14 @@ pub struct Order {
 }
 
 impl Order {
+    /// Whether this order is the purchase `reservation` describes (and not
+    /// an earlier one under the same request id: a reused key).
+    pub fn is_of(&self, reservation: &crate::messages::Reservation) -> bool {
+        self.sku == reservation.sku
+            && self.sale_id == reservation.sale_id
+            && self.quantity == reservation.quantity
+    }
+
     /// The `PENDING` order a reservation becomes when the order stage
     /// takes it, at `now_ms`.
     pub fn pending(reservation: &crate::messages::Reservation, now_ms: u64) -> Self {

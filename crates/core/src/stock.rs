@@ -432,6 +432,9 @@ pub enum Admission {
     NotActive,
     /// Redis holds no stock for the sku.
     Unknown,
+    /// The request id (buyer and Idempotency-Key) named a purchase of an
+    /// earlier sale of the sku: the key was reused.
+    Reused,
 }
 
 impl Admission {
@@ -462,6 +465,7 @@ impl Admission {
             [kind] if kind == "sold_out" => Self::SoldOut,
             [kind] if kind == "not_active" => Self::NotActive,
             [kind] if kind == "unknown" => Self::Unknown,
+            [kind] if kind == "reused" => Self::Reused,
             _ => return unexpected(&reply),
         })
     }
@@ -475,6 +479,7 @@ impl Admission {
             Self::SoldOut => "sold_out",
             Self::NotActive => "not_active",
             Self::Unknown => "unknown",
+            Self::Reused => "reused",
         }
     }
 }

@@ -312,6 +312,18 @@ async fn purchase(
             Admission::Unknown => {
                 return Err(unknown_to_redis(gateway, &sku, known.is_some()).await);
             }
+            Admission::Reused => {
+                return Err(gateway.shed(
+                    "invalid",
+                    invalid(
+                        "idempotency-key-reused",
+                        format!(
+                            "this Idempotency-Key was used for a purchase of an earlier sale of \
+                             {sku}; a new purchase needs a new key"
+                        ),
+                    ),
+                ));
+            }
         };
         let request = PurchaseRequest::new(id, sku.clone(), user.clone(), quantity, now);
         enqueue(

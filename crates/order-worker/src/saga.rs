@@ -36,6 +36,7 @@
 use std::sync::Arc;
 
 use flashsale_core::consume::Abandoned;
+use flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
 use flashsale_core::kafka;
 use flashsale_core::messages::{self, Reservation, SCHEMA_VERSION, StockRelease};
 use flashsale_core::orders::{Order, OrderStatus, Written};
@@ -57,6 +58,7 @@ fn current(written: Written) -> Order {
 
 pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(), Abandoned> {
     let now = deps.now_ms();
+    let id = reservation.request_id;
     let fresh = Order::pending(&reservation, now);
     let put = timed(&deps, "put", async {
         retry::durable("put order", &deps.shutdown, || {
@@ -66,6 +68,26 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
         .await
     });
     let mut order = current(put.await?);
+    if !order.is_of(&reservation) {
+        // The order under this id is another purchase (another sku, sale or
+        // quantity): the buyer reused an Idempotency-Key after the first
+        // purchase left the status board. Its order is left alone; this
+        // one's units go back, and its buyer hears why.
+        tracing::warn!(first_sku = %order.sku, "Idempotency-Key reused for another purchase; refused");
+        deps.metrics
+            .outcomes
+            .with_label_values(&["key_reused"])
+            .inc();
+        return send_release(
+            &deps,
+            id,
+            &reservation.sku,
+            &reservation.user_id,
+            reservation.quantity,
+            reason::IDEMPOTENCY_KEY_REUSED,
+        )
+        .await;
+    }
     crash_point(&deps, CrashPoint::AfterPut);
     // Waits between passes that could not move the order on.
     let mut stalled = retry::Backoff::default();
@@ -398,22 +420,41 @@ async fn cancel(
 /// Asks the shop-worker to give the units back and then post `cancelled`;
 /// its release script acts once, however often this is sent.
 async fn release(deps: &Deps, order: &Order) -> Result<(), Abandoned> {
+    send_release(
+        deps,
+        order.order_id,
+        &order.sku,
+        &order.user_id,
+        order.quantity,
+        order.reason.as_deref().unwrap_or_default(),
+    )
+    .await
+}
+
+async fn send_release(
+    deps: &Deps,
+    id: RequestId,
+    sku: &Sku,
+    user: &UserId,
+    quantity: Quantity,
+    why: &str,
+) -> Result<(), Abandoned> {
     let message = StockRelease {
         v: SCHEMA_VERSION,
-        request_id: order.order_id,
-        sku: order.sku.clone(),
-        user_id: order.user_id.clone(),
-        quantity: order.quantity,
-        reason: order.reason.clone().unwrap_or_default(),
+        request_id: id,
+        sku: sku.clone(),
+        user_id: user.clone(),
+        quantity,
+        reason: why.to_owned(),
     };
     let payload = messages::encode(&message);
     retry::durable("send stock release", &deps.shutdown, || {
         kafka::send(
             &deps.producer,
             &deps.release_topic,
-            order.sku.as_str(),
+            sku.as_str(),
             &payload,
-            kafka::trace_headers(order.order_id),
+            kafka::trace_headers(id),
             deps.produce_timeout,
         )
     })

@@ -483,3 +483,85 @@ async fn a_confirm_that_is_always_refused_backs_off_and_is_counted() {
     );
     p.stop().await;
 }
+
+/// An Idempotency-Key reused after its first purchase left the status
+/// board (retention), for another sku or in a later sale of the same sku:
+/// the reuse is found from the durable order and the markers, the new
+/// purchase is refused (`idempotency_key_reused`) with its units given
+/// back, and the buyer is never told the first purchase's `confirmed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_reused_after_the_board_forgot_it_is_refused_not_confirmed() {
+    use flashsale_testkit::flashsale_core::status_board;
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let (first, other) = (p.sku("reused-a"), p.sku("reused-b"));
+    p.create_sale(&first, 2, 1).await.unwrap();
+    p.create_sale(&other, 2, 1).await.unwrap();
+    let user = format!("{}-kim", p.prefix);
+    let redis = redis::Client::open(p.cli.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let forget = |id: String| {
+        let mut redis = redis.clone();
+        async move {
+            redis::cmd("DEL")
+                .arg(status_board::key(&id))
+                .query_async::<i64>(&mut redis)
+                .await
+                .unwrap()
+        }
+    };
+
+    let (status, body) = p.buy(first.as_str(), &user, Some("k1")).await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["request_id"].as_str().unwrap().to_owned();
+    assert_eq!(p.terminal(&id).await.status.as_str(), "confirmed");
+    assert_eq!(forget(id.clone()).await, 1, "the board forgot it");
+
+    // The same key for another sku.
+    let (status, body) = p.buy(other.as_str(), &user, Some("k1")).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["request_id"], id.as_str(), "the same request id");
+    let told = p.terminal(&id).await;
+    assert_eq!(
+        (
+            told.status.as_str(),
+            told.reason.as_deref(),
+            told.sku.as_str()
+        ),
+        ("cancelled", Some("idempotency_key_reused"), other.as_str()),
+        "{told:?}"
+    );
+    eventually(
+        "the other sku's unit back",
+        Duration::from_secs(30),
+        || async {
+            let levels = p.stores.stock.levels(&other).await.ok()??;
+            (levels.available == 2).then_some(())
+        },
+    )
+    .await;
+    let order = p.order(&id).await.expect("the first order");
+    assert_eq!(
+        (order.sku, order.status),
+        (first.clone(), OrderStatus::Confirmed)
+    );
+
+    // The same key in a later sale of the first sku.
+    let mut spec = Pipeline::spec(&first, 2, 1);
+    spec.per_user_limit = 1;
+    p.create_sale_with(&spec).await.unwrap();
+    assert_eq!(forget(id.clone()).await, 1);
+    let (status, body) = p.buy(first.as_str(), &user, Some("k1")).await;
+    assert_eq!(
+        (status, body["type"].as_str()),
+        (422, Some("idempotency-key-reused")),
+        "{body}"
+    );
+    let levels = p.stores.stock.levels(&first).await.unwrap().unwrap();
+    assert_eq!((levels.available, levels.sold), (2, 0), "{levels:?}");
+    p.stop().await;
+}

@@ -20,6 +20,7 @@
 --      or {"full", people, cap}: every unit is spoken for
 --      or {"sold_out"}: every unit is sold
 --      or {"not_active"}: closed or over
+--      or {"reused"}: the key named a purchase of an earlier sale of the sku
 --      or {"unknown"}: Redis holds no stock for the sku
 
 local k = line_keys(KEYS[1])
@@ -35,6 +36,10 @@ end
 local answer = redis.call('GET', KEYS[3])
 -- A voided purchase (void.lua) asked again: admitted as new.
 if answer and string.sub(answer, 1, 10) ~= '["voided",' then
+  -- Reserved in an earlier sale of the sku: the key was used before.
+  if reused(answer, sale) then
+    return {'reused'}
+  end
   return {'processed', answer}
 end
 if redis.call('ZSCORE', k.line, id) then

@@ -82,6 +82,17 @@ local function sale_of(k)
   }
 end
 
+-- Whether a processed marker's answer (JSON) reserved units of another
+-- sale than `sale`: the request id, derived from the buyer and the
+-- Idempotency-Key, was used in an earlier sale of the sku.
+local function reused(marker, sale)
+  if not sale or string.sub(marker, 1, 11) ~= '["reserved"' then
+    return false
+  end
+  local answer = cjson.decode(marker)
+  return answer[4] ~= sale.sale_id
+end
+
 local function remember(k, sale, id, answer)
   redis.call('SET', k.marker .. id, cjson.encode(answer), 'PX', sale.retention)
   return answer

@@ -37,6 +37,11 @@ if prior then
   -- failure and is never processed; one accepted after is the buyer's
   -- retry with the same key, processed as new.
   if answer[1] ~= 'voided' then
+    -- The answer of an earlier sale's purchase under the same request id
+    -- (the buyer reused an Idempotency-Key): not this purchase's.
+    if reused(prior, sale_of(k)) then
+      return {{'rejected', 'idempotency_key_reused'}, {}}
+    end
     return {answer, {}}
   end
   if accepted <= tonumber(answer[2]) then
