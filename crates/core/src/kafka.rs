@@ -85,6 +85,80 @@ pub fn producer(settings: &KafkaSettings) -> Result<FutureProducer, KafkaFailure
         .map_err(KafkaFailure::Client)
 }
 
+/// A producer that is replaced when librdkafka reports a fatal error (an
+/// idempotent producer whose sequence the broker can no longer accept):
+/// such a producer fails every message from then on, and only a new one
+/// can send again.
+pub struct RenewableProducer {
+    settings: KafkaSettings,
+    current: std::sync::RwLock<FutureProducer>,
+    renewals: std::sync::atomic::AtomicU64,
+}
+
+impl RenewableProducer {
+    pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaFailure> {
+        Ok(Self {
+            settings: settings.clone(),
+            current: std::sync::RwLock::new(producer(settings)?),
+            renewals: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// The producer to send with now.
+    pub fn current(&self) -> FutureProducer {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The fatal error of the current producer, if it had one.
+    pub fn fatal(&self) -> Option<String> {
+        self.current()
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code:?}: {reason}"))
+    }
+
+    /// Replaces the producer if it failed fatally; `true` if it did. The
+    /// old one's messages fail, and their senders see it.
+    pub fn renew_if_fatal(&self) -> Result<bool, KafkaFailure> {
+        let Some(why) = self.fatal() else {
+            return Ok(false);
+        };
+        let fresh = producer(&self.settings)?;
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if current.client().fatal_error().is_some() {
+            *current = fresh;
+            self.renewals
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(%why, "the Kafka producer failed fatally; replaced it");
+        }
+        Ok(true)
+    }
+
+    /// Producers replaced so far.
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// For tests only: makes the current producer fail as a fatal
+    /// idempotence error would (librdkafka's own test hook).
+    pub fn inject_fatal_error(&self) {
+        let producer = self.current();
+        let reason = std::ffi::CString::new("injected by a test").unwrap_or_default();
+        // SAFETY: the client pointer is valid while `producer` is held, and
+        // librdkafka copies the reason.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                producer.client().native_ptr(),
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            );
+        }
+    }
+}
+
 /// Sends one record and waits up to `timeout` for the broker to
 /// acknowledge it.
 async fn deliver<K, P>(

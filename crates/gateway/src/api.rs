@@ -431,8 +431,9 @@ async fn enqueue(
             let _permit = permit;
             let started = Instant::now();
             gateway.metrics.in_flight.inc();
+            let producer = gateway.producer.current();
             let sent = kafka::send(
-                &gateway.producer,
+                &producer,
                 &gateway.purchase_topic,
                 request.sku.as_str(),
                 &messages::encode(&request),
@@ -445,6 +446,16 @@ async fn enqueue(
                 .metrics
                 .produce_seconds
                 .observe(started.elapsed().as_secs_f64());
+            if sent.is_ok()
+                && let Some(after) = gateway.fatal_after
+                && gateway
+                    .produced
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1
+                    == after
+            {
+                gateway.producer.inject_fatal_error();
+            }
             match sent {
                 Ok(record) => {
                     let subject = Subject {

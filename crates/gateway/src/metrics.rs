@@ -18,6 +18,8 @@ pub struct Metrics {
     pub limited_users: IntGauge,
     /// Long-polls waiting for a status change.
     pub long_polls: IntGauge,
+    /// Producers replaced after a fatal error.
+    pub producer_renewals: IntGauge,
 }
 
 impl Metrics {
@@ -79,6 +81,10 @@ impl Metrics {
                 "gateway_long_polls",
                 "Long-polls waiting for a purchase's status to change",
             )?,
+            producer_renewals: IntGauge::new(
+                "gateway_producer_renewals",
+                "Kafka producers replaced after a fatal error (an alert should fire on any)",
+            )?,
         };
         registry.register(Box::new(metrics.responses.clone()))?;
         registry.register(Box::new(metrics.shed.clone()))?;
@@ -91,6 +97,7 @@ impl Metrics {
         registry.register(Box::new(metrics.flags_subscribed.clone()))?;
         registry.register(Box::new(metrics.limited_users.clone()))?;
         registry.register(Box::new(metrics.long_polls.clone()))?;
+        registry.register(Box::new(metrics.producer_renewals.clone()))?;
         Ok(metrics)
     }
 }

@@ -726,6 +726,50 @@ async fn long_polls_wait_on_published_changes_not_on_redis() {
     p.stop().await;
 }
 
+/// The gateway's idempotent producer fails fatally (librdkafka's own test
+/// hook, after the second purchase): it is replaced, purchases are taken
+/// again within moments, and the replacement is counted; none of the
+/// buyers refused meanwhile is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_producer_that_fails_fatally_is_replaced() {
+    let mut p = gateways_only().await;
+    let sku = p.sku("fatal");
+    p.create_sale(&sku, 100, 1).await.unwrap();
+    let fragile = p
+        .add_gateway(&[
+            ("FLASHSALE_GATEWAY_TEST_FATAL_AFTER", "2".into()),
+            ("FLASHSALE_GATEWAY_USER_RPS", "0".into()),
+        ])
+        .await
+        .unwrap();
+    let mut taken = 0;
+    let mut refused = 0;
+    let mut n = 0;
+    let until = Instant::now() + Duration::from_secs(30);
+    // Two taken, then the fatal error, then taken again.
+    while taken < 4 {
+        assert!(
+            Instant::now() < until,
+            "{taken} taken, {refused} refused: never taken again"
+        );
+        let answer = p
+            .post_purchase(&fragile, sku.as_str(), &format!("{}-f{n}", p.prefix), None)
+            .await
+            .unwrap();
+        n += 1;
+        match answer.status {
+            202 => taken += 1,
+            503 => refused += 1,
+            other => panic!("{other}: {:?}", answer.body),
+        }
+    }
+    eprintln!("{taken} taken, {refused} refused while the producer was replaced");
+    assert!(p.metric(&fragile, "gateway_producer_renewals").await >= 1.0);
+    let queued = p.records_in(&p.purchase_topic()).await.unwrap();
+    assert_eq!(queued, taken, "a refused purchase reached Kafka");
+    p.stop().await;
+}
+
 /// A pipeline with its gateway and no workers: what reaches Kafka stays.
 async fn gateways_only() -> Pipeline {
     Pipeline::start(PipelineOptions {
