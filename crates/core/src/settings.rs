@@ -107,9 +107,12 @@ pub struct KafkaSettings {
     /// the broker's acknowledgement before we give up on it.
     pub produce_timeout: Duration,
     /// `FLASHSALE_CONSUMER_ASSIGNMENT`: the consumer groups' assignor
-    /// (`partition.assignment.strategy`); `cooperative-sticky` moves only the
-    /// partitions that must move on a rebalance, and leaves the others
-    /// working. Every member of a group must name the same one.
+    /// (`partition.assignment.strategy`), librdkafka's eager
+    /// `range,roundrobin` by default; `cooperative-sticky` moves only the
+    /// partitions that must move on a rebalance. Every member of a group
+    /// must name the same kind: tansu 0.6 keeps a group's protocol in its
+    /// storage and refuses members of the other kind for good
+    /// (InconsistentGroupProtocol), so a group keeps the one it began with.
     pub consumer_assignment: String,
 }
 
@@ -120,7 +123,7 @@ impl KafkaSettings {
             prefix: env.string("TOPIC_PREFIX", ""),
             partitions: env.get("KAFKA_PARTITIONS", 3)?,
             produce_timeout: env.millis("KAFKA_PRODUCE_TIMEOUT_MS", 5_000)?,
-            consumer_assignment: env.string("CONSUMER_ASSIGNMENT", "cooperative-sticky"),
+            consumer_assignment: env.string("CONSUMER_ASSIGNMENT", "range,roundrobin"),
         })
     }
 

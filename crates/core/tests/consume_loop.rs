@@ -177,7 +177,19 @@ async fn produce(kafka: &KafkaSettings, from: usize, to: usize, every: Duration)
 /// after it, and no message is worked on twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_taken_away_are_finished_and_committed_before_they_move() {
-    let kafka = settings();
+    handed_over_settled("range,roundrobin").await;
+}
+
+/// The same with the cooperative assignor: only the partitions that move
+/// are revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cooperatively_moved_partitions_are_finished_and_committed_before_they_move() {
+    handed_over_settled("cooperative-sticky").await;
+}
+
+async fn handed_over_settled(assignment: &str) {
+    let mut kafka = settings();
+    kafka.consumer_assignment = assignment.to_owned();
     kafka::ensure_topics(&kafka).await.expect("topics");
     produce(&kafka, 0, 12, Duration::ZERO).await;
     let (done, mut finished) = mpsc::unbounded_channel();

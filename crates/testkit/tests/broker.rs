@@ -28,7 +28,7 @@ fn settings(broker: &OwnKafka, prefix: &str) -> KafkaSettings {
         prefix: format!("{prefix}."),
         partitions: 3,
         produce_timeout: Duration::from_secs(10),
-        consumer_assignment: "cooperative-sticky".into(),
+        consumer_assignment: "range,roundrobin".into(),
     }
 }
 
