@@ -104,6 +104,22 @@ pub fn stall_after(env: &crate::settings::Env) -> Result<Duration, crate::settin
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn consumer(options: &ConsumerOptions) -> Result<WorkConsumer, KafkaFailure> {
+    consumer_speaking(options, &options.kafka.consumer_assignment)
+}
+
+/// The other kind of assignor than `assignment` (eager or cooperative).
+fn other_protocol(assignment: &str) -> &'static str {
+    if assignment.contains("cooperative") {
+        "range,roundrobin"
+    } else {
+        "cooperative-sticky"
+    }
+}
+
+fn consumer_speaking(
+    options: &ConsumerOptions,
+    assignment: &str,
+) -> Result<WorkConsumer, KafkaFailure> {
     let context = RebalanceContext {
         work: Arc::new(PartitionWork::default()),
         drain_timeout: options.drain_timeout,
@@ -123,10 +139,7 @@ pub fn consumer(options: &ConsumerOptions) -> Result<WorkConsumer, KafkaFailure>
         )
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "50")
-        .set(
-            "partition.assignment.strategy",
-            &options.kafka.consumer_assignment,
-        )
+        .set("partition.assignment.strategy", assignment)
         .create_with_context(context)
         .map_err(KafkaFailure::Client)?;
     let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
@@ -168,6 +181,11 @@ pub async fn run<H: Handler>(
     // that the old one is closed holding the last reference to it.
     let (current, watched) = tokio::sync::watch::channel(Some(consumer.clone()));
     let (rejoin_tx, mut rejoin_rx) = tokio::sync::mpsc::channel::<String>(1);
+    // A group keeps the kind of assignor it began with (tansu 0.6 refuses
+    // the other kind for good): a member that is refused for it joins again
+    // speaking the group's.
+    let protocol_refused = rejoin_tx.clone();
+    let mut assignment = options.kafka.consumer_assignment.clone();
     let lag = tokio::spawn(export_lag(
         watched.clone(),
         options.kafka.clone(),
@@ -211,7 +229,7 @@ pub async fn run<H: Handler>(
                     continue;
                 }
                 current.send_replace(None);
-                let Some(fresh) = replace(consumer, options, &shutdown).await else {
+                let Some(fresh) = replace(consumer, options, &assignment, &shutdown).await else {
                     watchdog.abort();
                     lag.abort();
                     tracing::info!(group = %options.group, "consumer left its group");
@@ -254,6 +272,17 @@ pub async fn run<H: Handler>(
                         }
                     }
                     // librdkafka reports broker hiccups here and recovers by itself.
+                    Err(rdkafka::error::KafkaError::MessageConsumption(
+                        rdkafka::types::RDKafkaErrorCode::InconsistentGroupProtocol,
+                    )) => {
+                        let speaks = other_protocol(&assignment);
+                        if protocol_refused
+                            .try_send(format!("the group speaks another assignor; joining with {speaks}"))
+                            .is_ok()
+                        {
+                            assignment = speaks.to_owned();
+                        }
+                    }
                     Err(error) => tracing::warn!(%error, "kafka consumer error"),
                 }
             }
@@ -326,12 +355,13 @@ async fn close(consumer: Arc<WorkConsumer>) {
 async fn replace(
     old: Arc<WorkConsumer>,
     options: &ConsumerOptions,
+    assignment: &str,
     shutdown: &CancellationToken,
 ) -> Option<Arc<WorkConsumer>> {
     close(old).await;
     let mut wait = Duration::from_millis(200);
     loop {
-        match consumer(options) {
+        match consumer_speaking(options, assignment) {
             Ok(fresh) => return Some(Arc::new(fresh)),
             Err(error) => tracing::error!(%error, "could not make a new consumer; trying again"),
         }

@@ -107,12 +107,11 @@ pub struct KafkaSettings {
     /// the broker's acknowledgement before we give up on it.
     pub produce_timeout: Duration,
     /// `FLASHSALE_CONSUMER_ASSIGNMENT`: the consumer groups' assignor
-    /// (`partition.assignment.strategy`), librdkafka's eager
-    /// `range,roundrobin` by default; `cooperative-sticky` moves only the
-    /// partitions that must move on a rebalance. Every member of a group
-    /// must name the same kind: tansu 0.6 keeps a group's protocol in its
-    /// storage and refuses members of the other kind for good
-    /// (InconsistentGroupProtocol), so a group keeps the one it began with.
+    /// (`partition.assignment.strategy`); `cooperative-sticky` moves only
+    /// the partitions that must move on a rebalance. A group keeps the kind
+    /// it began with (tansu 0.6 stores it and refuses members of the other
+    /// kind for good): a member refused for it joins again speaking the
+    /// group's (`consume::run`).
     pub consumer_assignment: String,
 }
 
@@ -123,7 +122,7 @@ impl KafkaSettings {
             prefix: env.string("TOPIC_PREFIX", ""),
             partitions: env.get("KAFKA_PARTITIONS", 3)?,
             produce_timeout: env.millis("KAFKA_PRODUCE_TIMEOUT_MS", 5_000)?,
-            consumer_assignment: env.string("CONSUMER_ASSIGNMENT", "range,roundrobin"),
+            consumer_assignment: env.string("CONSUMER_ASSIGNMENT", "cooperative-sticky"),
         })
     }
 

@@ -33,6 +33,18 @@ fn options(kafka: &KafkaSettings) -> ConsumerOptions {
     }
 }
 
+/// A member of `opts`'s group running `handler` until `shutdown`.
+fn spawn_member<H: Handler>(
+    opts: ConsumerOptions,
+    handler: H,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), Abandoned>> {
+    tokio::spawn(async move {
+        let consumer = consume::consumer(&opts).expect("consumer");
+        consume::run(consumer, handler, &opts, shutdown).await
+    })
+}
+
 /// Fails the work of the message whose payload is `fail`, after the later
 /// ones have finished theirs; passes on every payload it is given.
 struct Flaky {
@@ -291,22 +303,14 @@ async fn a_member_exports_its_lag_rebalances_and_work_for_autoscalers() {
     let topic = kafka.topic(topic::PURCHASE_REQUESTS);
     let (done, _finished) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
-    let running = {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let consumer = consume::consumer(&opts).expect("consumer");
-            consume::run(
-                consumer,
-                Slow {
-                    member: "only",
-                    done,
-                },
-                &opts,
-                shutdown,
-            )
-            .await
-        })
-    };
+    let running = spawn_member(
+        opts,
+        Slow {
+            member: "only",
+            done,
+        },
+        shutdown.clone(),
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let (lag, lag_seconds) = loop {
         let lag: f64 = (0..kafka.partitions)
@@ -364,4 +368,63 @@ async fn a_member_exports_its_lag_rebalances_and_work_for_autoscalers() {
         sample(&registry, "consumer_in_flight_messages", &[]),
         Some(0.0)
     );
+}
+
+/// A group keeps the kind of assignor it began with (tansu 0.6 refuses
+/// the other kind for good): a member configured with the other kind joins
+/// speaking the group's, and consumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_joins_a_group_that_speaks_the_other_assignor() {
+    let mut eager = settings();
+    eager.consumer_assignment = "range,roundrobin".into();
+    kafka::ensure_topics(&eager).await.expect("topics");
+    produce(&eager, 0, 1, Duration::ZERO).await;
+    let (done, mut finished) = mpsc::unbounded_channel();
+    let first = {
+        let (opts, done) = (options(&eager), done.clone());
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let running = tokio::spawn(async move {
+            let consumer = consume::consumer(&opts).expect("consumer");
+            consume::run(
+                consumer,
+                Slow {
+                    member: "eager",
+                    done,
+                },
+                &opts,
+                shutdown,
+            )
+            .await
+        });
+        (running, stop)
+    };
+    let one = tokio::time::timeout(Duration::from_secs(30), finished.recv())
+        .await
+        .expect("the eager member consumes")
+        .expect("a message");
+    assert_eq!(one.0, "eager");
+    first.1.cancel();
+    first.0.await.expect("joined").expect("stopped cleanly");
+
+    let mut cooperative = eager.clone();
+    cooperative.consumer_assignment = "cooperative-sticky".into();
+    produce(&cooperative, 1, 2, Duration::ZERO).await;
+    let opts = options(&cooperative);
+    let shutdown = CancellationToken::new();
+    let running = spawn_member(
+        opts,
+        Slow {
+            member: "switched",
+            done,
+        },
+        shutdown.clone(),
+    );
+    let two = tokio::time::timeout(Duration::from_secs(60), finished.recv())
+        .await
+        .expect("the member configured for the other assignor consumes")
+        .expect("a message");
+    assert_eq!(two, ("switched", "m1".to_owned()));
+    shutdown.cancel();
+    running.await.expect("joined").expect("stopped cleanly");
 }
