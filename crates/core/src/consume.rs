@@ -223,7 +223,7 @@ pub async fn run<H: Handler>(
             biased;
             _ = shutdown.cancelled() => break,
             Some(reason) = rejoin_rx.recv() => {
-                tracing::error!(%reason, group = %options.group, "consumer stalled; joining the group again with a new consumer");
+                tracing::error!(%reason, group = %options.group, "joining the group again with a new consumer");
                 if !drain(&consumer, &mut pending, options.drain_timeout).await {
                     stopped_by = Some("a message could not be processed".into());
                     continue;
@@ -262,7 +262,6 @@ pub async fn run<H: Handler>(
                         work.started(&partition, offset);
                         match handler.start(message).await {
                             Ok(completion) => {
-                                options.health.count_in_flight(1);
                                 pending.push(spawned(work, partition, offset, completion, options.health.clone()));
                             }
                             Err(reason) => {
@@ -490,12 +489,7 @@ async fn export_lag(
     while let Some(member) = looks.next().await {
         let owned: std::collections::HashSet<TopicPartition> = member
             .assignment()
-            .map(|a| {
-                a.elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect()
-            })
+            .map(|a| partitions_in(&a).collect())
             .unwrap_or_default();
         drop(member);
         match crate::lag::group_lag(&kafka, &group, &topics, false).await {
@@ -511,15 +505,11 @@ fn backlog(consumer: &WorkConsumer, topics: &[String]) -> Result<Backlog, String
     let mut all = TopicPartitionList::new();
     let mut ends = std::collections::HashMap::new();
     for topic in topics {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), ASK_TIMEOUT)
-            .map_err(|e| format!("metadata of {topic}: {e}"))?;
-        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, partition.id(), ASK_TIMEOUT)
-                .map_err(|e| format!("end offsets of {topic}: {e}"))?;
-            all.add_partition(topic, partition.id());
-            ends.insert((topic.clone(), partition.id()), (low, high));
+        let ranges = crate::topic_reader::ranges_of(consumer, topic, ASK_TIMEOUT)
+            .map_err(|e| format!("end offsets of {topic}: {e}"))?;
+        for range in ranges {
+            all.add_partition(topic, range.partition);
+            ends.insert((topic.clone(), range.partition), (range.low, range.high));
         }
     }
     let committed = consumer
@@ -592,6 +582,7 @@ fn spawned(
     completion: Completion,
     health: ConsumerHealth,
 ) -> JoinHandle<(TopicPartition, bool)> {
+    health.count_in_flight(1);
     tokio::spawn(async move {
         let ok = match std::panic::AssertUnwindSafe(completion)
             .catch_unwind()
@@ -660,11 +651,7 @@ impl ConsumerContext for RebalanceContext {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
         };
-        let partitions: Vec<TopicPartition> = revoked
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
-            .collect();
+        let partitions: Vec<TopicPartition> = partitions_in(revoked).collect();
         if let Ok(mut at) = self.revoked_at.lock() {
             *at = Some(Instant::now());
         }
@@ -723,6 +710,13 @@ impl ConsumerContext for RebalanceContext {
             Rebalance::Error(error) => tracing::warn!(%error, "rebalance failed"),
         }
     }
+}
+
+/// The topics and partitions a list names.
+fn partitions_in(list: &TopicPartitionList) -> impl Iterator<Item = TopicPartition> + '_ {
+    list.elements()
+        .into_iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
 }
 
 /// Runs blocking `f` without starving the runtime's other tasks where the

@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::clock;
 use crate::kafka::KafkaFailure;
 use crate::settings::KafkaSettings;
-use crate::topic_reader::{blocking, reader};
+use crate::topic_reader::{blocking, ranges_of, reader};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -106,15 +106,9 @@ fn read(
     let mut wanted = TopicPartitionList::new();
     let mut ends = HashMap::new();
     for topic in &topics {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), TIMEOUT)
-            .map_err(KafkaFailure::Client)?;
-        for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, partition.id(), TIMEOUT)
-                .map_err(KafkaFailure::Client)?;
-            wanted.add_partition(topic, partition.id());
-            ends.insert((topic.clone(), partition.id()), (low, high));
+        for range in ranges_of(&consumer, topic, TIMEOUT).map_err(KafkaFailure::Client)? {
+            wanted.add_partition(topic, range.partition);
+            ends.insert((topic.clone(), range.partition), (range.low, range.high));
         }
     }
     let committed = consumer

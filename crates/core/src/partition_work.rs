@@ -82,17 +82,13 @@ impl PartitionWork {
     }
 
     /// Messages whose work has not ended, over every partition.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         self.lock()
             .values()
             .flat_map(|steps| steps.values())
             .filter(|step| **step == Step::Running)
             .count()
-    }
-
-    /// Partitions with some work.
-    pub fn partitions(&self) -> Vec<TopicPartition> {
-        self.lock().keys().cloned().collect()
     }
 
     /// Blocks until no work of `partitions` is running, or `timeout`
@@ -129,11 +125,6 @@ impl PartitionWork {
         for partition in partitions {
             guard.remove(partition);
         }
-    }
-
-    /// Lets go of every partition (the consumer is replaced or closed).
-    pub fn clear(&self) {
-        self.lock().clear();
     }
 }
 

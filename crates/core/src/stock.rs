@@ -311,6 +311,17 @@ pub enum ReserveOutcome {
 }
 
 impl ReserveOutcome {
+    /// A short name for metrics and logs: `reserved`, `waiting`, `voided`,
+    /// or the reason of a rejection.
+    pub fn label(&self) -> &str {
+        match self {
+            Self::Reserved { .. } => "reserved",
+            Self::Rejected { reason } => reason,
+            Self::Waiting => "waiting",
+            Self::Voided => "voided",
+        }
+    }
+
     fn from_reply(sku: &Sku, reply: Vec<String>) -> Result<Self, StockError> {
         match reply.as_slice() {
             [kind] if kind == "waiting" => Ok(Self::Waiting),

@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -46,17 +47,40 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 /// The partitions of `topic` as the broker has them (partitions may have
-/// been added since this deployment's settings were written).
-fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, KafkaFailure> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), TIMEOUT)
-        .map_err(KafkaFailure::Unreachable)?;
+/// been added since this deployment's settings were written). Blocking.
+fn partitions_of<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    topic: &str,
+    timeout: Duration,
+) -> KafkaResult<Vec<i32>> {
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     Ok(metadata
         .topics()
         .iter()
         .filter(|t| t.name() == topic)
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect())
+}
+
+/// Low and high watermarks of every partition of `topic`, as the broker
+/// has them. Blocking: for the readers here, `flashsale lag` and the
+/// workers' watchdog.
+pub(crate) fn ranges_of<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    topic: &str,
+    timeout: Duration,
+) -> KafkaResult<Vec<PartitionRange>> {
+    partitions_of(consumer, topic, timeout)?
+        .into_iter()
+        .map(|partition| {
+            let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+            Ok(PartitionRange {
+                partition,
+                low,
+                high,
+            })
+        })
+        .collect()
 }
 
 /// Low and high watermarks of every partition of `topic`.
@@ -68,19 +92,7 @@ pub async fn watermarks(
     let topic = topic.to_owned();
     blocking(move || {
         let consumer = reader(&settings, "flashsale-watermarks")?;
-        partitions_of(&consumer, &topic)?
-            .into_iter()
-            .map(|partition| {
-                let (low, high) = consumer
-                    .fetch_watermarks(&topic, partition, TIMEOUT)
-                    .map_err(KafkaFailure::Unreachable)?;
-                Ok(PartitionRange {
-                    partition,
-                    low,
-                    high,
-                })
-            })
-            .collect()
+        ranges_of(&consumer, &topic, TIMEOUT).map_err(KafkaFailure::Unreachable)
     })
     .await
 }
@@ -117,7 +129,9 @@ impl GroupProgress {
         let this = self.clone();
         blocking(move || {
             let mut wanted = TopicPartitionList::new();
-            for partition in partitions_of(&this.consumer, &this.topic)? {
+            let partitions = partitions_of(this.consumer.as_ref(), &this.topic, TIMEOUT)
+                .map_err(KafkaFailure::Unreachable)?;
+            for partition in partitions {
                 wanted.add_partition(&this.topic, partition);
             }
             let committed = this

@@ -758,12 +758,7 @@ async fn one_user_hundred_requests(backend: Backend) {
     }
     let mut outcomes: HashMap<String, usize> = HashMap::new();
     for call in calls {
-        let label = match call.await.unwrap() {
-            ReserveOutcome::Reserved { .. } => "reserved".to_owned(),
-            ReserveOutcome::Rejected { reason } => reason,
-            ReserveOutcome::Waiting => "waiting".to_owned(),
-            ReserveOutcome::Voided => "voided".to_owned(),
-        };
+        let label = call.await.unwrap().label().to_owned();
         *outcomes.entry(label).or_default() += 1;
     }
     assert_eq!(outcomes.get("reserved"), Some(&1), "{outcomes:?}");

@@ -272,12 +272,7 @@ impl Shop {
         })
         .instrument(span.clone())
         .await?;
-        let label = match &answered.outcome {
-            ReserveOutcome::Reserved { .. } => "reserved",
-            ReserveOutcome::Rejected { reason } => reason.as_str(),
-            ReserveOutcome::Waiting => "waiting",
-            ReserveOutcome::Voided => "voided",
-        };
+        let label = answered.outcome.label();
         self.metrics.reservations.with_label_values(&[label]).inc();
         tracing::debug!(parent: &span, outcome = label, decided = answered.line.len(), "reserve");
         Ok(Box::pin(
@@ -305,11 +300,10 @@ impl Shop {
         line: &[Announcement],
     ) -> Result<(), Abandoned> {
         for waiter in line {
+            // A unit that came back and went to a waiter.
             let label = match &waiter.outcome {
                 ReserveOutcome::Reserved { .. } => "served",
-                ReserveOutcome::Rejected { reason } => reason.as_str(),
-                ReserveOutcome::Waiting => "waiting",
-                ReserveOutcome::Voided => "voided",
+                other => other.label(),
             };
             self.metrics.line.with_label_values(&[label]).inc();
         }
