@@ -202,6 +202,28 @@ struct SurgeArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Sign each buyer a bearer token (HS256) with this secret, for a
+    /// gateway that verifies them; the gateway's own setting by default.
+    #[arg(
+        long,
+        env = "FLASHSALE_GATEWAY_AUTH_HS256_SECRET",
+        hide_env_values = true
+    )]
+    auth_hs256_secret: Option<String>,
+    /// The tokens' `iss`.
+    #[arg(
+        long,
+        env = "FLASHSALE_GATEWAY_AUTH_ISSUER",
+        default_value = "flashsale-surge"
+    )]
+    auth_issuer: String,
+    /// The tokens' `aud`.
+    #[arg(
+        long,
+        env = "FLASHSALE_GATEWAY_AUTH_AUDIENCE",
+        default_value = "flashsale-gateway"
+    )]
+    auth_audience: String,
 }
 
 fn sku(raw: &str) -> anyhow::Result<Sku> {
@@ -427,6 +449,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 connections: args.connections,
                 max_retries: args.max_retries,
                 settle_timeout: Duration::from_secs(args.settle_timeout_secs),
+                tokens: args.auth_hs256_secret.map(|secret| surge::TokenSigner {
+                    secret,
+                    issuer: args.auth_issuer,
+                    audience: args.auth_audience,
+                }),
             };
             let report = surge::run(&stores, &options).await?;
             print!("{}", report.human());

@@ -51,6 +51,37 @@ pub struct SurgeOptions {
     pub max_retries: u32,
     /// How long to wait for accepted purchases to settle.
     pub settle_timeout: Duration,
+    /// Bearer tokens for a gateway that verifies them; None: buyers name
+    /// themselves in the body.
+    pub tokens: Option<TokenSigner>,
+}
+
+/// Signs each buyer an HS256 token with a test key, so that a load test
+/// goes through the gateway's token check as real buyers would.
+#[derive(Debug, Clone)]
+pub struct TokenSigner {
+    pub secret: String,
+    pub issuer: String,
+    pub audience: String,
+}
+
+impl TokenSigner {
+    /// A token for `user`, valid for an hour.
+    pub fn sign(&self, user: &str) -> anyhow::Result<String> {
+        let now = clock::now_ms() / 1000;
+        let claims = serde_json::json!({
+            "sub": user,
+            "iss": self.issuer,
+            "aud": self.audience,
+            "iat": now,
+            "exp": now + 3600,
+        });
+        Ok(jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes())?,
+        )?)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -233,14 +264,21 @@ enum Answer {
     Error,
 }
 
+/// What one buyer sends, every time it asks.
+struct Purchase {
+    key: String,
+    body: String,
+    /// `Bearer <token>`, for a gateway that verifies tokens.
+    authorization: Option<String>,
+}
+
 /// One POST of a buyer: its answer, and the `Retry-After` it was given (1 s
 /// when the gateway gave none).
 async fn ask(
     http: &reqwest::Client,
     url: &reqwest::Url,
     connections: &Semaphore,
-    key: &str,
-    body: &str,
+    purchase: &Purchase,
     due_unix_ms: u64,
     sent: &mut Option<Instant>,
 ) -> (Answer, Option<Duration>) {
@@ -251,14 +289,15 @@ async fn ask(
     sent.get_or_insert_with(Instant::now);
     // Built once per buyer: the generator shares the machine with what it
     // measures, so every microsecond it spends is one the gateway lacks.
-    let response = match http
+    let mut request = http
         .post(url.clone())
-        .header("Idempotency-Key", key)
+        .header("Idempotency-Key", &purchase.key)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-    {
+        .body(purchase.body.clone());
+    if let Some(authorization) = &purchase.authorization {
+        request = request.header(reqwest::header::AUTHORIZATION, authorization);
+    }
+    let response = match request.send().await {
         Ok(response) => response,
         Err(_) => return (Answer::Error, None),
     };
@@ -349,6 +388,16 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     ))?;
     let run_id = &uuid::Uuid::now_v7().simple().to_string()[..12];
     let connections = Arc::new(Semaphore::new(options.connections.max(1)));
+    let user = |i: u64| format!("surge-{run_id}-{i}");
+    // Signed before the crowd starts: signing is the issuer's work, not the
+    // gateway's, and must not delay arrivals.
+    let mut authorizations = match &options.tokens {
+        Some(signer) => (0..options.buyers)
+            .map(|i| Ok(Some(format!("Bearer {}", signer.sign(&user(i))?))))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => vec![None; options.buyers as usize],
+    }
+    .into_iter();
     // A short lead so spawning the crowd does not eat into the first arrivals.
     let lead = Duration::from_millis(100);
     let start = Instant::now() + lead;
@@ -361,13 +410,16 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             Arrival::Rate(rate) => Duration::from_secs_f64(i as f64 / rate),
         };
         let (http, url, connections) = (http.clone(), url.clone(), connections.clone());
-        let body = serde_json::json!({
-            "sku": options.sku.as_str(),
-            "user_id": format!("surge-{run_id}-{i}"),
-            "quantity": 1,
-        })
-        .to_string();
-        let key = format!("surge-{run_id}-{i}");
+        let purchase = Purchase {
+            key: user(i),
+            body: serde_json::json!({
+                "sku": options.sku.as_str(),
+                "user_id": user(i),
+                "quantity": 1,
+            })
+            .to_string(),
+            authorization: authorizations.next().flatten(),
+        };
         let max_retries = options.max_retries;
         tasks.push(tokio::spawn(async move {
             let due = start + offset;
@@ -377,16 +429,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             let mut sent = None;
             let mut first_answer = None;
             let answer = loop {
-                let asked = ask(
-                    &http,
-                    &url,
-                    &connections,
-                    &key,
-                    &body,
-                    due_unix_ms,
-                    &mut sent,
-                )
-                .await;
+                let asked = ask(&http, &url, &connections, &purchase, due_unix_ms, &mut sent).await;
                 first_answer.get_or_insert_with(|| due.elapsed());
                 match asked {
                     (Answer::RateLimited | Answer::Overloaded, Some(wait))

@@ -28,6 +28,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::Gateway;
+use crate::auth;
 use crate::limits::Denied;
 
 type Shared = Arc<Gateway>;
@@ -80,7 +81,10 @@ async fn count_responses(State(gateway): State<Shared>, request: Request, next: 
 #[serde(deny_unknown_fields)]
 pub struct PurchaseBody {
     pub sku: String,
-    pub user_id: String,
+    /// The buyer; may be left out when the gateway verifies tokens (the
+    /// token's subject is the buyer then).
+    #[serde(default)]
+    pub user_id: Option<String>,
     pub quantity: i64,
 }
 
@@ -113,6 +117,29 @@ fn body_problem(rejection: JsonRejection) -> Problem {
         _ => "malformed-json",
     };
     Problem::new(rejection.status(), kind, rejection.body_text())
+}
+
+/// Who is buying: the token's subject when tokens are verified (a body
+/// naming someone else is refused), else the body's `user_id`.
+fn buyer(gateway: &Shared, headers: &HeaderMap, named: Option<&str>) -> Result<UserId, Problem> {
+    match (&gateway.auth, named) {
+        (Some(auth), named) => {
+            let user = auth
+                .buyer(headers)
+                .map_err(|problem| gateway.shed("unauthenticated", problem))?;
+            match named {
+                Some(named) if named != user.as_str() => {
+                    Err(gateway.shed("unauthenticated", auth::not_this_buyer(&user, named)))
+                }
+                _ => Ok(user),
+            }
+        }
+        (None, Some(named)) => UserId::parse(named)
+            .map_err(|e| gateway.shed("invalid", invalid("invalid-user-id", e.to_string()))),
+        (None, None) => {
+            Err(gateway.shed("invalid", invalid("invalid-user-id", "user_id is required")))
+        }
+    }
 }
 
 async fn create_purchase(
@@ -159,8 +186,7 @@ async fn purchase(
     let Json(body) = body.map_err(|r| gateway.shed("invalid", body_problem(r)))?;
     let sku = Sku::parse(&body.sku)
         .map_err(|e| gateway.shed("invalid", invalid("invalid-sku", e.to_string())))?;
-    let user = UserId::parse(&body.user_id)
-        .map_err(|e| gateway.shed("invalid", invalid("invalid-user-id", e.to_string())))?;
+    let user = buyer(gateway, headers, body.user_id.as_deref())?;
     let quantity = Quantity::new(body.quantity)
         .map_err(|e| gateway.shed("invalid", invalid("invalid-quantity", e.to_string())))?;
     let key = match headers.get("idempotency-key") {
@@ -601,9 +627,16 @@ const QUEUE_POSITION_WAIT: Duration = Duration::from_millis(250);
 
 async fn get_purchase(
     State(gateway): State<Shared>,
+    headers: HeaderMap,
     raw_id: Result<Path<String>, PathRejection>,
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<PurchaseStatus>, Problem> {
+    // With tokens verified, a buyer reads only their own purchases (keyed
+    // request ids can be derived by anyone who knows buyer and key).
+    let reader = match &gateway.auth {
+        Some(auth) => Some(auth.buyer(&headers)?),
+        None => None,
+    };
     let id = RequestId::parse(&path_segment(raw_id, "invalid-request-id")?)
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "invalid-request-id", e.to_string()))?;
     let Query(query) =
@@ -657,6 +690,8 @@ async fn get_purchase(
             Some(status) => Some(status),
             None => archived(&gateway, id).await?,
         };
+        // Someone else's purchase is answered as one never made.
+        let status = status.filter(|s| reader.as_ref().is_none_or(|r| r.as_str() == s.user_id));
         let done = status.as_ref().is_some_and(|s| s.status.is_terminal());
         if done || waiter.is_none() || tokio::time::Instant::now() >= deadline {
             let mut status = status;

@@ -9,6 +9,7 @@
 //! in the `orders` table.
 
 mod api;
+pub mod auth;
 mod flags;
 mod limits;
 mod metrics;
@@ -84,6 +85,8 @@ pub struct Config {
     /// `FLASHSALE_GATEWAY_CLOCK_OFFSET_MS`: for tests only, how far this
     /// gateway's clock runs ahead (or, negative, behind) of the others.
     pub clock_offset_ms: i64,
+    /// `FLASHSALE_GATEWAY_AUTH_*`: who is buying (see `auth`).
+    pub auth: auth::AuthSettings,
 }
 
 impl Config {
@@ -118,6 +121,7 @@ impl Config {
                 n => Some(n),
             },
             clock_offset_ms: env.get("GATEWAY_CLOCK_OFFSET_MS", 0)?,
+            auth: auth::AuthSettings::from_env(env)?,
         })
     }
 }
@@ -135,6 +139,8 @@ pub enum StartError {
     },
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("buyers' tokens: {0}")]
+    Auth(#[from] auth::AuthSetupError),
 }
 
 pub(crate) struct Gateway {
@@ -166,6 +172,8 @@ pub(crate) struct Gateway {
     pub queue: QueueWatch,
     pub waiters: Arc<waiters::Waiters>,
     pub clock_offset_ms: i64,
+    /// None: the body's `user_id` is the buyer (authentication is off).
+    pub auth: Option<auth::Authenticator>,
 }
 
 impl Gateway {
@@ -214,6 +222,8 @@ pub async fn start(
 /// tasks running until `shutdown`; what `start` serves, and what tests
 /// drive in process.
 pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::Router, StartError> {
+    // First: a key that cannot be used stops the start before any connection.
+    let auth = auth::Authenticator::from_settings(&config.auth)?;
     kafka::ensure_topics(&config.kafka).await?;
     let conn = stock::connect(&config.redis).await?;
     let registry = prometheus::Registry::new();
@@ -257,6 +267,7 @@ pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::R
         in_flight: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
         admission_lease_ms: config.admission_lease.as_millis() as u64,
         clock_offset_ms: config.clock_offset_ms,
+        auth,
         waiters,
         abandoned_after_ms: (config.kafka.produce_timeout + Duration::from_secs(1)).as_millis()
             as u64,

@@ -80,6 +80,7 @@ async fn two_thousand_buyers_fifty_units_never_oversell() {
         connections: 128,
         max_retries: 0,
         settle_timeout: Duration::from_secs(120),
+        tokens: None,
     };
 
     // Samples the counters while the crowd runs: each read of the stock
@@ -706,6 +707,7 @@ async fn workers_join_and_leave_while_the_sale_runs() {
         connections: 64,
         max_retries: 0,
         settle_timeout: Duration::from_secs(150),
+        tokens: None,
     };
     let stores = p.stores.clone();
     let surge = tokio::spawn(async move { surge::run(&stores, &options).await });
