@@ -14,9 +14,9 @@ use std::time::Duration;
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
-use crate::consume::Abandoned;
 use crate::ids::{Quantity, RequestId, Sku, UserId};
 use crate::messages::{self, Reservation, SCHEMA_VERSION};
+use crate::retry::Stop;
 use crate::settings::KafkaSettings;
 use crate::status::PurchaseState;
 use crate::status_board::{StatusBoard, Subject};
@@ -30,6 +30,10 @@ pub struct Herald {
     pub producer: FutureProducer,
     pub reservation_topic: String,
     pub produce_timeout: Duration,
+    /// How long one telling retries a store before it gives up
+    /// (`FLASHSALE_RETRY_DEADLINE_MS`): the caller then parks its message,
+    /// and waiters left unacknowledged are told again by the sweep.
+    pub give_up_after: Duration,
 }
 
 impl Herald {
@@ -39,6 +43,7 @@ impl Herald {
         board: StatusBoard,
         producer: FutureProducer,
         kafka: &KafkaSettings,
+        give_up_after: Duration,
     ) -> Self {
         Self {
             stock,
@@ -46,7 +51,12 @@ impl Herald {
             producer,
             reservation_topic: kafka.topic(kafka::topic::RESERVATIONS),
             produce_timeout: kafka.produce_timeout,
+            give_up_after,
         }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.give_up_after
     }
 
     /// Publishes a reservation (key = request id) before its status, so a
@@ -60,7 +70,7 @@ impl Herald {
         quantity: Quantity,
         outcome: &ReserveOutcome,
         shutdown: &CancellationToken,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Stop> {
         let (state, reason) = match outcome {
             ReserveOutcome::Reserved {
                 expires_at_ms,
@@ -79,7 +89,7 @@ impl Herald {
                 };
                 let payload = messages::encode(&reservation);
                 let key = id.to_string();
-                retry::durable("publish reservation", shutdown, || {
+                retry::durable_until("publish reservation", shutdown, self.deadline(), || {
                     kafka::send(
                         &self.producer,
                         &self.reservation_topic,
@@ -107,15 +117,15 @@ impl Herald {
     }
 
     /// Posts a purchase's state once its effect is durable, retrying until
-    /// the board takes it (or shutdown).
+    /// the board takes it, its deadline, or shutdown.
     pub async fn post(
         &self,
         subject: &Subject<'_>,
         state: PurchaseState,
         reason: Option<&str>,
         shutdown: &CancellationToken,
-    ) -> Result<(), Abandoned> {
-        retry::durable("post status", shutdown, || {
+    ) -> Result<(), Stop> {
+        retry::durable_until("post status", shutdown, self.deadline(), || {
             self.board.post(subject, state, reason, clock::now_ms())
         })
         .await
@@ -128,7 +138,7 @@ impl Herald {
         sku: &Sku,
         line: &[Announcement],
         shutdown: &CancellationToken,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Stop> {
         if line.is_empty() {
             return Ok(());
         }
@@ -144,7 +154,7 @@ impl Herald {
         }))
         .await?;
         let ids: Vec<RequestId> = line.iter().map(|waiter| waiter.id).collect();
-        retry::durable("acknowledge the line", shutdown, || {
+        retry::durable_until("acknowledge the line", shutdown, self.deadline(), || {
             self.stock.ack(sku, &ids)
         })
         .await

@@ -1,12 +1,18 @@
-//! Retrying an effect until it is durable or the service is told to stop.
+//! Retrying an effect until it is durable, its deadline passes, or the
+//! service is told to stop.
 //!
 //! A worker that cannot reach Redis, Kafka or DynamoDB must neither drop
 //! the message nor commit past it: it waits (with capped exponential
-//! backoff) and tries again, and gives the message up only at shutdown,
-//! leaving its offset uncommitted for the next owner.
+//! backoff) and tries again. Without a deadline (`durable`) it gives the
+//! message up only at shutdown, leaving its offset uncommitted for the next
+//! owner. With one (`durable_until`) it stops when the deadline passes, and
+//! the worker moves the purchase on (its failure path, or the message
+//! parked at the tail of its topic) instead of holding its partition.
 
 use std::future::Future;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +20,8 @@ use crate::consume::Abandoned;
 
 const FIRST_DELAY: Duration = Duration::from_millis(50);
 const MAX_DELAY: Duration = Duration::from_secs(2);
+/// How long an attempt made at (or past) its deadline may take.
+const LAST_ATTEMPT: Duration = Duration::from_secs(1);
 
 /// Capped exponential backoff with jitter: each wait is half the current
 /// delay plus a random part of the other half, so that workers that failed
@@ -61,13 +69,35 @@ pub trait Transience {
     fn is_transient(&self) -> bool;
 }
 
-/// Runs `attempt` until it succeeds or fails permanently, backing off
-/// between transient failures; `Err(Abandoned)` only on shutdown.
-pub async fn until_done<T, E, F, Fut>(
+/// Why a retried effect did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum Stop {
+    /// The worker is shutting down.
+    #[error(transparent)]
+    Abandoned(#[from] Abandoned),
+    /// Still failing at its deadline: the purchase takes its failure path,
+    /// or its message is parked (`kafka::park`), rather than holding its
+    /// partition.
+    #[error("gave up: {0}")]
+    GaveUp(String),
+}
+
+/// `FLASHSALE_RETRY_DEADLINE_MS`: how long a worker retries a store call
+/// (or the payment service) for one message before it gives up on it.
+pub fn deadline_after(
+    env: &crate::settings::Env,
+) -> Result<Duration, crate::settings::SettingError> {
+    env.millis("RETRY_DEADLINE_MS", 30_000)
+}
+
+/// Runs `attempt` until it succeeds, fails permanently, or (when given)
+/// `deadline` passes, backing off between transient failures.
+async fn retrying<T, E, F, Fut>(
     what: &str,
     shutdown: &CancellationToken,
+    deadline: Option<Instant>,
     mut attempt: F,
-) -> Result<Result<T, E>, Abandoned>
+) -> Result<Result<T, E>, Stop>
 where
     E: Transience + std::fmt::Display,
     F: FnMut() -> Fut,
@@ -75,19 +105,62 @@ where
 {
     let mut backoff = Backoff::default();
     loop {
-        match attempt().await {
+        let outcome = match deadline {
+            None => attempt().await,
+            // A call that hangs (a node that accepts and never answers) is
+            // bounded too; each attempt gets a moment even at the deadline.
+            Some(deadline) => {
+                let bound = deadline.max(Instant::now() + LAST_ATTEMPT);
+                match tokio::time::timeout_at(bound, attempt()).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        tracing::error!("{what} did not answer by its deadline; giving up");
+                        return Err(Stop::GaveUp(format!("{what}: no answer by its deadline")));
+                    }
+                }
+            }
+        };
+        match outcome {
             Err(error) if error.is_transient() => {
-                let delay = backoff.next_wait();
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    tracing::error!(%error, "{what} still fails at its deadline; giving up");
+                    return Err(Stop::GaveUp(format!("{what}: {error}")));
+                }
+                let mut delay = backoff.next_wait();
+                if let Some(deadline) = deadline {
+                    // One last attempt at the deadline itself.
+                    delay = delay.min(deadline - now);
+                }
                 tracing::warn!(%error, ?delay, "{what} failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => {
-                        return Err(Abandoned(format!("{what}: shutting down after: {error}")));
+                        return Err(Abandoned(format!("{what}: shutting down after: {error}")).into());
                     }
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
             other => return Ok(other),
         }
+    }
+}
+
+/// Runs `attempt` until it succeeds or fails permanently, backing off
+/// between transient failures; `Err(Abandoned)` only on shutdown.
+pub async fn until_done<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    attempt: F,
+) -> Result<Result<T, E>, Abandoned>
+where
+    E: Transience + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    match retrying(what, shutdown, None, attempt).await {
+        Ok(done) => Ok(done),
+        Err(Stop::Abandoned(abandoned)) => Err(abandoned),
+        Err(Stop::GaveUp(why)) => Err(Abandoned(why)),
     }
 }
 
@@ -106,6 +179,25 @@ where
     until_done(what, shutdown, attempt)
         .await?
         .map_err(|e| Abandoned(format!("{what}: {e}")))
+}
+
+/// `durable` with a wall-clock bound: past `deadline`, `Stop::GaveUp`, and
+/// the caller moves the purchase on. A permanent error abandons the message,
+/// as with `durable`: it will not go away by waiting, and is a bug to see.
+pub async fn durable_until<T, E, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    deadline: Instant,
+    attempt: F,
+) -> Result<T, Stop>
+where
+    E: Transience + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    retrying(what, shutdown, Some(deadline), attempt)
+        .await?
+        .map_err(|e| Abandoned(format!("{what}: {e}")).into())
 }
 
 impl Transience for crate::stock::StockError {
@@ -196,5 +288,55 @@ mod tests {
         shutdown.cancel();
         let result = until_done("test", &shutdown, || async { Err::<(), _>(Flaky(true)) }).await;
         assert!(result.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_deadline_ends_the_retries_of_a_call_that_keeps_failing() {
+        let shutdown = CancellationToken::new();
+        let started = Instant::now();
+        let mut calls = 0;
+        let result = durable_until(
+            "test",
+            &shutdown,
+            started + Duration::from_millis(300),
+            || {
+                calls += 1;
+                async { Err::<(), _>(Flaky(true)) }
+            },
+        )
+        .await;
+        assert!(matches!(result, Err(Stop::GaveUp(_))), "{result:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "gave up after {took:?}"
+        );
+        assert!(calls >= 3, "{calls} attempts");
+        let started = Instant::now();
+        let result = durable_until(
+            "test",
+            &shutdown,
+            started + Duration::from_millis(300),
+            std::future::pending::<Result<(), Flaky>>,
+        )
+        .await;
+        assert!(
+            matches!(result, Err(Stop::GaveUp(_))),
+            "a call that hangs: {result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let result = durable_until("test", &shutdown, Instant::now(), || async {
+            Err::<(), _>(Flaky(false))
+        })
+        .await;
+        assert!(
+            matches!(result, Err(Stop::Abandoned(_))),
+            "a permanent error: {result:?}"
+        );
+        let result = durable_until("test", &shutdown, Instant::now(), || async {
+            Ok::<_, Flaky>(7)
+        })
+        .await;
+        assert!(matches!(result, Ok(7)));
     }
 }

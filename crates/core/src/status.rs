@@ -91,6 +91,9 @@ pub mod reason {
     pub const PAYMENT_DECLINED: &str = "payment_declined";
     pub const PAYMENT_FAILED: &str = "payment_failed";
     pub const RESERVATION_EXPIRED: &str = "reservation_expired";
+    /// The payment service answered nothing, past the reservation's
+    /// deadline and the retry deadline after it.
+    pub const PAYMENT_UNAVAILABLE: &str = "payment_unavailable";
     /// The buyer's Idempotency-Key named an earlier purchase (another sku,
     /// sale or quantity) that had left the status board.
     pub const IDEMPOTENCY_KEY_REUSED: &str = "idempotency_key_reused";

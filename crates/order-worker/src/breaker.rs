@@ -9,7 +9,7 @@
 //!
 //! A decline or a refused request is an answer, so it counts as a success.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flashsale_core::consume::Abandoned;
@@ -30,20 +30,20 @@ enum State {
 }
 
 pub struct Breaker {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     failures: u32,
     open_for: Duration,
     /// `true` while open or probing: what the consumer pauses on.
-    open: watch::Sender<bool>,
+    open: Arc<watch::Sender<bool>>,
 }
 
 impl Breaker {
     pub fn new(failures: u32, open_for: Duration) -> Self {
         Self {
-            state: Mutex::new(State::Closed { failures: 0 }),
+            state: Arc::new(Mutex::new(State::Closed { failures: 0 })),
             failures: failures.max(1),
             open_for,
-            open: watch::channel(false).0,
+            open: Arc::new(watch::channel(false).0),
         }
     }
 
@@ -91,6 +91,24 @@ impl Breaker {
         }
     }
 
+    /// When the pause is over, lets the consumer take reservations again
+    /// if nobody has probed yet: the calls that opened the breaker may
+    /// all have ended (given up, past their deadline), and with the
+    /// consumer paused no new saga would ever come to probe.
+    fn resume_at(&self, until: Instant) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (state, open) = (self.state.clone(), self.open.clone());
+        runtime.spawn(async move {
+            tokio::time::sleep_until(until).await;
+            let still = *state.lock().unwrap_or_else(|e| e.into_inner()) == State::Open { until };
+            if still {
+                open.send_if_modified(|was| std::mem::replace(was, false));
+            }
+        });
+    }
+
     /// The answer of a call `admit` let through.
     pub fn record(&self, ok: bool) {
         let mut state = self.state();
@@ -107,6 +125,9 @@ impl Breaker {
             (open @ State::Open { .. }, false) => open,
         };
         if next != *state {
+            if let State::Open { until } = next {
+                self.resume_at(until);
+            }
             match next {
                 State::Open { .. } if !matches!(*state, State::Open { .. }) => {
                     tracing::warn!(open_for = ?self.open_for, "payment breaker open")
@@ -154,6 +175,28 @@ mod tests {
         assert!(!second.is_finished(), "a second caller waits for the probe");
         breaker.record(true);
         second.await.unwrap().unwrap();
+        assert!(!breaker.is_open());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_consumer_resumes_after_the_pause_when_no_call_is_left_to_probe() {
+        let breaker = Breaker::new(1, Duration::from_secs(1));
+        let shutdown = CancellationToken::new();
+        let mut open = breaker.watch();
+        breaker.admit(&shutdown).await.unwrap();
+        breaker.record(false);
+        assert!(*open.borrow_and_update(), "opened");
+        // The saga that failed gives up; nobody calls admit again.
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), open.changed())
+            .await
+            .expect("the consumer is let go within the pause and a little")
+            .unwrap();
+        assert!(!*open.borrow(), "resumed");
+        assert!(started.elapsed() >= Duration::from_secs(1));
+        // The next saga probes, and closes it.
+        breaker.admit(&shutdown).await.unwrap();
+        breaker.record(true);
         assert!(!breaker.is_open());
     }
 

@@ -17,11 +17,12 @@ use std::time::Duration;
 use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
 use flashsale_core::consumer_health::ConsumerHealth;
 use flashsale_core::dynamo::{self, DynamoError, Tables};
-use flashsale_core::kafka::{self, KafkaFailure, topic};
+use flashsale_core::kafka::{self, Aside, KafkaFailure, topic};
 use flashsale_core::line::Herald;
 use flashsale_core::messages::{self, Reservation};
 use flashsale_core::orders::OrderStore;
 use flashsale_core::payment::PaymentClient;
+use flashsale_core::retry::Stop;
 use flashsale_core::settings::{
     self, DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
 };
@@ -74,6 +75,10 @@ pub struct Config {
     /// the same reservations runs every saga twice at once, as a partition
     /// taken over from a worker that is only slow does.
     pub group: Option<String>,
+    /// `FLASHSALE_RETRY_DEADLINE_MS`: how long a saga step retries a store
+    /// call or the processor before the purchase takes its failure path
+    /// or its reservation is parked at the tail of the topic.
+    pub give_up_after: Duration,
 }
 
 impl Config {
@@ -98,6 +103,7 @@ impl Config {
                 _ => Some(env.get("ORDER_CRASH_AFTER", CrashPoint::AfterPut)?),
             },
             clock_offset_ms: env.get("ORDER_CLOCK_OFFSET_MS", 0)?,
+            give_up_after: retry::deadline_after(env)?,
             group: match env.string("ORDER_GROUP", "") {
                 group if group.is_empty() => None,
                 group => Some(group),
@@ -132,6 +138,8 @@ pub(crate) struct Metrics {
     pub dynamodb_requests: IntCounterVec,
     /// Saga passes that left the order PENDING.
     pub stalls: IntCounter,
+    /// Reservations put back at the tail of their topic.
+    pub parked: IntCounter,
 }
 
 /// What a saga needs.
@@ -150,6 +158,7 @@ pub(crate) struct Deps {
     pub breaker: breaker::Breaker,
     pub crash_after: Option<CrashPoint>,
     pub clock_offset_ms: i64,
+    pub give_up_after: Duration,
     pub shutdown: CancellationToken,
 }
 
@@ -187,7 +196,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
             Opts::new(
                 "order_charges_total",
                 "Charge calls and lookups by outcome (succeeded, declined, refused, \
-                 unanswered, found_by_key, expired_uncharged, lookup_failed)",
+                 unanswered, found_by_key, expired_uncharged, lookup_failed, given_up, stray_refunded)",
             ),
             &["outcome"],
         )?,
@@ -213,6 +222,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
             "Saga passes that left the order PENDING (a confirm refused, another run of the \
              purchase not done), each followed by a growing wait; a steady rise needs an operator",
         )?,
+        parked: IntCounter::new(
+            "order_parked_total",
+            "Reservations whose saga gave up on a store or the processor past \
+             FLASHSALE_RETRY_DEADLINE_MS and were put back at the tail of their topic",
+        )?,
     };
     registry.register(Box::new(metrics.outcomes.clone()))?;
     registry.register(Box::new(metrics.dead_letters.clone()))?;
@@ -221,6 +235,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
     registry.register(Box::new(metrics.breaker_open.clone()))?;
     registry.register(Box::new(metrics.dynamodb_requests.clone()))?;
     registry.register(Box::new(metrics.stalls.clone()))?;
+    registry.register(Box::new(metrics.parked.clone()))?;
     let stock = StockStore::new(conn.clone(), &config.redis);
     let producer = kafka::producer(&config.kafka)?;
     let deps = Arc::new(Deps {
@@ -230,6 +245,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
             StatusBoard::new(conn, &config.redis),
             producer.clone(),
             &config.kafka,
+            config.give_up_after,
         ),
         stock,
         payment: PaymentClient::new(&config.payment_url, config.payment_timeout),
@@ -241,6 +257,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         breaker: breaker::Breaker::new(config.breaker_failures, config.breaker_open_for),
         crash_after: config.crash_after,
         clock_offset_ms: config.clock_offset_ms,
+        give_up_after: config.give_up_after,
         shutdown: shutdown.clone(),
     });
     let paused = deps.breaker.watch();
@@ -306,19 +323,42 @@ impl Handler for OrderHandler {
                     sku = %reservation.sku,
                     traceparent = kafka::header(&message, kafka::TRACEPARENT).unwrap_or_default()
                 );
-                tracing::Instrument::instrument(saga::run(deps, reservation), span).await
+                let ran =
+                    tracing::Instrument::instrument(saga::run(deps.clone(), reservation), span)
+                        .await;
+                match ran {
+                    Ok(()) => Ok(()),
+                    Err(Stop::Abandoned(abandoned)) => Err(abandoned),
+                    // The partition moves on; the copy resumes the purchase.
+                    Err(Stop::GaveUp(why)) => {
+                        deps.metrics.parked.inc();
+                        kafka::set_aside(
+                            &deps.producer,
+                            &message,
+                            &why,
+                            Aside::Park,
+                            deps.produce_timeout,
+                            &deps.shutdown,
+                        )
+                        .await
+                    }
+                }
             })),
             Err(error) => {
                 let error = error.to_string();
-                tracing::warn!(offset = message.offset(), %error, "dead-lettering a reservation");
                 deps.metrics
                     .dead_letters
                     .with_label_values(&[message.topic()])
                     .inc();
                 Ok(Box::pin(async move {
-                    retry::durable("dead-letter", &deps.shutdown, || {
-                        kafka::dead_letter(&deps.producer, &message, &error, deps.produce_timeout)
-                    })
+                    kafka::set_aside(
+                        &deps.producer,
+                        &message,
+                        &error,
+                        Aside::DeadLetter,
+                        deps.produce_timeout,
+                        &deps.shutdown,
+                    )
                     .await
                 }))
             }

@@ -44,6 +44,7 @@ use flashsale_core::payment::{
     Charge, ChargeMetadata, ChargeOutcome, ChargeRequest, ChargeStatus, PaymentError,
 };
 use flashsale_core::retry;
+use flashsale_core::retry::{Stop, Transience};
 use flashsale_core::status::{PurchaseState, reason};
 use flashsale_core::status_board::Subject;
 use flashsale_core::stock::{CommitOutcome, WithdrawOutcome};
@@ -56,12 +57,12 @@ fn current(written: Written) -> Order {
     }
 }
 
-pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(), Abandoned> {
+pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(), Stop> {
     let now = deps.now_ms();
     let id = reservation.request_id;
     let fresh = Order::pending(&reservation, now);
     let put = timed(&deps, "put", async {
-        retry::durable("put order", &deps.shutdown, || {
+        durable(&deps, "put order", || {
             dynamodb(&deps, "put");
             deps.orders.create(&fresh)
         })
@@ -91,6 +92,7 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
     crash_point(&deps, CrashPoint::AfterPut);
     // Waits between passes that could not move the order on.
     let mut stalled = retry::Backoff::default();
+    let mut stalled_since = None;
     loop {
         tracing::debug!(status = %order.status, "saga step");
         order = match order.status {
@@ -104,6 +106,11 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
                     // purchase not done yet: try again, more and more
                     // slowly, and let an alert see it.
                     deps.metrics.stalls.inc();
+                    let since = *stalled_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() > deps.give_up_after {
+                        // Parked: a later run finds the order as it is then.
+                        return Err(Stop::GaveUp("the order stayed PENDING".into()));
+                    }
                     tracing::warn!("the saga could not move the order on; trying again");
                     wait(&deps, &mut stalled).await?;
                 }
@@ -118,7 +125,16 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
             }
             // The shop-worker posts `cancelled` once the units are back.
             OrderStatus::Cancelled => {
-                refund_stray_charge(&deps, &order).await?;
+                if let Err(stop) = refund_stray_charge(&deps, &order).await {
+                    // The processor cannot say whether another run charged:
+                    // the units go back now (the sale goes on without them
+                    // waiting on the processor), and the parked
+                    // reservation looks again later.
+                    if matches!(stop, Stop::GaveUp(_)) {
+                        release(&deps, &order).await?;
+                    }
+                    return Err(stop);
+                }
                 deps.metrics
                     .outcomes
                     .with_label_values(&["cancelled"])
@@ -131,7 +147,7 @@ pub(crate) async fn run(deps: Arc<Deps>, reservation: Reservation) -> Result<(),
 
 /// Charges a `PENDING` order, then confirms it (Redis commit, DynamoDB
 /// transaction) or cancels it; returns the order as it is stored then.
-async fn settle_pending(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
+async fn settle_pending(deps: &Deps, order: &Order) -> Result<Order, Stop> {
     let request = ChargeRequest {
         amount_cents: order.amount_cents,
         currency: deps.currency.clone(),
@@ -156,6 +172,7 @@ async fn settle_pending(deps: &Deps, order: &Order) -> Result<Order, Abandoned> 
             (reason::PAYMENT_FAILED, None)
         }
         Charged::NeverMade => (reason::RESERVATION_EXPIRED, None),
+        Charged::Unknown => (reason::PAYMENT_UNAVAILABLE, None),
     };
     if !withdraw(deps, order, why).await? {
         // Another run of this purchase was paid and sold its units (its
@@ -174,6 +191,11 @@ enum Charged {
     /// The reservation expired before any attempt was answered, and the
     /// processor confirms it never made the charge.
     NeverMade,
+    /// The processor answered nothing, charges nor lookups, until the
+    /// reservation's deadline and `FLASHSALE_RETRY_DEADLINE_MS` after it:
+    /// the purchase is cancelled, and a charge it may have made is looked
+    /// up (and refunded) by later runs (`refund_stray_charge`).
+    Unknown,
 }
 
 /// Charges with the order id as idempotency key until the processor has
@@ -186,10 +208,23 @@ async fn settle_charge(
     deps: &Deps,
     order: &Order,
     request: &ChargeRequest,
-) -> Result<Charged, Abandoned> {
+) -> Result<Charged, Stop> {
     let mut backoff = retry::Backoff::default();
     let mut unanswered = false;
+    let mut failed = false;
+    let give_up_at_ms = order
+        .expires_at_ms
+        .saturating_add(deps.give_up_after.as_millis() as u64);
     loop {
+        // Only a processor that failed to answer is given up on: one that
+        // answers decides.
+        if failed && deps.now_ms() > give_up_at_ms {
+            count(deps, "given_up");
+            tracing::error!(
+                "the processor answered nothing past the reservation's deadline; cancelling"
+            );
+            return Ok(Charged::Unknown);
+        }
         deps.breaker.admit(&deps.shutdown).await?;
         let expired = deps.now_ms() > order.expires_at_ms;
         if unanswered || expired {
@@ -212,6 +247,7 @@ async fn settle_charge(
                     deps.breaker.record(false);
                     count(deps, "lookup_failed");
                     tracing::warn!(%error, "charge lookup failed; retrying");
+                    failed = true;
                     wait(deps, &mut backoff).await?;
                     continue;
                 }
@@ -239,10 +275,25 @@ async fn settle_charge(
                 count(deps, "unanswered");
                 tracing::warn!(%error, "charge unanswered; looking it up before trying again");
                 unanswered = true;
+                failed = true;
                 wait(deps, &mut backoff).await?;
             }
         }
     }
+}
+
+/// Retries a store call (or the processor) until it succeeds, for at most
+/// `FLASHSALE_RETRY_DEADLINE_MS`: past it the run stops, and the handler
+/// parks the reservation at the tail of its topic, from where a later run
+/// resumes the purchase where the stores say it stopped.
+async fn durable<T, E, F, Fut>(deps: &Deps, what: &str, attempt: F) -> Result<T, Stop>
+where
+    E: Transience + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + deps.give_up_after;
+    retry::durable_until(what, &deps.shutdown, deadline, attempt).await
 }
 
 /// Runs one step, recording how long it took (`order_step_seconds`).
@@ -267,18 +318,18 @@ fn count(deps: &Deps, outcome: &str) {
     deps.metrics.charges.with_label_values(&[outcome]).inc();
 }
 
-async fn wait(deps: &Deps, backoff: &mut retry::Backoff) -> Result<(), Abandoned> {
+async fn wait(deps: &Deps, backoff: &mut retry::Backoff) -> Result<(), Stop> {
     tokio::select! {
-        _ = deps.shutdown.cancelled() => Err(Abandoned("shutting down mid-charge".into())),
+        _ = deps.shutdown.cancelled() => Err(Abandoned("shutting down mid-charge".into()).into()),
         _ = tokio::time::sleep(backoff.next_wait()) => Ok(()),
     }
 }
 
 /// Sells the reserved units in Redis, then confirms the order with its
 /// charge in DynamoDB; or, when the reservation is gone, refunds.
-async fn commit(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, Abandoned> {
+async fn commit(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, Stop> {
     let outcome = timed(deps, "commit", async {
-        retry::durable("commit stock", &deps.shutdown, || {
+        durable(deps, "commit stock", || {
             deps.stock.commit(&order.sku, order.order_id, deps.now_ms())
         })
         .await
@@ -303,20 +354,20 @@ async fn commit(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, Ab
             if !withdraw(deps, order, reason::RESERVATION_EXPIRED).await? {
                 return confirm(deps, order, charge).await;
             }
-            retry::durable("refund", &deps.shutdown, || deps.payment.refund(&charge.id)).await?;
+            durable(deps, "refund", || deps.payment.refund(&charge.id)).await?;
             cancel(deps, order, reason::RESERVATION_EXPIRED, Some(&charge.id)).await
         }
     }
 }
 
 /// Confirms an order whose units are sold, with its charge, in DynamoDB.
-async fn confirm(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, Abandoned> {
+async fn confirm(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, Stop> {
     crash_point(deps, CrashPoint::AfterCommit);
     // Read once: every retry of this delivery must send the same values
     // under the same transaction token.
     let confirmed_at = deps.now_ms();
     let confirmed = timed(deps, "confirm", async {
-        retry::durable("confirm order", &deps.shutdown, || {
+        durable(deps, "confirm order", || {
             dynamodb(deps, "confirm");
             deps.orders.confirm(order, charge, confirmed_at)
         })
@@ -330,8 +381,8 @@ async fn confirm(deps: &Deps, order: &Order, charge: &Charge) -> Result<Order, A
 /// runs of one purchase at once (a partition taken over from a worker that
 /// was only slow), whatever their clocks, never end with one confirming
 /// and the other cancelling. `false` when the units were sold.
-async fn withdraw(deps: &Deps, order: &Order, why: &str) -> Result<bool, Abandoned> {
-    let outcome = retry::durable("withdraw reservation", &deps.shutdown, || {
+async fn withdraw(deps: &Deps, order: &Order, why: &str) -> Result<bool, Stop> {
+    let outcome = durable(deps, "withdraw reservation", || {
         deps.stock.withdraw(&order.sku, order.order_id, why)
     })
     .await?;
@@ -340,22 +391,19 @@ async fn withdraw(deps: &Deps, order: &Order, why: &str) -> Result<bool, Abandon
 }
 
 /// The order as DynamoDB holds it now.
-async fn reread(deps: &Deps, order: &Order) -> Result<Order, Abandoned> {
-    let stored = retry::durable("read order", &deps.shutdown, || {
-        deps.orders.get(order.order_id)
-    })
-    .await?;
+async fn reread(deps: &Deps, order: &Order) -> Result<Order, Stop> {
+    let stored = durable(deps, "read order", || deps.orders.get(order.order_id)).await?;
     Ok(stored.unwrap_or_else(|| order.clone()))
 }
 
 /// A cancelled order records the charge its run made, if any; another run
 /// of the same purchase may have had one answered after this run looked
 /// (or died before its own refund). Such a charge is refunded here.
-async fn refund_stray_charge(deps: &Deps, order: &Order) -> Result<(), Abandoned> {
+async fn refund_stray_charge(deps: &Deps, order: &Order) -> Result<(), Stop> {
     if order.payment_id.is_some() {
         return Ok(());
     }
-    let found = retry::durable("look up a stray charge", &deps.shutdown, || {
+    let found = durable(deps, "look up a stray charge", || {
         deps.payment.find_charge(order.order_id)
     })
     .await?;
@@ -365,7 +413,7 @@ async fn refund_stray_charge(deps: &Deps, order: &Order) -> Result<(), Abandoned
     {
         tracing::warn!(charge = %charge.id, "a cancelled order's purchase was charged by another run; refunding");
         count(deps, "stray_refunded");
-        retry::durable("refund", &deps.shutdown, || deps.payment.refund(&charge.id)).await?;
+        durable(deps, "refund", || deps.payment.refund(&charge.id)).await?;
     }
     Ok(())
 }
@@ -407,8 +455,8 @@ async fn cancel(
     order: &Order,
     why: &str,
     payment_id: Option<&str>,
-) -> Result<Order, Abandoned> {
-    let written = retry::durable("cancel order", &deps.shutdown, || {
+) -> Result<Order, Stop> {
+    let written = durable(deps, "cancel order", || {
         dynamodb(deps, "cancel");
         deps.orders
             .cancel(order.order_id, why, payment_id, deps.now_ms())
@@ -419,7 +467,7 @@ async fn cancel(
 
 /// Asks the shop-worker to give the units back and then post `cancelled`;
 /// its release script acts once, however often this is sent.
-async fn release(deps: &Deps, order: &Order) -> Result<(), Abandoned> {
+async fn release(deps: &Deps, order: &Order) -> Result<(), Stop> {
     send_release(
         deps,
         order.order_id,
@@ -438,7 +486,7 @@ async fn send_release(
     user: &UserId,
     quantity: Quantity,
     why: &str,
-) -> Result<(), Abandoned> {
+) -> Result<(), Stop> {
     let message = StockRelease {
         v: SCHEMA_VERSION,
         request_id: id,
@@ -448,7 +496,7 @@ async fn send_release(
         reason: why.to_owned(),
     };
     let payload = messages::encode(&message);
-    retry::durable("send stock release", &deps.shutdown, || {
+    durable(deps, "send stock release", || {
         kafka::send(
             &deps.producer,
             &deps.release_topic,
@@ -462,7 +510,7 @@ async fn send_release(
     .map(|_| ())
 }
 
-async fn announce(deps: &Deps, order: &Order, state: PurchaseState) -> Result<(), Abandoned> {
+async fn announce(deps: &Deps, order: &Order, state: PurchaseState) -> Result<(), Stop> {
     let subject = Subject {
         id: order.order_id,
         sku: &order.sku,

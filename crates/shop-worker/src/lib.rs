@@ -15,9 +15,10 @@ use std::time::Duration;
 use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
 use flashsale_core::consumer_health::ConsumerHealth;
 use flashsale_core::ids::Sku;
-use flashsale_core::kafka::{self, KafkaFailure, topic};
+use flashsale_core::kafka::{self, Aside, KafkaFailure, topic};
 use flashsale_core::line::Herald;
 use flashsale_core::messages::{self, PurchaseRequest, StockRelease};
+use flashsale_core::retry::Stop;
 use flashsale_core::settings::{Env, KafkaSettings, RedisSettings, SettingError};
 use flashsale_core::status::PurchaseState;
 use flashsale_core::status_board::{StatusBoard, Subject};
@@ -60,6 +61,10 @@ pub struct Config {
     /// partitions that deliver nothing, or sit out of its group, while
     /// records wait, before it joins its group again with a new consumer.
     pub stall_after: Duration,
+    /// `FLASHSALE_RETRY_DEADLINE_MS`: how long a reservation or release
+    /// retries Redis before its message is parked at the tail of its topic
+    /// and the worker moves on.
+    pub give_up_after: Duration,
 }
 
 impl Config {
@@ -77,6 +82,7 @@ impl Config {
             sweep_batch: env.get("EXPIRY_BATCH", 256)?,
             line_patience: env.millis("LINE_PATIENCE_MS", 60_000)?,
             stall_after: consume::stall_after(env)?,
+            give_up_after: retry::deadline_after(env)?,
         })
     }
 }
@@ -98,6 +104,7 @@ struct Metrics {
     reservations: IntCounterVec,
     releases: IntCounterVec,
     dead_letters: IntCounterVec,
+    parked: IntCounterVec,
     expired: IntCounter,
     line: IntCounterVec,
 }
@@ -118,6 +125,12 @@ impl Metrics {
             )?,
             releases: counter("shop_release_total", "Stock releases by outcome", "outcome")?,
             dead_letters: counter("shop_dead_letters_total", "Messages sent to a DLQ", "topic")?,
+            parked: counter(
+                "shop_parked_total",
+                "Messages put back at the tail of their topic: Redis kept failing for them \
+                 past FLASHSALE_RETRY_DEADLINE_MS",
+                "topic",
+            )?,
             line: counter(
                 "shop_line_decided_total",
                 "Buyers in a sku's line decided by a script: served, or why turned away",
@@ -147,6 +160,7 @@ struct Shop {
     max_queue_age_ms: u64,
     line_patience_ms: u64,
     produce_timeout: Duration,
+    give_up_after: Duration,
     metrics: Metrics,
     shutdown: CancellationToken,
 }
@@ -175,6 +189,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
             StatusBoard::new(conn, &config.redis),
             producer.clone(),
             &config.kafka,
+            config.give_up_after,
         ),
         stock,
         producer: producer.clone(),
@@ -183,6 +198,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
         max_queue_age_ms: config.max_queue_age.as_millis() as u64,
         line_patience_ms: config.line_patience.as_millis() as u64,
         produce_timeout: config.kafka.produce_timeout,
+        give_up_after: config.give_up_after,
         metrics,
         shutdown: shutdown.clone(),
     });
@@ -260,18 +276,32 @@ impl Shop {
     async fn reserve(self: Arc<Self>, message: OwnedMessage) -> Result<Completion, Abandoned> {
         let request: PurchaseRequest = match messages::decode(message.payload()) {
             Ok(request) => request,
-            Err(error) => return self.dead_letter(message, error.to_string()).await,
+            Err(error) => {
+                return self
+                    .set_aside(message, error.to_string(), Aside::DeadLetter)
+                    .await;
+            }
         };
         let span =
             tracing::info_span!("reserve", request_id = %request.request_id, sku = %request.sku);
         // A script answer we do not understand is a bug, not bad input:
-        // stop rather than guess and move stock.
-        let answered = retry::durable("reserve", &self.shutdown, || {
-            self.stock
-                .reserve(&request, clock::now_ms(), self.max_queue_age_ms)
-        })
-        .instrument(span.clone())
-        .await?;
+        // stop rather than guess and move stock. A Redis that keeps failing
+        // (this sku's node of a cluster down, writes refused) parks the
+        // purchase rather than holding every purchase behind it.
+        let answered =
+            match retry::durable_until("reserve", &self.shutdown, self.deadline(), || {
+                self.stock
+                    .reserve(&request, clock::now_ms(), self.max_queue_age_ms)
+            })
+            .instrument(span.clone())
+            .await
+            {
+                Ok(answered) => answered,
+                Err(Stop::Abandoned(abandoned)) => return Err(abandoned),
+                Err(Stop::GaveUp(why)) => {
+                    return self.set_aside(message, why, Aside::Park).await;
+                }
+            };
         let label = answered.outcome.label();
         self.metrics.reservations.with_label_values(&[label]).inc();
         tracing::debug!(parent: &span, outcome = label, decided = answered.line.len(), "reserve");
@@ -287,18 +317,15 @@ impl Shop {
                     &self.shutdown,
                 );
                 let line = self.tell_line(&request.sku, &answered.line);
-                tokio::try_join!(mine, line).map(|_| ())
+                let told = tokio::try_join!(mine, line).map(|_| ());
+                self.parked_if_given_up(message, told).await
             }
             .instrument(span),
         ))
     }
 
     /// Tells the waiters a script decided for, counted by outcome.
-    pub(crate) async fn tell_line(
-        &self,
-        sku: &Sku,
-        line: &[Announcement],
-    ) -> Result<(), Abandoned> {
+    pub(crate) async fn tell_line(&self, sku: &Sku, line: &[Announcement]) -> Result<(), Stop> {
         for waiter in line {
             // A unit that came back and went to a waiter.
             let label = match &waiter.outcome {
@@ -316,7 +343,7 @@ impl Shop {
         subject: &Subject<'_>,
         state: PurchaseState,
         reason: Option<&str>,
-    ) -> Result<(), Abandoned> {
+    ) -> Result<(), Stop> {
         self.herald
             .post(subject, state, reason, &self.shutdown)
             .await
@@ -325,9 +352,13 @@ impl Shop {
     async fn release(self: Arc<Self>, message: OwnedMessage) -> Result<Completion, Abandoned> {
         let release: StockRelease = match messages::decode(message.payload()) {
             Ok(release) => release,
-            Err(error) => return self.dead_letter(message, error.to_string()).await,
+            Err(error) => {
+                return self
+                    .set_aside(message, error.to_string(), Aside::DeadLetter)
+                    .await;
+            }
         };
-        let Answered { outcome, line } = retry::durable("release", &self.shutdown, || {
+        let released = retry::durable_until("release", &self.shutdown, self.deadline(), || {
             self.stock.release(
                 &release.sku,
                 release.request_id,
@@ -335,7 +366,12 @@ impl Shop {
                 clock::now_ms(),
             )
         })
-        .await?;
+        .await;
+        let Answered { outcome, line } = match released {
+            Ok(answered) => answered,
+            Err(Stop::Abandoned(abandoned)) => return Err(abandoned),
+            Err(Stop::GaveUp(why)) => return self.set_aside(message, why, Aside::Park).await,
+        };
         let label = outcome.label();
         self.metrics.releases.with_label_values(&[label]).inc();
         tracing::debug!(request_id = %release.request_id, sku = %release.sku, outcome = %label, reason = %release.reason, "stock release");
@@ -364,25 +400,70 @@ impl Shop {
             // The units went to the head of the line: its buyers hear now.
             let cancelled = self.post(&subject, PurchaseState::Cancelled, Some(reason));
             let line = self.tell_line(&release.sku, &line);
-            tokio::try_join!(cancelled, line).map(|_| ())
+            let told = tokio::try_join!(cancelled, line).map(|_| ());
+            self.parked_if_given_up(message, told).await
         }))
     }
 
-    async fn dead_letter(
+    /// When a Redis call for this message gives up.
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.give_up_after
+    }
+
+    /// Moves a message out of the way so that its partition goes on: to
+    /// its DLQ when it can never be processed, or back to the tail of its
+    /// topic when Redis kept failing for it.
+    async fn set_aside(
         self: Arc<Self>,
         message: OwnedMessage,
-        error: String,
+        why: String,
+        to: Aside,
     ) -> Result<Completion, Abandoned> {
-        tracing::warn!(topic = message.topic(), offset = message.offset(), %error, "dead-lettering a message");
-        self.metrics
-            .dead_letters
-            .with_label_values(&[message.topic()])
-            .inc();
+        let counter = match to {
+            Aside::DeadLetter => &self.metrics.dead_letters,
+            Aside::Park => &self.metrics.parked,
+        };
+        counter.with_label_values(&[message.topic()]).inc();
         Ok(Box::pin(async move {
-            retry::durable("dead-letter", &self.shutdown, || {
-                kafka::dead_letter(&self.producer, &message, &error, self.produce_timeout)
-            })
+            kafka::set_aside(
+                &self.producer,
+                &message,
+                &why,
+                to,
+                self.produce_timeout,
+                &self.shutdown,
+            )
             .await
         }))
+    }
+
+    /// The end of a message's work. When a store kept failing past its
+    /// deadline, the message goes back to the tail of its topic and its
+    /// partition moves on: processing is idempotent by request id, so the
+    /// copy resumes where Redis says the purchase stopped.
+    async fn parked_if_given_up(
+        &self,
+        message: OwnedMessage,
+        work: Result<(), Stop>,
+    ) -> Result<(), Abandoned> {
+        match work {
+            Ok(()) => Ok(()),
+            Err(Stop::Abandoned(abandoned)) => Err(abandoned),
+            Err(Stop::GaveUp(why)) => {
+                self.metrics
+                    .parked
+                    .with_label_values(&[message.topic()])
+                    .inc();
+                kafka::set_aside(
+                    &self.producer,
+                    &message,
+                    &why,
+                    Aside::Park,
+                    self.produce_timeout,
+                    &self.shutdown,
+                )
+                .await
+            }
+        }
     }
 }

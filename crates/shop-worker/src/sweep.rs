@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flashsale_core::clock;
-use flashsale_core::consume::Abandoned;
 use flashsale_core::ids::Sku;
 use flashsale_core::retry;
+use flashsale_core::retry::Stop;
 use flashsale_core::status::{PurchaseState, reason};
 use flashsale_core::status_board::Subject;
 use flashsale_core::stock::Answered;
@@ -118,10 +118,11 @@ pub(crate) async fn run(
         };
         let mut complete = true;
         for sku in skus {
-            if let Err(Abandoned(error)) = sweep_sku(&shop, &sku, batch, &progress).await {
+            if let Err(stop) = sweep_sku(&shop, &sku, batch, &progress).await {
                 if shop.shutdown.is_cancelled() {
                     return;
                 }
+                let error = stop.to_string();
                 tracing::warn!(%sku, %error, "expiry sweep failed; next round");
                 progress.failed(error);
                 complete = false;
@@ -135,13 +136,14 @@ pub(crate) async fn run(
 
 /// Sweeps one sku until fewer than a batch were due.
 /// Each failed attempt of its store calls is noted in `progress` (they are
-/// retried until they succeed or the worker stops).
+/// retried until they succeed, their deadline, or the worker stops; then
+/// the next sku is swept, and this one again next round).
 async fn sweep_sku(
     shop: &Shop,
     sku: &Sku,
     batch: usize,
     progress: &SweepProgress,
-) -> Result<(), Abandoned> {
+) -> Result<(), Stop> {
     loop {
         // One id and one `now` per batch, kept across retries: a call whose
         // reply was lost is answered again from the sweep's marker, so the
@@ -151,7 +153,7 @@ async fn sweep_sku(
         let Answered {
             outcome: expired,
             line,
-        } = retry::durable("expire", &shop.shutdown, || {
+        } = retry::durable_until("expire", &shop.shutdown, shop.deadline(), || {
             progress.noted(shop.stock.expire(sku, &sweep_id, now, batch))
         })
         .await?;
@@ -181,7 +183,7 @@ async fn sweep_sku(
     }
     loop {
         let now = clock::now_ms();
-        let line = retry::durable("serve the line", &shop.shutdown, || {
+        let line = retry::durable_until("serve the line", &shop.shutdown, shop.deadline(), || {
             progress.noted(shop.stock.serve(sku, now, shop.line_patience_ms, batch))
         })
         .await?;

@@ -463,25 +463,9 @@ async fn the_sweep_outlives_a_redis_that_refuses_writes() {
     })
     .await;
 
-    let redis = redis::Client::open(p.redis.as_ref().expect("own redis").url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let config = |name: &'static str, value: &'static str| {
-        let mut redis = redis.clone();
-        async move {
-            redis::cmd("CONFIG")
-                .arg("SET")
-                .arg(name)
-                .arg(value)
-                .query_async::<()>(&mut redis)
-                .await
-                .expect("CONFIG SET")
-        }
-    };
-    config("maxmemory-policy", "noeviction").await;
-    config("maxmemory", "1").await;
+    let redis = own_redis_admin(&p).await;
+    redis_config(&redis, "maxmemory-policy", "noeviction").await;
+    redis_config(&redis, "maxmemory", "1").await;
     let shop = p.worker_metrics[0].clone();
     let readiness = || async {
         let response = p.http.get(format!("{shop}/readyz")).send().await.ok()?;
@@ -495,7 +479,7 @@ async fn the_sweep_outlives_a_redis_that_refuses_writes() {
     .await;
     eprintln!("not ready while Redis refuses writes: {why}");
 
-    config("maxmemory", "0").await;
+    redis_config(&redis, "maxmemory", "0").await;
     eventually("every unit given back", SETTLE, || async {
         let levels = p.stores.stock.levels(&sku).await.ok()??;
         (levels.reserved == 0 && levels.available == 5).then_some(())
@@ -516,6 +500,101 @@ async fn the_sweep_outlives_a_redis_that_refuses_writes() {
     let report = p.stores.audit(&sku, true).await.unwrap();
     assert!(report.ok(), "{:?}", report.violations);
     p.stop().await;
+}
+
+/// Redis refuses every write for longer than a reservation may retry
+/// (`FLASHSALE_RETRY_DEADLINE_MS`): the shop-worker parks each purchase it
+/// cannot reserve at the tail of the topic and its partition moves on,
+/// instead of holding every purchase behind the first; once Redis takes
+/// writes again the parked copies are reserved, and every purchase is
+/// confirmed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purchases_redis_keeps_refusing_are_parked_and_their_partition_moves_on() {
+    use flashsale_testkit::flashsale_core::ids::{Quantity, UserId};
+    use flashsale_testkit::flashsale_core::messages::{self, PurchaseRequest};
+
+    let p = Pipeline::start(PipelineOptions {
+        own_redis: true,
+        env: vec![("FLASHSALE_RETRY_DEADLINE_MS", "1500".into())],
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("parked");
+    p.create_sale(&sku, 3, 1).await.unwrap();
+    let redis = own_redis_admin(&p).await;
+    redis_config(&redis, "maxmemory-policy", "noeviction").await;
+    redis_config(&redis, "maxmemory", "1").await;
+
+    let producer = p.producer().expect("a producer");
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let request = PurchaseRequest::new(
+            RequestId::fresh(),
+            sku.clone(),
+            UserId::parse(&format!("parked-{n}")).unwrap(),
+            Quantity::new(1).unwrap(),
+            clock::now_ms(),
+        );
+        kafka::send(
+            &producer,
+            &p.purchase_topic(),
+            sku.as_str(),
+            &messages::encode(&request),
+            kafka::trace_headers(request.request_id),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("produced");
+        ids.push(request.request_id.to_string());
+    }
+    eventually(
+        "the shop-worker committed past the three, Redis still refusing",
+        SETTLE,
+        || async {
+            let committed = p
+                .committed("flashsale-shop", &p.purchase_topic())
+                .await
+                .ok()?;
+            (committed >= 3).then_some(())
+        },
+    )
+    .await;
+    let parked = p
+        .metric(
+            &p.worker_metrics[0],
+            &format!("shop_parked_total{{topic=\"{}\"}}", p.purchase_topic()),
+        )
+        .await;
+    assert!(parked >= 3.0, "{parked} parked");
+
+    redis_config(&redis, "maxmemory", "0").await;
+    for id in &ids {
+        let told = p.terminal(id).await;
+        assert_eq!(told.status.as_str(), "confirmed", "{told:?}");
+    }
+    let by_status = p.money_adds_up(&sku).await;
+    assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&3));
+    p.stop().await;
+}
+
+/// An admin connection to the pipeline's own Redis.
+async fn own_redis_admin(p: &Pipeline) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(p.redis.as_ref().expect("own redis").url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn redis_config(redis: &redis::aio::MultiplexedConnection, name: &str, value: &str) {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query_async::<()>(&mut redis.clone())
+        .await
+        .expect("CONFIG SET")
 }
 
 /// A unit reserved, expired and sold again, then Redis lost before the

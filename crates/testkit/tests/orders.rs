@@ -273,6 +273,87 @@ async fn a_ten_second_outage_opens_the_breaker_and_cancels_nothing() {
     }
 }
 
+/// The processor answers nothing, for longer than any retry may last: a
+/// purchase whose reservation's deadline passes with every charge and
+/// lookup unanswered is cancelled (`payment_unavailable`) once
+/// `FLASHSALE_RETRY_DEADLINE_MS` more have passed, its units go back to
+/// the sale, and its reservation is parked at the tail of the topic
+/// rather than holding its partition. Once the processor is back, the
+/// parked copy finds no charge to refund, and the money adds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_processor_that_never_answers_cancels_the_purchase_and_frees_its_partition() {
+    let p = Pipeline::start(PipelineOptions {
+        env: vec![
+            ("FLASHSALE_PAYMENT_TIMEOUT_MS", "300".into()),
+            ("FLASHSALE_PAYMENT_BREAKER_OPEN_MS", "500".into()),
+            ("FLASHSALE_RETRY_DEADLINE_MS", "2000".into()),
+        ],
+        ..Default::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("deadline");
+    let mut spec = Pipeline::spec(&sku, 1, 1);
+    spec.reservation_ttl = Duration::from_secs(3);
+    p.create_sale_with(&spec).await.expect("a sale");
+    let mut down = StubBehaviour::simple(0.0, 5);
+    down.outage = true;
+    p.stores.payment.set_behaviour(&down).await.expect("outage");
+
+    let first = format!("{}-first", p.prefix);
+    let (status, body) = p.buy(sku.as_str(), &first, Some(&first)).await;
+    assert_eq!(status, 202, "{body}");
+    let first = body["request_id"].as_str().expect("an id").to_owned();
+    let order = eventually(
+        "the order cancelled while the processor is down",
+        Duration::from_secs(60),
+        || async {
+            p.order(&first)
+                .await
+                .filter(|o| o.status == OrderStatus::Cancelled)
+        },
+    )
+    .await;
+    assert_eq!(order.reason.as_deref(), Some("payment_unavailable"));
+    assert_eq!(order.payment_id, None);
+    let reservations = p.topic(flashsale_testkit::flashsale_core::kafka::topic::RESERVATIONS);
+    eventually(
+        "the order stage committed past the reservation, the processor still down",
+        Duration::from_secs(30),
+        || async {
+            let committed = p.committed("flashsale-orders", &reservations).await.ok()?;
+            (committed >= 1).then_some(())
+        },
+    )
+    .await;
+    let order_metrics = p.worker_metrics.last().expect("an order-worker");
+    assert!(p.metric(order_metrics, "order_parked_total").await >= 1.0);
+    let status = p.terminal(&first).await;
+    assert_eq!(status.status.as_str(), "cancelled", "{status:?}");
+    let levels = p
+        .stores
+        .stock
+        .levels(&sku)
+        .await
+        .expect("Redis")
+        .expect("the sale");
+    assert_eq!((levels.available, levels.reserved, levels.sold), (1, 0, 0));
+
+    // Back: the unit sells to the next buyer.
+    p.set_payment(0.0, 5).await.expect("the processor is back");
+    let second = format!("{}-second", p.prefix);
+    let (status, body) = p.buy(sku.as_str(), &second, Some(&second)).await;
+    assert_eq!(status, 202, "{body}");
+    let second = p
+        .terminal(body["request_id"].as_str().expect("an id"))
+        .await;
+    assert_eq!(second.status.as_str(), "confirmed", "{second:?}");
+    let by_status = p.money_adds_up(&sku).await;
+    assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&1));
+    assert_eq!(by_status.get(&OrderStatus::Cancelled), Some(&1));
+    p.stop().await;
+}
+
 /// An order-worker process of the pipeline; with `crash_after`, it aborts
 /// (like SIGKILL: no drain, no commit, no goodbye to the group) there.
 fn order_worker_process(p: &Pipeline, crash_after: Option<&str>) -> ServiceProcess {
