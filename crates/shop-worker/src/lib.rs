@@ -8,6 +8,7 @@
 //! change is an idempotent Lua script, so a redelivered message (after a
 //! crash or a rebalance) changes nothing.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,13 +21,13 @@ use flashsale_core::line::Herald;
 use flashsale_core::messages::{self, PurchaseRequest, StockRelease};
 use flashsale_core::retry::Stop;
 use flashsale_core::settings::{Env, KafkaSettings, RedisSettings, SettingError};
-use flashsale_core::status::PurchaseState;
+use flashsale_core::status::{PurchaseState, reason};
 use flashsale_core::status_board::{StatusBoard, Subject};
 use flashsale_core::stock::{
-    self, Announcement, Answered, ReleaseOutcome, ReserveOutcome, StockStore,
+    self, Announcement, Answered, ReleaseOutcome, ReserveOutcome, StockError, StockStore,
 };
 use flashsale_core::{clock, ops, retry};
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
@@ -107,6 +108,7 @@ struct Metrics {
     parked: IntCounterVec,
     expired: IntCounter,
     line: IntCounterVec,
+    awaiting_stock: IntGauge,
 }
 
 impl Metrics {
@@ -136,6 +138,14 @@ impl Metrics {
                 "Buyers in a sku's line decided by a script: served, or why turned away",
                 "outcome",
             )?,
+            awaiting_stock: {
+                let g = IntGauge::new(
+                    "shop_purchases_awaiting_stock",
+                    "Purchases of skus whose stock Redis lost, waiting for their recovery",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             expired: {
                 let c = IntCounter::new(
                     "shop_expired_total",
@@ -159,10 +169,49 @@ struct Shop {
     release_topic: String,
     max_queue_age_ms: u64,
     line_patience_ms: u64,
+    lost: LostSkus,
     produce_timeout: Duration,
     give_up_after: Duration,
     metrics: Metrics,
     shutdown: CancellationToken,
+}
+
+/// The skus whose stock Redis lost, each with the gate its purchases pass
+/// in arrival order once it is recovered.
+#[derive(Default)]
+struct LostSkus {
+    gates: std::sync::Mutex<HashMap<Sku, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl LostSkus {
+    fn gate(&self, sku: &Sku) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        // A gate nobody holds or waits at is of a sku recovered since.
+        gates.retain(|_, gate| Arc::strong_count(gate) > 1);
+        gates
+            .entry(sku.clone())
+            .or_insert_with(|| {
+                tracing::error!(%sku, "Redis holds no stock for this sku: its purchases wait for `flashsale recover --sku {sku}`; the other skus go on");
+                Arc::default()
+            })
+            .clone()
+    }
+}
+
+/// Counts one in a gauge for as long as it lives.
+struct Counted(IntGauge);
+
+impl Counted {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A running shop-worker.
@@ -197,6 +246,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
         release_topic: config.kafka.topic(topic::STOCK_RELEASES),
         max_queue_age_ms: config.max_queue_age.as_millis() as u64,
         line_patience_ms: config.line_patience.as_millis() as u64,
+        lost: LostSkus::default(),
         produce_timeout: config.kafka.produce_timeout,
         give_up_after: config.give_up_after,
         metrics,
@@ -288,40 +338,112 @@ impl Shop {
         // stop rather than guess and move stock. A Redis that keeps failing
         // (this sku's node of a cluster down, writes refused) parks the
         // purchase rather than holding every purchase behind it.
+        // A sku whose stock Redis lost answers `None`: its purchase waits
+        // for the recovery apart (`await_recovery`), and the purchases of
+        // every other sku go on behind it.
         let answered =
             match retry::durable_until("reserve", &self.shutdown, self.deadline(), || {
-                self.stock
-                    .reserve(&request, clock::now_ms(), self.max_queue_age_ms)
+                self.reserve_loaded(&request)
             })
             .instrument(span.clone())
             .await
             {
-                Ok(answered) => answered,
-                Err(Stop::Abandoned(abandoned)) => return Err(abandoned),
-                Err(Stop::GaveUp(why)) => {
-                    return self.set_aside(message, why, Aside::Park).await;
+                Ok(Some(answered)) => answered,
+                Ok(None) => {
+                    return Ok(Box::pin(
+                        self.await_recovery(message, request).instrument(span),
+                    ));
                 }
+                Err(Stop::Abandoned(abandoned)) => return Err(abandoned),
+                Err(Stop::GaveUp(why)) => return self.set_aside(message, why, Aside::Park).await,
             };
+        Ok(Box::pin(
+            self.tell(message, request, answered).instrument(span),
+        ))
+    }
+
+    /// One reserve call; `None` when Redis holds no stock for the sku.
+    async fn reserve_loaded(
+        &self,
+        request: &PurchaseRequest,
+    ) -> Result<Option<Answered<ReserveOutcome>>, StockError> {
+        loaded(
+            self.stock
+                .reserve(request, clock::now_ms(), self.max_queue_age_ms),
+        )
+        .await
+    }
+
+    /// Tells the buyer (and the line) what the reserve script decided.
+    async fn tell(
+        self: Arc<Self>,
+        message: OwnedMessage,
+        request: PurchaseRequest,
+        answered: Answered<ReserveOutcome>,
+    ) -> Result<(), Abandoned> {
         let label = answered.outcome.label();
         self.metrics.reservations.with_label_values(&[label]).inc();
-        tracing::debug!(parent: &span, outcome = label, decided = answered.line.len(), "reserve");
-        Ok(Box::pin(
-            async move {
-                let herald = &self.herald;
-                let mine = herald.tell(
-                    &request.sku,
-                    request.request_id,
-                    &request.user_id,
-                    request.quantity,
-                    &answered.outcome,
-                    &self.shutdown,
-                );
-                let line = self.tell_line(&request.sku, &answered.line);
-                let told = tokio::try_join!(mine, line).map(|_| ());
-                self.parked_if_given_up(message, told).await
+        tracing::debug!(outcome = label, decided = answered.line.len(), "reserve");
+        let mine = self.herald.tell(
+            &request.sku,
+            request.request_id,
+            &request.user_id,
+            request.quantity,
+            &answered.outcome,
+            &self.shutdown,
+        );
+        let line = self.tell_line(&request.sku, &answered.line);
+        let told = tokio::try_join!(mine, line).map(|_| ());
+        self.parked_if_given_up(message, told).await
+    }
+
+    /// A purchase of a sku whose stock Redis lost waits for
+    /// `flashsale recover --sku`, behind the earlier purchases of the same
+    /// sku (arrival order is kept); when it is rebuilt, the purchase is
+    /// reserved as if it had just arrived. One that outwaits the queue
+    /// cutoff first is rejected `stale`, as it would be after the recovery.
+    async fn await_recovery(
+        self: Arc<Self>,
+        message: OwnedMessage,
+        request: PurchaseRequest,
+    ) -> Result<(), Abandoned> {
+        let _counted = Counted::new(&self.metrics.awaiting_stock);
+        let gate = self.lost.gate(&request.sku);
+        let _turn = gate.lock().await;
+        let mut backoff = retry::Backoff::default();
+        loop {
+            let age = clock::now_ms().saturating_sub(request.accepted_at_ms);
+            if age > self.max_queue_age_ms {
+                let subject = Subject {
+                    id: request.request_id,
+                    sku: &request.sku,
+                    user: &request.user_id,
+                    quantity: request.quantity,
+                };
+                self.metrics
+                    .reservations
+                    .with_label_values(&[reason::STALE])
+                    .inc();
+                let told = self
+                    .post(&subject, PurchaseState::Rejected, Some(reason::STALE))
+                    .await;
+                return self.parked_if_given_up(message, told).await;
             }
-            .instrument(span),
-        ))
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    return Err(Abandoned("shutting down while a sku waits for its recovery".into()));
+                }
+                _ = tokio::time::sleep(backoff.next_wait()) => {}
+            }
+            match self.reserve_loaded(&request).await {
+                Ok(Some(answered)) => return self.clone().tell(message, request, answered).await,
+                Ok(None) => {}
+                Err(error) if error.is_transient() => {
+                    tracing::warn!(%error, "reserve failed while the sku waits for its recovery");
+                }
+                Err(error) => return Err(Abandoned(format!("reserve: {error}"))),
+            }
+        }
     }
 
     /// Tells the waiters a script decided for, counted by outcome.
@@ -465,5 +587,15 @@ impl Shop {
                 .await
             }
         }
+    }
+}
+
+/// A stock call's answer; `None` when Redis holds no stock for the sku.
+pub(crate) async fn loaded<T>(
+    call: impl std::future::Future<Output = Result<T, StockError>>,
+) -> Result<Option<T>, StockError> {
+    match call.await {
+        Err(StockError::Unloaded(_)) => Ok(None),
+        answered => answered.map(Some),
     }
 }

@@ -22,6 +22,8 @@ use flashsale_core::status::{PurchaseState, reason};
 use flashsale_core::status_board::Subject;
 use flashsale_core::stock::Answered;
 
+use crate::loaded;
+
 use crate::Shop;
 
 /// How the sweep is doing, for `/readyz`: a worker whose sweep has not
@@ -150,13 +152,16 @@ async fn sweep_sku(
         // buyers of what it released are still told.
         let sweep_id = uuid::Uuid::now_v7().to_string();
         let now = clock::now_ms();
-        let Answered {
+        let expire = || progress.noted(loaded(shop.stock.expire(sku, &sweep_id, now, batch)));
+        let Some(Answered {
             outcome: expired,
             line,
-        } = retry::durable_until("expire", &shop.shutdown, shop.deadline(), || {
-            progress.noted(shop.stock.expire(sku, &sweep_id, now, batch))
-        })
-        .await?;
+        }) = retry::durable_until("expire", &shop.shutdown, shop.deadline(), expire).await?
+        else {
+            // Redis lost this sku's stock: nothing of it is held until
+            // its recovery, and the other skus are swept meanwhile.
+            return Ok(());
+        };
         shop.tell_line(sku, &line).await?;
         let swept = expired.len();
         if swept > 0 {
@@ -183,10 +188,19 @@ async fn sweep_sku(
     }
     loop {
         let now = clock::now_ms();
-        let line = retry::durable_until("serve the line", &shop.shutdown, shop.deadline(), || {
-            progress.noted(shop.stock.serve(sku, now, shop.line_patience_ms, batch))
-        })
-        .await?;
+        let serve = || {
+            progress.noted(loaded(shop.stock.serve(
+                sku,
+                now,
+                shop.line_patience_ms,
+                batch,
+            )))
+        };
+        let Some(line) =
+            retry::durable_until("serve the line", &shop.shutdown, shop.deadline(), serve).await?
+        else {
+            return Ok(());
+        };
         shop.tell_line(sku, &line).await?;
         if line.len() < batch {
             return Ok(());

@@ -510,9 +510,6 @@ async fn the_sweep_outlives_a_redis_that_refuses_writes() {
 /// confirmed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn purchases_redis_keeps_refusing_are_parked_and_their_partition_moves_on() {
-    use flashsale_testkit::flashsale_core::ids::{Quantity, UserId};
-    use flashsale_testkit::flashsale_core::messages::{self, PurchaseRequest};
-
     let p = Pipeline::start(PipelineOptions {
         own_redis: true,
         env: vec![("FLASHSALE_RETRY_DEADLINE_MS", "1500".into())],
@@ -529,24 +526,8 @@ async fn purchases_redis_keeps_refusing_are_parked_and_their_partition_moves_on(
     let producer = p.producer().expect("a producer");
     let mut ids = Vec::new();
     for n in 0..3 {
-        let request = PurchaseRequest::new(
-            RequestId::fresh(),
-            sku.clone(),
-            UserId::parse(&format!("parked-{n}")).unwrap(),
-            Quantity::new(1).unwrap(),
-            clock::now_ms(),
-        );
-        kafka::send(
-            &producer,
-            &p.purchase_topic(),
-            sku.as_str(),
-            &messages::encode(&request),
-            kafka::trace_headers(request.request_id),
-            Duration::from_secs(5),
-        )
-        .await
-        .expect("produced");
-        ids.push(request.request_id.to_string());
+        let user = format!("{}-parked-{n}", p.prefix);
+        ids.push(produce_purchase(&p, &producer, &sku, &user, clock::now_ms()).await);
     }
     eventually(
         "the shop-worker committed past the three, Redis still refusing",
@@ -576,6 +557,124 @@ async fn purchases_redis_keeps_refusing_are_parked_and_their_partition_moves_on(
     let by_status = p.money_adds_up(&sku).await;
     assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&3));
     p.stop().await;
+}
+
+/// One sku's stock lost (its keys gone, as with the node of a cluster that
+/// held them) while purchases of it and of another sku arrive: the other
+/// sku keeps selling; the lost sku's purchases wait, in arrival order, for
+/// its recovery and are then served, and one that outwaits the queue
+/// cutoff first is rejected `stale`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_sku_waits_for_its_recovery_while_the_others_keep_selling() {
+    let p = Pipeline::start(PipelineOptions {
+        env: vec![("FLASHSALE_MAX_QUEUE_AGE_MS", "20000".into())],
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let (lost, other) = (p.sku("lost"), p.sku("other"));
+    p.create_sale(&lost, 5, 1).await.unwrap();
+    p.create_sale(&other, 5, 1).await.unwrap();
+    p.stores
+        .stock
+        .unload(&lost)
+        .await
+        .expect("the sku's stock is gone");
+
+    let producer = p.producer().expect("a producer");
+    let send = |sku: Sku, user: String, accepted_at_ms: u64| {
+        let (p, producer) = (&p, &producer);
+        async move { produce_purchase(p, producer, &sku, &user, accepted_at_ms).await }
+    };
+    let user = |name: &str| format!("{}-{name}", p.prefix);
+    // Accepted 19 s ago: it outwaits the 20 s cutoff before any recovery.
+    let old = send(lost.clone(), user("old"), clock::now_ms() - 19_000).await;
+    let mut waiting = Vec::new();
+    for n in 0..3 {
+        waiting.push(send(lost.clone(), user(&format!("w{n}")), clock::now_ms()).await);
+    }
+    let mut others = Vec::new();
+    for n in 0..3 {
+        others.push(send(other.clone(), user(&format!("o{n}")), clock::now_ms()).await);
+    }
+
+    for id in &others {
+        let told = p.terminal(id).await;
+        assert_eq!(told.status.as_str(), "confirmed", "{told:?}");
+    }
+    let told = p.terminal(&old).await;
+    assert_eq!(
+        (told.status.as_str(), told.reason.as_deref()),
+        ("rejected", Some("stale")),
+        "{told:?}"
+    );
+    let shop = p.worker_metrics[0].clone();
+    eventually(
+        "three purchases waiting for the lost sku",
+        SETTLE,
+        || async { (p.metric(&shop, "shop_purchases_awaiting_stock").await == 3.0).then_some(()) },
+    )
+    .await;
+    for id in &waiting {
+        let status = p.status_of(id, 0).await;
+        assert!(
+            status.as_ref().is_none_or(|s| !s.status.is_terminal()),
+            "decided before its sku was recovered: {status:?}"
+        );
+    }
+
+    p.stores
+        .recover(&p.cli, &lost, false)
+        .await
+        .expect("the sku is recovered");
+    let mut served_at = Vec::new();
+    for id in &waiting {
+        let told = p.terminal(id).await;
+        assert_eq!(told.status.as_str(), "confirmed", "{told:?}");
+        // Reserved when its deadline was set: one TTL before it.
+        served_at.push(p.order(id).await.expect("an order").expires_at_ms);
+    }
+    assert!(
+        served_at.is_sorted(),
+        "served out of arrival order: {served_at:?}"
+    );
+    for sku in [&lost, &other] {
+        let by_status = p.money_adds_up(sku).await;
+        assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&3));
+    }
+    assert_eq!(p.metric(&shop, "shop_purchases_awaiting_stock").await, 0.0);
+    p.stop().await;
+}
+
+/// Puts a purchase request of one unit straight on the purchase topic, as
+/// a gateway would after admitting it; its request id.
+async fn produce_purchase(
+    p: &Pipeline,
+    producer: &rdkafka::producer::FutureProducer,
+    sku: &Sku,
+    user: &str,
+    accepted_at_ms: u64,
+) -> String {
+    use flashsale_testkit::flashsale_core::ids::{Quantity, UserId};
+    use flashsale_testkit::flashsale_core::messages::{self, PurchaseRequest};
+    let request = PurchaseRequest::new(
+        RequestId::fresh(),
+        sku.clone(),
+        UserId::parse(user).unwrap(),
+        Quantity::new(1).unwrap(),
+        accepted_at_ms,
+    );
+    kafka::send(
+        producer,
+        &p.purchase_topic(),
+        sku.as_str(),
+        &messages::encode(&request),
+        kafka::trace_headers(request.request_id),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("produced");
+    request.request_id.to_string()
 }
 
 /// An admin connection to the pipeline's own Redis.
