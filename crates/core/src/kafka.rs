@@ -94,6 +94,8 @@ pub struct RenewableProducer {
     settings: KafkaSettings,
     current: std::sync::RwLock<FutureProducer>,
     renewals: std::sync::atomic::AtomicU64,
+    /// Records sent, for the test hook `KafkaSettings::test_fatal_after`.
+    sent: std::sync::atomic::AtomicU64,
 }
 
 impl RenewableProducer {
@@ -102,6 +104,7 @@ impl RenewableProducer {
             settings: settings.clone(),
             current: std::sync::RwLock::new(producer(settings)?),
             renewals: std::sync::atomic::AtomicU64::new(0),
+            sent: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -111,6 +114,25 @@ impl RenewableProducer {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// `send` with the current producer.
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: OwnedHeaders,
+        timeout: Duration,
+    ) -> Result<(i32, i64), KafkaFailure> {
+        let sent = send(&self.current(), topic, key, payload, headers, timeout).await;
+        if sent.is_ok()
+            && let Some(after) = self.settings.test_fatal_after
+            && self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == after
+        {
+            self.inject_fatal_error();
+        }
+        sent
     }
 
     /// The fatal error of the current producer, if it had one.
@@ -141,6 +163,28 @@ impl RenewableProducer {
     /// Producers replaced so far.
     pub fn renewals(&self) -> u64 {
         self.renewals.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Replaces the producer as soon as it fails fatally (until then every
+    /// send fails, and readiness says why), every 200 ms until `shutdown`;
+    /// `renewals` follows how many were replaced.
+    pub async fn keep_renewed(
+        self: std::sync::Arc<Self>,
+        renewals: prometheus::IntGauge,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => {
+                    if let Err(error) = self.renew_if_fatal() {
+                        tracing::error!(%error, "cannot make a new Kafka producer; trying again");
+                    }
+                    renewals.set(self.renewals() as i64);
+                }
+            }
+        }
     }
 
     /// For tests only: makes the current producer fail as a fatal
@@ -383,7 +427,7 @@ pub enum Aside {
 /// Moves `message` out of its partition's way, retrying until Kafka takes
 /// it (`Err` only on shutdown); the caller then completes the original.
 pub async fn set_aside(
-    producer: &FutureProducer,
+    producer: &RenewableProducer,
     message: &OwnedMessage,
     why: &str,
     to: Aside,
@@ -393,8 +437,8 @@ pub async fn set_aside(
     tracing::warn!(topic = message.topic(), offset = message.offset(), ?to, parked_before = parked_times(message), %why, "setting a message aside");
     crate::retry::durable("set a message aside", shutdown, || async move {
         match to {
-            Aside::DeadLetter => dead_letter(producer, message, why, timeout).await,
-            Aside::Park => park(producer, message, why, timeout).await,
+            Aside::DeadLetter => dead_letter(&producer.current(), message, why, timeout).await,
+            Aside::Park => park(&producer.current(), message, why, timeout).await,
         }
     })
     .await

@@ -11,7 +11,6 @@
 
 use std::time::Duration;
 
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::ids::{Quantity, RequestId, Sku, UserId};
@@ -27,7 +26,7 @@ use crate::{clock, kafka, retry};
 pub struct Herald {
     pub stock: StockStore,
     pub board: StatusBoard,
-    pub producer: FutureProducer,
+    pub producer: std::sync::Arc<kafka::RenewableProducer>,
     pub reservation_topic: String,
     pub produce_timeout: Duration,
     /// How long one telling retries a store before it gives up
@@ -41,7 +40,7 @@ impl Herald {
     pub fn new(
         stock: StockStore,
         board: StatusBoard,
-        producer: FutureProducer,
+        producer: std::sync::Arc<kafka::RenewableProducer>,
         kafka: &KafkaSettings,
         give_up_after: Duration,
     ) -> Self {
@@ -90,8 +89,7 @@ impl Herald {
                 let payload = messages::encode(&reservation);
                 let key = id.to_string();
                 retry::durable_until("publish reservation", shutdown, self.deadline(), || {
-                    kafka::send(
-                        &self.producer,
+                    self.producer.send(
                         &self.reservation_topic,
                         &key,
                         &payload,

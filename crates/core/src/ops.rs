@@ -97,17 +97,23 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-/// The readiness check of a service that needs Kafka and Redis: metadata
-/// for one of its topics, and a Redis `PING`.
+/// The readiness check of a service that needs Kafka and Redis: a producer
+/// that has not failed fatally (it is being replaced), metadata for one of
+/// its topics, and a Redis `PING`.
 pub fn kafka_and_redis_ready(
-    producer: rdkafka::producer::FutureProducer,
+    producer: Arc<crate::kafka::RenewableProducer>,
     topic: String,
     stock: crate::stock::StockStore,
 ) -> ReadinessCheck {
     Arc::new(move || {
         let (producer, topic, stock) = (producer.clone(), topic.clone(), stock.clone());
         Box::pin(async move {
-            crate::kafka::probe(&producer, &topic)
+            if let Some(fatal) = producer.fatal() {
+                return Err(format!(
+                    "the Kafka producer failed fatally ({fatal}); replacing it"
+                ));
+            }
+            crate::kafka::probe(&producer.current(), &topic)
                 .await
                 .map_err(|e| e.to_string())?;
             stock.ping().await.map_err(|e| e.to_string())?;

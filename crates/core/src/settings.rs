@@ -113,6 +113,10 @@ pub struct KafkaSettings {
     /// kind for good): a member refused for it joins again speaking the
     /// group's (`consume::run`).
     pub consumer_assignment: String,
+    /// `FLASHSALE_KAFKA_TEST_FATAL_AFTER`: for tests only, a service's
+    /// producer fails fatally (librdkafka's test hook) after this many
+    /// records sent (`kafka::RenewableProducer`).
+    pub test_fatal_after: Option<u64>,
 }
 
 impl KafkaSettings {
@@ -123,6 +127,10 @@ impl KafkaSettings {
             partitions: env.get("KAFKA_PARTITIONS", 3)?,
             produce_timeout: env.millis("KAFKA_PRODUCE_TIMEOUT_MS", 5_000)?,
             consumer_assignment: env.string("CONSUMER_ASSIGNMENT", "cooperative-sticky"),
+            test_fatal_after: match env.get("KAFKA_TEST_FATAL_AFTER", 0u64)? {
+                0 => None,
+                n => Some(n),
+            },
         })
     }
 

@@ -457,31 +457,21 @@ async fn enqueue(
             let _permit = permit;
             let started = Instant::now();
             gateway.metrics.in_flight.inc();
-            let producer = gateway.producer.current();
-            let sent = kafka::send(
-                &producer,
-                &gateway.purchase_topic,
-                request.sku.as_str(),
-                &messages::encode(&request),
-                kafka::headers_with_trace(&traceparent),
-                gateway.produce_timeout,
-            )
-            .await;
+            let sent = gateway
+                .producer
+                .send(
+                    &gateway.purchase_topic,
+                    request.sku.as_str(),
+                    &messages::encode(&request),
+                    kafka::headers_with_trace(&traceparent),
+                    gateway.produce_timeout,
+                )
+                .await;
             gateway.metrics.in_flight.dec();
             gateway
                 .metrics
                 .produce_seconds
                 .observe(started.elapsed().as_secs_f64());
-            if sent.is_ok()
-                && let Some(after) = gateway.fatal_after
-                && gateway
-                    .produced
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    + 1
-                    == after
-            {
-                gateway.producer.inject_fatal_error();
-            }
             match sent {
                 Ok(record) => {
                     let subject = Subject {

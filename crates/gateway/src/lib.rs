@@ -76,9 +76,6 @@ pub struct Config {
     /// flags are reread in full, besides following every change as it is
     /// published.
     pub flag_refresh: Duration,
-    /// `FLASHSALE_GATEWAY_TEST_FATAL_AFTER`: for tests only, the producer
-    /// fails fatally after this many produces.
-    pub test_fatal_after: Option<u64>,
     /// `FLASHSALE_GATEWAY_MAX_WAITERS`: long-polls waiting at once; beyond
     /// it a long-poll is answered `429`.
     pub max_waiters: usize,
@@ -116,10 +113,6 @@ impl Config {
             )?,
             flag_refresh: env.millis("GATEWAY_FLAG_REFRESH_MS", 1_000)?,
             max_waiters: env.get("GATEWAY_MAX_WAITERS", 10_000)?,
-            test_fatal_after: match env.get("GATEWAY_TEST_FATAL_AFTER", 0u64)? {
-                0 => None,
-                n => Some(n),
-            },
             clock_offset_ms: env.get("GATEWAY_CLOCK_OFFSET_MS", 0)?,
             auth: auth::AuthSettings::from_env(env)?,
         })
@@ -150,12 +143,8 @@ pub(crate) struct Gateway {
     /// Sales as DynamoDB holds them: what tells a sku Redis lost from one
     /// never sold.
     pub inventory: InventoryStore,
-    /// Replaced when it fails fatally (see `watch_producer`).
+    /// Replaced when it fails fatally (`RenewableProducer::keep_renewed`).
     pub producer: Arc<kafka::RenewableProducer>,
-    /// For tests only: after this many produces, the producer fails as a
-    /// fatal idempotence error would (`FLASHSALE_GATEWAY_TEST_FATAL_AFTER`).
-    pub fatal_after: Option<u64>,
-    pub produced: std::sync::atomic::AtomicU64,
     pub purchase_topic: String,
     pub produce_timeout: Duration,
     pub max_wait: Duration,
@@ -249,8 +238,6 @@ pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::R
         orders: OrderStore::new(dynamo.clone(), &tables),
         inventory: InventoryStore::new(dynamo, &tables),
         producer: Arc::new(kafka::RenewableProducer::new(&config.kafka)?),
-        fatal_after: config.test_fatal_after,
-        produced: std::sync::atomic::AtomicU64::new(0),
         queue: QueueWatch::new(GroupProgress::new(
             &config.kafka,
             &config.kafka.group(group::SHOP),
@@ -273,44 +260,18 @@ pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::R
             as u64,
     });
     tokio::spawn(forget_full_buckets(gateway.clone(), shutdown.clone()));
-    tokio::spawn(watch_producer(gateway.clone(), shutdown.clone()));
-    let ready: ops::ReadinessCheck = {
-        let gateway = gateway.clone();
-        Arc::new(move || {
-            let gateway = gateway.clone();
-            Box::pin(async move {
-                if let Some(fatal) = gateway.producer.fatal() {
-                    return Err(format!(
-                        "the Kafka producer failed fatally ({fatal}); replacing it"
-                    ));
-                }
-                ops::kafka_and_redis_ready(
-                    gateway.producer.current(),
-                    gateway.purchase_topic.clone(),
-                    gateway.stock.clone(),
-                )()
-                .await
-            })
-        })
-    };
+    tokio::spawn(
+        gateway
+            .producer
+            .clone()
+            .keep_renewed(gateway.metrics.producer_renewals.clone(), shutdown.clone()),
+    );
+    let ready = ops::kafka_and_redis_ready(
+        gateway.producer.clone(),
+        gateway.purchase_topic.clone(),
+        gateway.stock.clone(),
+    );
     Ok(api::router(gateway, config.max_body_bytes).merge(ops::router(registry, ready)))
-}
-
-/// Replaces the producer as soon as it fails fatally: until then every
-/// purchase would be refused (and `/readyz` says so).
-async fn watch_producer(gateway: Arc<Gateway>, shutdown: CancellationToken) {
-    let mut every = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = every.tick() => {
-                if let Err(error) = gateway.producer.renew_if_fatal() {
-                    tracing::error!(%error, "cannot make a new Kafka producer; trying again");
-                }
-                gateway.metrics.producer_renewals.set(gateway.producer.renewals() as i64);
-            }
-        }
-    }
 }
 
 /// Keeps the per-buyer buckets to the buyers seen lately.

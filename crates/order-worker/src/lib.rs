@@ -33,7 +33,6 @@ use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 /// Settings of one order-worker.
@@ -140,6 +139,7 @@ pub(crate) struct Metrics {
     pub stalls: IntCounter,
     /// Reservations put back at the tail of their topic.
     pub parked: IntCounter,
+    pub producer_renewals: IntGauge,
 }
 
 /// What a saga needs.
@@ -147,7 +147,7 @@ pub(crate) struct Deps {
     pub orders: OrderStore,
     pub stock: StockStore,
     pub payment: PaymentClient,
-    pub producer: FutureProducer,
+    pub producer: Arc<kafka::RenewableProducer>,
     pub release_topic: String,
     pub produce_timeout: Duration,
     /// Posts statuses, and tells the buyers a commit turned away from the
@@ -222,6 +222,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
             "Saga passes that left the order PENDING (a confirm refused, another run of the \
              purchase not done), each followed by a growing wait; a steady rise needs an operator",
         )?,
+        producer_renewals: IntGauge::new(
+            "order_producer_renewals",
+            "Kafka producers replaced after a fatal error",
+        )?,
         parked: IntCounter::new(
             "order_parked_total",
             "Reservations whose saga gave up on a store or the processor past \
@@ -236,8 +240,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
     registry.register(Box::new(metrics.dynamodb_requests.clone()))?;
     registry.register(Box::new(metrics.stalls.clone()))?;
     registry.register(Box::new(metrics.parked.clone()))?;
+    registry.register(Box::new(metrics.producer_renewals.clone()))?;
     let stock = StockStore::new(conn.clone(), &config.redis);
-    let producer = kafka::producer(&config.kafka)?;
+    let producer = Arc::new(kafka::RenewableProducer::new(&config.kafka)?);
     let deps = Arc::new(Deps {
         orders: OrderStore::new(client, &tables),
         herald: Herald::new(
@@ -260,6 +265,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         give_up_after: config.give_up_after,
         shutdown: shutdown.clone(),
     });
+    tokio::spawn(
+        deps.producer
+            .clone()
+            .keep_renewed(deps.metrics.producer_renewals.clone(), shutdown.clone()),
+    );
     let paused = deps.breaker.watch();
     {
         let (mut open, gauge) = (deps.breaker.watch(), deps.metrics.breaker_open.clone());

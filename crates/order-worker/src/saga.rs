@@ -497,8 +497,7 @@ async fn send_release(
     };
     let payload = messages::encode(&message);
     durable(deps, "send stock release", || {
-        kafka::send(
-            &deps.producer,
+        deps.producer.send(
             &deps.release_topic,
             sku.as_str(),
             &payload,

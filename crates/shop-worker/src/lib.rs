@@ -29,7 +29,6 @@ use flashsale_core::stock::{
 use flashsale_core::{clock, ops, retry};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -109,6 +108,7 @@ struct Metrics {
     expired: IntCounter,
     line: IntCounterVec,
     awaiting_stock: IntGauge,
+    producer_renewals: IntGauge,
 }
 
 impl Metrics {
@@ -138,6 +138,14 @@ impl Metrics {
                 "Buyers in a sku's line decided by a script: served, or why turned away",
                 "outcome",
             )?,
+            producer_renewals: {
+                let g = IntGauge::new(
+                    "shop_producer_renewals",
+                    "Kafka producers replaced after a fatal error",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             awaiting_stock: {
                 let g = IntGauge::new(
                     "shop_purchases_awaiting_stock",
@@ -164,7 +172,7 @@ struct Shop {
     stock: StockStore,
     /// Tells buyers what the scripts decided, this message's and the line's.
     herald: Herald,
-    producer: FutureProducer,
+    producer: Arc<kafka::RenewableProducer>,
     purchase_topic: String,
     release_topic: String,
     max_queue_age_ms: u64,
@@ -228,7 +236,7 @@ pub struct ShopWorker {
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWorker, StartError> {
     kafka::ensure_topics(&config.kafka).await?;
     let conn = stock::connect(&config.redis).await?;
-    let producer = kafka::producer(&config.kafka)?;
+    let producer = Arc::new(kafka::RenewableProducer::new(&config.kafka)?);
     let registry = Registry::new();
     let metrics = Metrics::register(&registry)?;
     let stock = StockStore::new(conn.clone(), &config.redis);
@@ -292,6 +300,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
     let ops_shutdown = shutdown.clone();
     let ops_task = tokio::spawn(ops::serve(listener, app, ops_shutdown));
     tracing::info!(%metrics_addr, group = %options.group, "shop-worker started");
+    tokio::spawn(
+        shop.producer
+            .clone()
+            .keep_renewed(shop.metrics.producer_renewals.clone(), shutdown.clone()),
+    );
     let sweeper = tokio::spawn(sweep::run(
         shop.clone(),
         config.sweep_interval,

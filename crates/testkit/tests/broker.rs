@@ -29,6 +29,7 @@ fn settings(broker: &OwnKafka, prefix: &str) -> KafkaSettings {
         partitions: 3,
         produce_timeout: Duration::from_secs(10),
         consumer_assignment: "range,roundrobin".into(),
+        test_fatal_after: None,
     }
 }
 

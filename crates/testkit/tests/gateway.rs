@@ -737,7 +737,7 @@ async fn a_producer_that_fails_fatally_is_replaced() {
     p.create_sale(&sku, 100, 1).await.unwrap();
     let fragile = p
         .add_gateway(&[
-            ("FLASHSALE_GATEWAY_TEST_FATAL_AFTER", "2".into()),
+            ("FLASHSALE_KAFKA_TEST_FATAL_AFTER", "2".into()),
             ("FLASHSALE_GATEWAY_USER_RPS", "0".into()),
         ])
         .await

@@ -43,6 +43,49 @@ async fn a_purchase_goes_all_the_way_to_confirmed() {
     p.stop().await;
 }
 
+/// Every service's idempotent producer fails fatally after two records
+/// (librdkafka's test hook): each is replaced, within moments, and the sale
+/// finishes clean. A producer that failed fatally fails every record from
+/// then on; before, the shop-worker kept publishing through it and no
+/// purchase after the second was ever reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_services_producer_that_fails_fatally_is_replaced() {
+    let p = Pipeline::start(PipelineOptions {
+        // Half declined: the order-worker sends releases too.
+        decline_rate: 0.5,
+        env: vec![("FLASHSALE_KAFKA_TEST_FATAL_AFTER", "2".into())],
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("fatal");
+    p.create_sale(&sku, 20, 1).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let user = format!("{}-fatal-{n}", p.prefix);
+        let id = eventually("a purchase taken", Duration::from_secs(30), || async {
+            let (status, body) = p.buy(sku.as_str(), &user, Some(&user)).await;
+            (status == 202).then(|| body["request_id"].as_str().map(str::to_owned))?
+        })
+        .await;
+        ids.push(id);
+    }
+    for id in &ids {
+        let told = p.terminal(id).await;
+        assert!(told.status.is_terminal(), "{told:?}");
+    }
+    for (url, gauge) in [
+        (&p.gateway_url, "gateway_producer_renewals"),
+        (&p.worker_metrics[0], "shop_producer_renewals"),
+        (&p.worker_metrics[1], "order_producer_renewals"),
+    ] {
+        assert!(p.metric(url, gauge).await >= 1.0, "{gauge}");
+    }
+    let by_status = p.money_adds_up(&sku).await;
+    assert_eq!(by_status.values().sum::<usize>(), 20, "{by_status:?}");
+    p.stop().await;
+}
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
