@@ -85,6 +85,8 @@ enum Command {
         #[arg(long)]
         sku: Vec<String>,
         /// Rebuild even though Redis still holds the sku (replaces it).
+        /// Refused while shop- or order-workers are running (they are
+        /// named): stop them first, or they would sell beside the rebuild.
         #[arg(long)]
         force: bool,
     },

@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod kafka;
 pub mod lag;
 pub mod line;
+pub mod members;
 pub mod messages;
 pub mod ops;
 pub mod orders;

@@ -54,6 +54,15 @@ pub enum RecoveryError {
         "orders and inventory of {sku} kept changing under the recovery ({detail}); run it again"
     )]
     Unsettled { sku: Sku, detail: String },
+    #[error(
+        "workers still consume while {sku} would be rebuilt under them: {}; stop them (or scale \
+         both groups to zero) and run it again",
+        members.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    LiveMembers {
+        sku: Sku,
+        members: Vec<crate::members::Member>,
+    },
     #[error("{sku}: {reserved} reserved and {sold} sold exceed the total of {total}")]
     Oversold {
         sku: Sku,
@@ -103,6 +112,23 @@ pub async fn recover(
     if sources.stock.status(sku, 0).await?.is_some() {
         if !force {
             return Err(RecoveryError::StillLoaded(sku.clone()));
+        }
+        // The sku is live: a worker reserving or committing beside the
+        // rebuild would be counted by neither, and could oversell.
+        let mut members = Vec::new();
+        for group in [kafka::group::SHOP, kafka::group::ORDERS] {
+            let group = sources.kafka.group(group);
+            members.extend(
+                crate::members::live(sources.stock.connection(), &group)
+                    .await
+                    .map_err(StockError::from)?,
+            );
+        }
+        if !members.is_empty() {
+            return Err(RecoveryError::LiveMembers {
+                sku: sku.clone(),
+                members,
+            });
         }
         sources.stock.unload(sku).await?;
     }

@@ -693,6 +693,13 @@ pub struct StockStore {
 }
 
 impl StockStore {
+    /// The connection the store uses, for what shares its Redis.
+    pub fn connection(&self) -> &RedisConn {
+        &self.conn
+    }
+}
+
+impl StockStore {
     pub fn new(conn: RedisConn, settings: &RedisSettings) -> Self {
         Self {
             conn,

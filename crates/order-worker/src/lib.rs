@@ -19,6 +19,7 @@ use flashsale_core::consumer_health::ConsumerHealth;
 use flashsale_core::dynamo::{self, DynamoError, Tables};
 use flashsale_core::kafka::{self, Aside, KafkaFailure, topic};
 use flashsale_core::line::Herald;
+use flashsale_core::members::Membership;
 use flashsale_core::messages::{self, Reservation};
 use flashsale_core::orders::OrderStore;
 use flashsale_core::payment::PaymentClient;
@@ -310,11 +311,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
     );
     let ops_task = tokio::spawn(ops::serve(listener, app, shutdown.clone()));
     tracing::info!(%metrics_addr, group = %options.group, "order-worker started");
+    let membership = tokio::spawn(
+        Membership::new(
+            deps.stock.connection().clone(),
+            &options.group,
+            "order-worker",
+        )
+        .run(shutdown.clone()),
+    );
     let task = tokio::spawn(async move {
         let stopped = consume::run(consumer, OrderHandler(deps), &options, shutdown.clone()).await;
         // The worker is of no use any more: stop answering probes too.
         shutdown.cancel();
         let _ = ops_task.await;
+        let _ = membership.await;
         stopped
     });
     Ok(OrderWorker { metrics_addr, task })

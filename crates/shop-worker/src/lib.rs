@@ -18,6 +18,7 @@ use flashsale_core::consumer_health::ConsumerHealth;
 use flashsale_core::ids::Sku;
 use flashsale_core::kafka::{self, Aside, KafkaFailure, topic};
 use flashsale_core::line::Herald;
+use flashsale_core::members::Membership;
 use flashsale_core::messages::{self, PurchaseRequest, StockRelease};
 use flashsale_core::retry::Stop;
 use flashsale_core::settings::{Env, KafkaSettings, RedisSettings, SettingError};
@@ -311,12 +312,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
         config.sweep_batch,
         progress,
     ));
+    let membership = tokio::spawn(
+        Membership::new(
+            shop.stock.connection().clone(),
+            &options.group,
+            "shop-worker",
+        )
+        .run(shutdown.clone()),
+    );
     let task = tokio::spawn(async move {
         let stopped = consume::run(consumer, ShopHandler(shop), &options, shutdown.clone()).await;
         // The worker is of no use any more: stop answering probes too.
         shutdown.cancel();
         let _ = sweeper.await;
         let _ = ops_task.await;
+        let _ = membership.await;
         stopped
     });
     Ok(ShopWorker { metrics_addr, task })

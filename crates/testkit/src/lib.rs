@@ -477,6 +477,18 @@ impl Pipeline {
         })
     }
 
+    /// A pipeline with its gateway and no workers: what reaches Kafka
+    /// stays (tests add their own workers, or need none).
+    pub async fn gateways_only() -> Self {
+        Self::start(PipelineOptions {
+            shop_workers: 0,
+            order_workers: 0,
+            ..Default::default()
+        })
+        .await
+        .expect("pipeline starts")
+    }
+
     /// Another gateway instance, with `overrides` on the pipeline's
     /// settings; stopped with the pipeline. Returns its base URL.
     pub async fn add_gateway(&mut self, overrides: &[(&str, String)]) -> anyhow::Result<String> {

@@ -100,7 +100,7 @@ async fn twenty_thousand_buyers_for_two_hundred_units_queue_at_most_the_window()
 /// size (413). Every refusal that may pass says when to retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_limit_answers_its_status_with_retry_after() {
-    let mut p = gateways_only().await;
+    let mut p = Pipeline::gateways_only().await;
     let url = p.gateway_url.clone();
     let sku = p.sku("window");
     p.create_sale(&sku, 3, 1).await.unwrap();
@@ -490,7 +490,7 @@ async fn one_key_sent_twenty_times_at_once_is_queued_once() {
 /// or without a key: the end travels with the flags.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sale_past_its_end_is_refused_from_memory() {
-    let p = gateways_only().await;
+    let p = Pipeline::gateways_only().await;
     let url = p.gateway_url.clone();
     let sku = p.sku("ending");
     p.create_sale_with(&SaleSpec {
@@ -538,7 +538,7 @@ async fn a_sale_past_its_end_is_refused_from_memory() {
 /// with no sale anywhere stays `422`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sale_lost_by_redis_is_unavailable_not_unknown() {
-    let mut p = gateways_only().await;
+    let mut p = Pipeline::gateways_only().await;
     let sku = p.sku("lost-stock");
     p.create_sale(&sku, 5, 1).await.unwrap();
     p.stores.stock.unload(&sku).await.unwrap();
@@ -574,7 +574,7 @@ async fn a_sale_lost_by_redis_is_unavailable_not_unknown() {
 /// let in more buyers than the line holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gateways_whose_clocks_differ_share_one_line_bound() {
-    let mut p = gateways_only().await;
+    let mut p = Pipeline::gateways_only().await;
     let sku = p.sku("two-clocks");
     // 2 units, overbook 1.5: 3 buyers at most hold, wait or are on their way.
     p.create_sale(&sku, 2, 1).await.unwrap();
@@ -732,7 +732,7 @@ async fn long_polls_wait_on_published_changes_not_on_redis() {
 /// buyers refused meanwhile is queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_producer_that_fails_fatally_is_replaced() {
-    let mut p = gateways_only().await;
+    let mut p = Pipeline::gateways_only().await;
     let sku = p.sku("fatal");
     p.create_sale(&sku, 100, 1).await.unwrap();
     let fragile = p
@@ -768,17 +768,6 @@ async fn a_producer_that_fails_fatally_is_replaced() {
     let queued = p.records_in(&p.purchase_topic()).await.unwrap();
     assert_eq!(queued, taken, "a refused purchase reached Kafka");
     p.stop().await;
-}
-
-/// A pipeline with its gateway and no workers: what reaches Kafka stays.
-async fn gateways_only() -> Pipeline {
-    Pipeline::start(PipelineOptions {
-        shop_workers: 0,
-        order_workers: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("pipeline starts")
 }
 
 async fn redis_calls(p: &Pipeline, url: &str) -> f64 {
@@ -849,7 +838,7 @@ const ODD_NUMBERS: &[&str] = &[
 /// fact a valid purchase), never a 5xx; only the 202s reach Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_gets_a_4xx_never_a_5xx_and_never_reaches_kafka() {
-    let mut p = gateways_only().await;
+    let mut p = Pipeline::gateways_only().await;
     // No rate limits: every answer must come from the input alone.
     let url = p
         .add_gateway(&[

@@ -387,13 +387,7 @@ async fn redis_lost_mid_surge_is_recovered_and_the_sale_finishes_clean() {
 /// nothing of it is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sale_that_cannot_be_sold_is_refused_at_create() {
-    let p = Pipeline::start(PipelineOptions {
-        shop_workers: 0,
-        order_workers: 0,
-        ..PipelineOptions::default()
-    })
-    .await
-    .expect("pipeline starts");
+    let p = Pipeline::gateways_only().await;
     let sku = p.sku("invalid");
     type Spoil = fn(&mut sale::SaleSpec);
     let cases: [(&str, Spoil); 5] = [
@@ -643,6 +637,55 @@ async fn a_lost_sku_waits_for_its_recovery_while_the_others_keep_selling() {
         assert_eq!(by_status.get(&OrderStatus::Confirmed), Some(&3));
     }
     assert_eq!(p.metric(&shop, "shop_purchases_awaiting_stock").await, 0.0);
+    p.stop().await;
+}
+
+/// `flashsale recover --force` rebuilds a sku Redis still holds: workers
+/// still consuming would reserve and commit beside the rebuild, counted by
+/// neither. It refuses while the groups have live members, naming them,
+/// and runs once they have stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forced_recovery_refuses_while_workers_consume_and_names_them() {
+    use flashsale_testkit::flashsale_core::recovery::RecoveryError;
+
+    let p = Pipeline::gateways_only().await;
+    let sku = p.sku("forced");
+    p.create_sale(&sku, 5, 1).await.unwrap();
+    let shop = p.add_shop_worker().await.expect("a shop-worker");
+    let order = p.add_order_worker().await.expect("an order-worker");
+
+    let (members, said) = eventually("refused, naming both workers", SETTLE, || async {
+        match p.stores.recover(&p.cli, &sku, true).await {
+            Err(error @ RecoveryError::LiveMembers { .. }) => {
+                let said = error.to_string();
+                let RecoveryError::LiveMembers { members, .. } = error else {
+                    return None;
+                };
+                (members.len() == 2).then_some((members, said))
+            }
+            other => {
+                eprintln!("not refused: {other:?}");
+                None
+            }
+        }
+    })
+    .await;
+    let services: Vec<&str> = members.iter().map(|m| m.service.as_str()).collect();
+    assert_eq!(services, ["shop-worker", "order-worker"]);
+    assert!(said.contains("pid"), "{said}");
+    assert!(
+        p.stores.stock.levels(&sku).await.unwrap().is_some(),
+        "left as it was"
+    );
+
+    shop.stop().await.expect("the shop-worker stops");
+    order.stop().await.expect("the order-worker stops");
+    let recovered = p
+        .stores
+        .recover(&p.cli, &sku, true)
+        .await
+        .expect("recovered once nobody consumes");
+    assert_eq!(recovered.levels.available, 5);
     p.stop().await;
 }
 
