@@ -20,8 +20,9 @@
 //! * partitions assigned, none delivered for `stall_after`, and records
 //!   waiting on them: not ready, and the member rejoins with a new consumer;
 //! * no partitions while the group has records to read: not ready at once,
-//!   unless the group's committed offsets have moved since (then another
-//!   member consumes and this one is a standby, which is healthy); after
+//!   unless the group's committed offsets have moved on at two looks since
+//!   (then another member consumes and this one is a standby, which is
+//!   healthy; one move may be this member's own last commit); after
 //!   `stall_after` without progress the member rejoins with a new consumer.
 
 use std::sync::{Arc, Mutex};
@@ -86,6 +87,10 @@ struct Unassigned {
     since: Instant,
     committed_sum: Option<i64>,
     progress_at: Option<Instant>,
+    /// Observations that found the group's commits moved on. The first may
+    /// be this member's own, as it let its partitions go; a member that
+    /// consumes commits again and again.
+    advances: u32,
 }
 
 impl Judge {
@@ -168,6 +173,7 @@ impl Judge {
             since: now,
             committed_sum: Some(committed_sum),
             progress_at: None,
+            advances: 0,
         });
         if unassigned
             .committed_sum
@@ -175,10 +181,11 @@ impl Judge {
         {
             unassigned.progress_at = Some(now);
             unassigned.committed_sum = Some(committed_sum);
+            unassigned.advances += 1;
         }
         let quiet_since = unassigned.progress_at.unwrap_or(unassigned.since);
         let quiet_for = now.duration_since(quiet_since);
-        if unassigned.progress_at.is_some() && quiet_for < self.stall_after {
+        if unassigned.advances >= 2 && quiet_for < self.stall_after {
             // Another member is consuming: this one is a standby.
             return Verdict::Healthy;
         }
@@ -516,17 +523,38 @@ mod tests {
             Verdict::Healthy
         ));
         let s = |n| t + Duration::from_secs(n);
-        assert_eq!(
+        // One step could be this member's own last commit.
+        assert!(!matches!(
             judge.judge(s(1), &seen(0, 1, known(40, 0, 110))),
+            Verdict::Healthy
+        ));
+        assert_eq!(
+            judge.judge(s(2), &seen(0, 2, known(30, 0, 120))),
             Verdict::Healthy
         );
         assert_eq!(
-            judge.judge(s(10), &seen(0, 10, known(40, 0, 110))),
+            judge.judge(s(10), &seen(0, 10, known(30, 0, 120))),
             Verdict::Healthy
         );
         // The others stopped too: the group's backlog sits unread.
-        let quiet = judge.judge(s(17), &seen(0, 17, known(40, 0, 110)));
+        let quiet = judge.judge(s(17), &seen(0, 17, known(30, 0, 120)));
         assert!(rejoins(&quiet), "{quiet:?}");
+    }
+
+    /// Found in the broker-stall test: a member that lost its partitions
+    /// (a rebalance, a rejoin with a new consumer) commits how far it got
+    /// as it lets them go, and read that one step as another member
+    /// consuming; it answered ready with the group's records unread.
+    #[test]
+    fn a_members_own_last_commit_does_not_make_it_a_standby() {
+        let mut judge = Judge::new(STALL);
+        let t = Instant::now();
+        let s = |n| t + Duration::from_secs(n);
+        judge.judge(t, &seen(0, 0, known(40, 0, 100)));
+        for n in 1..4 {
+            let v = judge.judge(s(n), &seen(0, n, known(34, 0, 106)));
+            assert!(!matches!(v, Verdict::Healthy), "at {n} s: {v:?}");
+        }
     }
 
     #[test]
