@@ -1,9 +1,9 @@
 //! `flashsale lag`: how far the consumer groups are behind, for operators
 //! deciding whether to add workers (and for scripts, as JSON).
 
-use flashsale_core::kafka::{KafkaFailure, group, topic};
-use flashsale_core::lag::{self, GroupLag};
-use flashsale_core::settings::KafkaSettings;
+use flashsale_core::bus::kafka::{KafkaFailure, group, topic};
+use flashsale_core::bus::lag::{self, GroupLag};
+use flashsale_core::service::settings::KafkaSettings;
 
 /// The project's groups and what each consumes, with the deployment's
 /// prefix.

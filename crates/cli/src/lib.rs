@@ -9,16 +9,16 @@ pub mod surge;
 
 use std::time::Duration;
 
+use flashsale_core::dynamo::inventory::InventoryStore;
+use flashsale_core::dynamo::orders::OrderStore;
 use flashsale_core::dynamo::{self, Tables};
-use flashsale_core::inventory::InventoryStore;
-use flashsale_core::orders::OrderStore;
 use flashsale_core::payment::PaymentClient;
-use flashsale_core::settings::{
+use flashsale_core::service::settings::{
     self, DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
 };
-use flashsale_core::status_board::StatusBoard;
+use flashsale_core::status::board::StatusBoard;
 use flashsale_core::stock::{self, StockError, StockStore};
-use flashsale_core::{audit, recovery};
+use flashsale_core::{audit, stock::rebuild};
 
 /// Where the command finds the pipeline: the same `FLASHSALE_*` settings
 /// the services read, so defaults reach the local stack.
@@ -78,15 +78,15 @@ impl Stores {
         config: &Config,
         sku: &flashsale_core::ids::Sku,
         force: bool,
-    ) -> Result<recovery::Recovered, recovery::RecoveryError> {
-        let sources = recovery::Sources {
+    ) -> Result<rebuild::Recovered, rebuild::RecoveryError> {
+        let sources = rebuild::Sources {
             stock: &self.stock,
             inventory: &self.inventory,
             orders: &self.orders,
             payment: &self.payment,
             kafka: &config.kafka,
         };
-        recovery::recover(&sources, sku, force).await
+        rebuild::recover(&sources, sku, force).await
     }
 
     /// Connects, creating the DynamoDB tables if they are missing.

@@ -10,8 +10,8 @@ use flashsale_cli::sale::{self, SaleSpec};
 use flashsale_cli::surge::{self, Arrival, SurgeOptions};
 use flashsale_cli::{Config, Stores};
 use flashsale_core::ids::Sku;
-use flashsale_core::settings::Env;
-use flashsale_core::{kafka, ops};
+use flashsale_core::service::settings::Env;
+use flashsale_core::{bus::kafka, service::ops};
 
 /// Set up, audit and load-test a flashsale pipeline.
 ///

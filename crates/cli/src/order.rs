@@ -3,8 +3,8 @@
 //! charge the payment service holds under the order's idempotency key, and
 //! what the buyer is shown.
 
+use flashsale_core::dynamo::orders::Order;
 use flashsale_core::ids::RequestId;
-use flashsale_core::orders::Order;
 use flashsale_core::payment::Charge;
 use flashsale_core::status::PurchaseStatus;
 use serde::Serialize;

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use flashsale_core::clock;
+use flashsale_core::dynamo::inventory::{RestockWrite, Sale};
 use flashsale_core::ids::Sku;
-use flashsale_core::inventory::{RestockWrite, Sale};
 use flashsale_core::stock::{Restocked, SaleRules, SkuStatus};
 use serde::Serialize;
 use uuid::Uuid;

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flashsale_core::kafka::{self, base_config, topic};
-use flashsale_core::settings::{Env, KafkaSettings};
+use flashsale_core::bus::kafka::{self, base_config, topic};
+use flashsale_core::service::settings::{Env, KafkaSettings};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -8,10 +8,10 @@
 
 use std::time::{Duration, Instant};
 
+use flashsale_core::bus::messages::{PurchaseRequest, SCHEMA_VERSION};
 use flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
-use flashsale_core::messages::{PurchaseRequest, SCHEMA_VERSION};
-use flashsale_core::redis_conn;
-use flashsale_core::settings::{Env, RedisSettings};
+use flashsale_core::service::redis_conn;
+use flashsale_core::service::settings::{Env, RedisSettings};
 use flashsale_core::stock::{ReserveOutcome, SaleRules, SkuKeys, StockStore};
 
 fn arg(name: &str, default: usize) -> usize {

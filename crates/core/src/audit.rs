@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use crate::dynamo::inventory::{InventoryStore, Sale};
+use crate::dynamo::orders::{Order, OrderStatus, OrderStore};
 use crate::ids::Sku;
-use crate::inventory::{InventoryStore, Sale};
-use crate::orders::{Order, OrderStatus, OrderStore};
 use crate::payment::{Charge, ChargeStatus, PaymentClient};
 use crate::stock::{StockLevels, StockStore};
 

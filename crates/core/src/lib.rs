@@ -1,34 +1,26 @@
 //! flashsale-core: what the gateway, the workers, the payment stub and the
-//! `flashsale` command share.
+//! `flashsale` command share, one folder per concept (ARCHITECTURE.md has
+//! the map):
 //!
-//! Types that cannot hold invalid data (`ids`), the messages on the topics
-//! (`messages`), the purchase state machine (`status`), settings, the Lua
-//! stock scripts behind `stock`, the DynamoDB tables (`orders`,
-//! `inventory`), the payment API, the consumer loop both workers run, and
-//! the audit of DESIGN.md's invariants.
+//! * `ids`: identifiers and quantities that cannot hold invalid data;
+//! * `stock`: the stock of each sku in Redis, changed only by its Lua
+//!   scripts; telling buyers what a script decided (`herald`); rebuilding
+//!   a sku after Redis was lost (`rebuild`);
+//! * `dynamo`: the DynamoDB tables, `orders` and `inventory`;
+//! * `bus`: Kafka: producing, the consumer loop both workers run, the
+//!   records on the topics, reading a topic as data, group lag and health;
+//! * `status`: the purchase state machine and the board buyers read;
+//! * `payment`: the payment service's API and client;
+//! * `service`: what every service is built on: settings, the Redis
+//!   connection, health and metrics endpoints, retries, problem answers;
+//! * `audit`: DESIGN.md's invariants, checked across the stores.
 
 pub mod audit;
+pub mod bus;
 pub mod clock;
-pub mod consume;
-pub mod consumer_health;
 pub mod dynamo;
 pub mod ids;
-pub mod inventory;
-pub mod kafka;
-pub mod lag;
-pub mod line;
-pub mod members;
-pub mod messages;
-pub mod ops;
-pub mod orders;
-pub mod partition_work;
 pub mod payment;
-pub mod problem;
-pub mod recovery;
-pub mod redis_conn;
-pub mod retry;
-pub mod settings;
+pub mod service;
 pub mod status;
-pub mod status_board;
 pub mod stock;
-pub mod topic_reader;

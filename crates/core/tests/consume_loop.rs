@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
-use flashsale_core::consumer_health::ConsumerHealth;
-use flashsale_core::kafka::{self, topic};
-use flashsale_core::settings::{Env, KafkaSettings};
+use flashsale_core::bus::consumer::{self, Abandoned, Completion, ConsumerOptions, Handler};
+use flashsale_core::bus::consumer_health::ConsumerHealth;
+use flashsale_core::bus::kafka::{self, topic};
+use flashsale_core::service::settings::{Env, KafkaSettings};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -40,8 +40,8 @@ fn spawn_member<H: Handler>(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<Result<(), Abandoned>> {
     tokio::spawn(async move {
-        let consumer = consume::consumer(&opts).expect("consumer");
-        consume::run(consumer, handler, &opts, shutdown).await
+        let consumer = consumer::consumer(&opts).expect("consumer");
+        consumer::run(consumer, handler, &opts, shutdown).await
     })
 }
 
@@ -104,8 +104,8 @@ async fn a_failed_message_is_delivered_again_after_later_ones_succeeded() {
     let opts = options(&kafka);
     let stopped = tokio::time::timeout(
         Duration::from_secs(60),
-        consume::run(
-            consume::consumer(&opts).expect("consumer"),
+        consumer::run(
+            consumer::consumer(&opts).expect("consumer"),
             first,
             &opts,
             CancellationToken::new(),
@@ -131,8 +131,8 @@ async fn a_failed_message_is_delivered_again_after_later_ones_succeeded() {
     let running = {
         let (opts, shutdown) = (options(&kafka), shutdown.clone());
         tokio::spawn(async move {
-            let consumer = consume::consumer(&opts).expect("consumer");
-            consume::run(consumer, second, &opts, shutdown).await
+            let consumer = consumer::consumer(&opts).expect("consumer");
+            consumer::run(consumer, second, &opts, shutdown).await
         })
     };
     // The first member left its group cleanly: the second joins at once.
@@ -209,9 +209,9 @@ async fn handed_over_settled(assignment: &str) {
     let member = |name: &'static str| {
         let (opts, shutdown, done) = (options(&kafka), shutdown.clone(), done.clone());
         tokio::spawn(async move {
-            let consumer = consume::consumer(&opts).expect("consumer");
+            let consumer = consumer::consumer(&opts).expect("consumer");
             let handler = Slow { member: name, done };
-            consume::run(consumer, handler, &opts, shutdown).await
+            consumer::run(consumer, handler, &opts, shutdown).await
         })
     };
     let first = member("first");
@@ -385,8 +385,8 @@ async fn a_member_joins_a_group_that_speaks_the_other_assignor() {
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let running = tokio::spawn(async move {
-            let consumer = consume::consumer(&opts).expect("consumer");
-            consume::run(
+            let consumer = consumer::consumer(&opts).expect("consumer");
+            consumer::run(
                 consumer,
                 Slow {
                     member: "eager",

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use flashsale_core::bus::messages::{PurchaseRequest, SCHEMA_VERSION};
 use flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
-use flashsale_core::messages::{PurchaseRequest, SCHEMA_VERSION};
-use flashsale_core::redis_conn::{self, RedisConn};
-use flashsale_core::settings::RedisSettings;
+use flashsale_core::service::redis_conn::{self, RedisConn};
+use flashsale_core::service::settings::RedisSettings;
 use flashsale_core::stock::{
     Admission, CommitOutcome, FLAGS_CHANNEL, OpenOutcome, ReleaseOutcome, ReserveOutcome,
     SaleRules, SkuFlags, SkuKeys, StockStore,
@@ -46,7 +46,7 @@ fn settings(backend: Backend) -> RedisSettings {
         url,
         retention: Duration::from_secs(24 * 3600),
         cluster_nodes,
-        sales_key: flashsale_core::settings::sales_key("stock-scripts"),
+        sales_key: flashsale_core::service::settings::sales_key("stock-scripts"),
     }
 }
 

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use flashsale_core::kafka::{self, topic};
-use flashsale_core::settings::{Env, KafkaSettings};
-use flashsale_core::topic_reader;
+use flashsale_core::bus::kafka::{self, topic};
+use flashsale_core::bus::topic_reader;
+use flashsale_core::service::settings::{Env, KafkaSettings};
 
 /// A topic made with more partitions than the settings that later read it
 /// name (partitions added, or a setting changed since): every record of

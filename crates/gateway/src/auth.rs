@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode, header};
 use flashsale_core::ids::UserId;
-use flashsale_core::problem::Problem;
-use flashsale_core::settings::{Env, SettingError};
+use flashsale_core::service::problem::Problem;
+use flashsale_core::service::settings::{Env, SettingError};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};

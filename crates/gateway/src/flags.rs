@@ -29,8 +29,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use flashsale_core::ids::{RequestId, Sku};
-use flashsale_core::settings::RedisSettings;
-use flashsale_core::status_board::STATUS_CHANNEL;
+use flashsale_core::service::settings::RedisSettings;
+use flashsale_core::status::board::STATUS_CHANNEL;
 use flashsale_core::stock::{ADMITTED_CHANNEL, FLAGS_CHANNEL, SkuFlags, StockStore};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;

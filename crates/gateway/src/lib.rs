@@ -22,16 +22,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flashsale_core::bus::kafka::{self, KafkaFailure, group, topic};
+use flashsale_core::bus::topic_reader::GroupProgress;
+use flashsale_core::dynamo::inventory::InventoryStore;
+use flashsale_core::dynamo::orders::OrderStore;
 use flashsale_core::dynamo::{self, Tables};
-use flashsale_core::inventory::InventoryStore;
-use flashsale_core::kafka::{self, KafkaFailure, group, topic};
-use flashsale_core::ops;
-use flashsale_core::orders::OrderStore;
-use flashsale_core::problem::Problem;
-use flashsale_core::settings::{DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError};
-use flashsale_core::status_board::StatusBoard;
+use flashsale_core::service::ops;
+use flashsale_core::service::problem::Problem;
+use flashsale_core::service::settings::{
+    DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
+};
+use flashsale_core::status::board::StatusBoard;
 use flashsale_core::stock::{self, StockError, StockStore};
-use flashsale_core::topic_reader::GroupProgress;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use flashsale_core::kafka::KafkaFailure;
-use flashsale_core::topic_reader::GroupProgress;
+use flashsale_core::bus::kafka::KafkaFailure;
+use flashsale_core::bus::topic_reader::GroupProgress;
 use tokio::sync::Mutex;
 
 const MAX_AGE: Duration = Duration::from_millis(250);

@@ -1,5 +1,5 @@
 //! Long-polls waiting for a purchase's status to change, woken by the
-//! changes the workers publish (`status_board::STATUS_CHANNEL`, followed by
+//! changes the workers publish (`board::STATUS_CHANNEL`, followed by
 //! `flags::follow` on the gateway's one subscription) instead of each
 //! reading Redis again and again. Their number is bounded: beyond it a
 //! long-poll is refused (`429`).

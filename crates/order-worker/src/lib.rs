@@ -14,22 +14,22 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
-use flashsale_core::consumer_health::ConsumerHealth;
+use flashsale_core::bus::consumer::{self, Abandoned, Completion, ConsumerOptions, Handler};
+use flashsale_core::bus::consumer_health::ConsumerHealth;
+use flashsale_core::bus::kafka::{self, Aside, KafkaFailure, topic};
+use flashsale_core::bus::members::Membership;
+use flashsale_core::bus::messages::{self, Reservation};
+use flashsale_core::dynamo::orders::OrderStore;
 use flashsale_core::dynamo::{self, DynamoError, Tables};
-use flashsale_core::kafka::{self, Aside, KafkaFailure, topic};
-use flashsale_core::line::Herald;
-use flashsale_core::members::Membership;
-use flashsale_core::messages::{self, Reservation};
-use flashsale_core::orders::OrderStore;
 use flashsale_core::payment::PaymentClient;
-use flashsale_core::retry::Stop;
-use flashsale_core::settings::{
+use flashsale_core::service::retry::Stop;
+use flashsale_core::service::settings::{
     self, DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
 };
-use flashsale_core::status_board::StatusBoard;
+use flashsale_core::status::board::StatusBoard;
+use flashsale_core::stock::herald::Herald;
 use flashsale_core::stock::{self, StockError, StockStore};
-use flashsale_core::{ops, retry};
+use flashsale_core::{service::ops, service::retry};
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
@@ -95,7 +95,7 @@ impl Config {
                 SocketAddr::from(([127, 0, 0, 1], 9102)),
             )?,
             concurrency: env.get("ORDER_CONCURRENCY", 64)?,
-            stall_after: consume::stall_after(env)?,
+            stall_after: consumer::stall_after(env)?,
             breaker_failures: env.get("PAYMENT_BREAKER_FAILURES", 5)?,
             breaker_open_for: env.millis("PAYMENT_BREAKER_OPEN_MS", 2_000)?,
             crash_after: match env.string("ORDER_CRASH_AFTER", "").as_str() {
@@ -294,7 +294,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         // While the payment breaker is open, reservations wait in Kafka.
         pause: Some(paused),
     };
-    let consumer = consume::consumer(&options)?;
+    let consumer = consumer::consumer(&options)?;
 
     let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
     let metrics_addr = listener.local_addr()?;
@@ -320,7 +320,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         .run(shutdown.clone()),
     );
     let task = tokio::spawn(async move {
-        let stopped = consume::run(consumer, OrderHandler(deps), &options, shutdown.clone()).await;
+        let stopped = consumer::run(consumer, OrderHandler(deps), &options, shutdown.clone()).await;
         // The worker is of no use any more: stop answering probes too.
         shutdown.cancel();
         let _ = ops_task.await;

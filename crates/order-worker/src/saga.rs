@@ -35,18 +35,18 @@
 
 use std::sync::Arc;
 
-use flashsale_core::consume::Abandoned;
+use flashsale_core::bus::consumer::Abandoned;
+use flashsale_core::bus::kafka;
+use flashsale_core::bus::messages::{self, Reservation, SCHEMA_VERSION, StockRelease};
+use flashsale_core::dynamo::orders::{Order, OrderStatus, Written};
 use flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
-use flashsale_core::kafka;
-use flashsale_core::messages::{self, Reservation, SCHEMA_VERSION, StockRelease};
-use flashsale_core::orders::{Order, OrderStatus, Written};
 use flashsale_core::payment::{
     Charge, ChargeMetadata, ChargeOutcome, ChargeRequest, ChargeStatus, PaymentError,
 };
-use flashsale_core::retry;
-use flashsale_core::retry::{Stop, Transience};
+use flashsale_core::service::retry;
+use flashsale_core::service::retry::{Stop, Transience};
+use flashsale_core::status::board::Subject;
 use flashsale_core::status::{PurchaseState, reason};
-use flashsale_core::status_board::Subject;
 use flashsale_core::stock::{CommitOutcome, WithdrawOutcome};
 
 use crate::Deps;

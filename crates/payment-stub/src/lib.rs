@@ -33,9 +33,9 @@ use flashsale_core::payment::{
     Charge, ChargeRequest, ChargeStatus, IDEMPOTENCY_KEY, LatencyModel, Refund, RefundRequest,
     StubBehaviour,
 };
-use flashsale_core::problem::Problem;
-use flashsale_core::settings::{Env, SettingError};
-use flashsale_core::{clock, ops};
+use flashsale_core::service::problem::Problem;
+use flashsale_core::service::settings::{Env, SettingError};
+use flashsale_core::{clock, service::ops};
 use prometheus::{IntCounterVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;

@@ -13,21 +13,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashsale_core::consume::{self, Abandoned, Completion, ConsumerOptions, Handler};
-use flashsale_core::consumer_health::ConsumerHealth;
+use flashsale_core::bus::consumer::{self, Abandoned, Completion, ConsumerOptions, Handler};
+use flashsale_core::bus::consumer_health::ConsumerHealth;
+use flashsale_core::bus::kafka::{self, Aside, KafkaFailure, topic};
+use flashsale_core::bus::members::Membership;
+use flashsale_core::bus::messages::{self, PurchaseRequest, StockRelease};
 use flashsale_core::ids::Sku;
-use flashsale_core::kafka::{self, Aside, KafkaFailure, topic};
-use flashsale_core::line::Herald;
-use flashsale_core::members::Membership;
-use flashsale_core::messages::{self, PurchaseRequest, StockRelease};
-use flashsale_core::retry::Stop;
-use flashsale_core::settings::{Env, KafkaSettings, RedisSettings, SettingError};
+use flashsale_core::service::retry::Stop;
+use flashsale_core::service::settings::{Env, KafkaSettings, RedisSettings, SettingError};
+use flashsale_core::status::board::{StatusBoard, Subject};
 use flashsale_core::status::{PurchaseState, reason};
-use flashsale_core::status_board::{StatusBoard, Subject};
+use flashsale_core::stock::herald::Herald;
 use flashsale_core::stock::{
     self, Announcement, Answered, ReleaseOutcome, ReserveOutcome, StockError, StockStore,
 };
-use flashsale_core::{clock, ops, retry};
+use flashsale_core::{clock, service::ops, service::retry};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
@@ -82,7 +82,7 @@ impl Config {
             sweep_interval: env.millis("EXPIRY_SWEEP_MS", 1_000)?,
             sweep_batch: env.get("EXPIRY_BATCH", 256)?,
             line_patience: env.millis("LINE_PATIENCE_MS", 60_000)?,
-            stall_after: consume::stall_after(env)?,
+            stall_after: consumer::stall_after(env)?,
             give_up_after: retry::deadline_after(env)?,
         })
     }
@@ -271,7 +271,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
         drain_timeout: Duration::from_secs(10),
         pause: None,
     };
-    let consumer = consume::consumer(&options)?;
+    let consumer = consumer::consumer(&options)?;
 
     let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
     let metrics_addr = listener.local_addr()?;
@@ -321,7 +321,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<ShopWo
         .run(shutdown.clone()),
     );
     let task = tokio::spawn(async move {
-        let stopped = consume::run(consumer, ShopHandler(shop), &options, shutdown.clone()).await;
+        let stopped = consumer::run(consumer, ShopHandler(shop), &options, shutdown.clone()).await;
         // The worker is of no use any more: stop answering probes too.
         shutdown.cancel();
         let _ = sweeper.await;
@@ -524,7 +524,7 @@ impl Shop {
             // A sold unit is never given back, and its order is confirmed:
             // a release for it is a bug upstream, not a cancellation.
             tracing::error!(request_id = %release.request_id, "release asked for a committed reservation; ignored");
-            return Ok(consume::done());
+            return Ok(consumer::done());
         }
         // The units are back (now or by an earlier delivery): only now is
         // the purchase settled as cancelled.

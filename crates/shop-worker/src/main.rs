@@ -1,5 +1,5 @@
 use anyhow::Context;
-use flashsale_core::ops;
+use flashsale_core::service::ops;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

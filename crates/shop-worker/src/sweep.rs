@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use flashsale_core::clock;
 use flashsale_core::ids::Sku;
-use flashsale_core::retry;
-use flashsale_core::retry::Stop;
+use flashsale_core::service::retry;
+use flashsale_core::service::retry::Stop;
+use flashsale_core::status::board::Subject;
 use flashsale_core::status::{PurchaseState, reason};
-use flashsale_core::status_board::Subject;
 use flashsale_core::stock::Answered;
 
 use crate::loaded;

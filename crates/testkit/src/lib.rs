@@ -13,15 +13,15 @@ use std::time::Duration;
 
 use flashsale_cli::sale::{self, SaleSpec};
 use flashsale_cli::{Config as CliConfig, Stores};
-use flashsale_core::consume::Abandoned;
+use flashsale_core::bus::consumer::Abandoned;
+use flashsale_core::bus::kafka::{self, topic};
+use flashsale_core::bus::topic_reader;
+use flashsale_core::dynamo::orders::Order;
 use flashsale_core::ids::{RequestId, Sku};
-use flashsale_core::kafka::{self, topic};
-use flashsale_core::orders::Order;
 use flashsale_core::payment::StubBehaviour;
-use flashsale_core::settings::{Env, KafkaSettings};
+use flashsale_core::service::settings::{Env, KafkaSettings};
 use flashsale_core::status::PurchaseStatus;
 use flashsale_core::stock::SaleRules;
-use flashsale_core::topic_reader;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::FutureProducer;
@@ -365,7 +365,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn start(options: PipelineOptions) -> anyhow::Result<Self> {
-        flashsale_core::ops::init_tracing();
+        flashsale_core::service::ops::init_tracing();
         let id = &uuid::Uuid::now_v7().simple().to_string()[20..];
         let prefix = format!("t{id}");
         let stub_env = env_with(&[
@@ -614,8 +614,8 @@ impl Pipeline {
         &self,
         sku: &Sku,
     ) -> anyhow::Result<(
-        flashsale_core::inventory::Sale,
-        Vec<flashsale_core::orders::Order>,
+        flashsale_core::dynamo::inventory::Sale,
+        Vec<flashsale_core::dynamo::orders::Order>,
         Vec<flashsale_core::payment::Charge>,
     )> {
         let sale = self
@@ -639,8 +639,8 @@ impl Pipeline {
     pub async fn money_adds_up(
         &self,
         sku: &Sku,
-    ) -> std::collections::HashMap<flashsale_core::orders::OrderStatus, usize> {
-        use flashsale_core::orders::OrderStatus;
+    ) -> std::collections::HashMap<flashsale_core::dynamo::orders::OrderStatus, usize> {
+        use flashsale_core::dynamo::orders::OrderStatus;
         use flashsale_core::payment::ChargeStatus;
         let (_, orders, charges) = self.sale_books(sku).await.expect("the sale's books");
         let mut per_order: std::collections::HashMap<&str, Vec<_>> = Default::default();

@@ -10,12 +10,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flashsale_testkit::flashsale_core::bus::kafka::{self, topic};
+use flashsale_testkit::flashsale_core::bus::messages::{self, PurchaseRequest, SCHEMA_VERSION};
+use flashsale_testkit::flashsale_core::bus::topic_reader::{self, PartitionRange};
 use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, UserId};
-use flashsale_testkit::flashsale_core::kafka::{self, topic};
-use flashsale_testkit::flashsale_core::messages::{self, PurchaseRequest, SCHEMA_VERSION};
-use flashsale_testkit::flashsale_core::settings::KafkaSettings;
-use flashsale_testkit::flashsale_core::topic_reader::{self, PartitionRange};
-use flashsale_testkit::flashsale_core::{clock, consume};
+use flashsale_testkit::flashsale_core::service::settings::KafkaSettings;
+use flashsale_testkit::flashsale_core::{bus::consumer, clock};
 use flashsale_testkit::{OwnKafka, Pipeline, PipelineOptions, eventually};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -270,7 +270,7 @@ async fn a_stalled_broker_leaves_no_worker_idle_while_ready() {
             })
         })
         .collect();
-    tokio::time::sleep(consume::SESSION_TIMEOUT + Duration::from_secs(3)).await;
+    tokio::time::sleep(consumer::SESSION_TIMEOUT + Duration::from_secs(3)).await;
     let resumed_at = Instant::now();
     broker.resume().unwrap();
     for buyer in during {
@@ -424,7 +424,7 @@ async fn a_killed_workers_replacement_consumes_every_partition_again() {
         took.as_secs_f64()
     );
     assert!(
-        took < consume::SESSION_TIMEOUT * 2 + stall + Duration::from_secs(10),
+        took < consumer::SESSION_TIMEOUT * 2 + stall + Duration::from_secs(10),
         "took {took:?}"
     );
     p.stop().await;

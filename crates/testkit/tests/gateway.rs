@@ -464,7 +464,8 @@ async fn one_key_sent_twenty_times_at_once_is_queued_once() {
         .first_record(&p.purchase_topic(), Duration::from_secs(10))
         .await
         .unwrap();
-    let carried = flashsale_testkit::flashsale_core::kafka::header(&record, "traceparent").unwrap();
+    let carried =
+        flashsale_testkit::flashsale_core::bus::kafka::header(&record, "traceparent").unwrap();
     assert_eq!(
         carried.split('-').nth(1),
         CALLERS_TRACE.split('-').nth(1),
@@ -701,7 +702,7 @@ async fn long_polls_wait_on_published_changes_not_on_redis() {
     })
     .await;
     let user = UserId::parse(&format!("{}-p0", p.prefix)).unwrap();
-    let subject = flashsale_testkit::flashsale_core::status_board::Subject {
+    let subject = flashsale_testkit::flashsale_core::status::board::Subject {
         id: RequestId::parse(&id).unwrap(),
         sku: &sku,
         user: &user,

@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use flashsale_testkit::flashsale_cli::sale::SaleSpec;
+use flashsale_testkit::flashsale_core::bus::messages::{PurchaseRequest, SCHEMA_VERSION};
 use flashsale_testkit::flashsale_core::clock;
 use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
-use flashsale_testkit::flashsale_core::messages::{PurchaseRequest, SCHEMA_VERSION};
 use flashsale_testkit::flashsale_core::stock::{ReserveOutcome, SkuKeys};
 use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
 

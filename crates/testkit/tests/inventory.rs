@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use flashsale_testkit::flashsale_cli::sale;
+use flashsale_testkit::flashsale_core::dynamo::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::ids::{RequestId, Sku};
-use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
 use flashsale_testkit::flashsale_core::stock::SaleRules;
 use flashsale_testkit::flashsale_core::stock::SkuKeys;
-use flashsale_testkit::flashsale_core::{clock, kafka};
+use flashsale_testkit::flashsale_core::{bus::kafka, clock};
 use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
 use serde_json::json;
 
@@ -646,7 +646,7 @@ async fn a_lost_sku_waits_for_its_recovery_while_the_others_keep_selling() {
 /// and runs once they have stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forced_recovery_refuses_while_workers_consume_and_names_them() {
-    use flashsale_testkit::flashsale_core::recovery::RecoveryError;
+    use flashsale_testkit::flashsale_core::stock::rebuild::RecoveryError;
 
     let p = Pipeline::gateways_only().await;
     let sku = p.sku("forced");
@@ -698,8 +698,8 @@ async fn produce_purchase(
     user: &str,
     accepted_at_ms: u64,
 ) -> String {
+    use flashsale_testkit::flashsale_core::bus::messages::{self, PurchaseRequest};
     use flashsale_testkit::flashsale_core::ids::{Quantity, UserId};
-    use flashsale_testkit::flashsale_core::messages::{self, PurchaseRequest};
     let request = PurchaseRequest::new(
         RequestId::fresh(),
         sku.clone(),
@@ -745,12 +745,12 @@ async fn redis_config(redis: &redis::aio::MultiplexedConnection, name: &str, val
 /// refused), the counts equal the orders, and the sale goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_unit_expired_and_sold_again_is_recovered_as_sold_once() {
-    use flashsale_testkit::flashsale_core::messages::{self, Reservation};
-    use flashsale_testkit::flashsale_core::orders::Order;
+    use flashsale_testkit::flashsale_core::bus::messages::{self, Reservation};
+    use flashsale_testkit::flashsale_core::bus::topic_reader;
+    use flashsale_testkit::flashsale_core::dynamo::orders::Order;
     use flashsale_testkit::flashsale_core::payment::{
         ChargeMetadata, ChargeOutcome, ChargeRequest,
     };
-    use flashsale_testkit::flashsale_core::topic_reader;
     use rdkafka::message::Message;
 
     // The order stage is behind: it has seen neither reservation.
@@ -847,6 +847,14 @@ async fn a_unit_expired_and_sold_again_is_recovered_as_sold_once() {
     .await;
     let third = accepted(&p, sku.as_str(), "cyd").await;
     assert_eq!(p.terminal(&third).await.status.as_str(), "confirmed");
+    // The order stage settles the first purchase in its own time (its
+    // saga runs beside the third's): at rest means after it.
+    eventually("the first purchase's order settled", SETTLE, || async {
+        p.order(&first)
+            .await
+            .filter(|o| o.status != OrderStatus::Pending)
+    })
+    .await;
     let by_status = p.money_adds_up(&sku).await;
     assert_eq!(
         (

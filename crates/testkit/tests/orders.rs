@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flashsale_testkit::flashsale_cli::order;
-use flashsale_testkit::flashsale_core::consume::SESSION_TIMEOUT;
+use flashsale_testkit::flashsale_core::bus::consumer::SESSION_TIMEOUT;
+use flashsale_testkit::flashsale_core::dynamo::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::ids::RequestId;
-use flashsale_testkit::flashsale_core::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::payment::{ChargeStatus, LatencyModel, StubBehaviour};
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
 use flashsale_testkit::{Pipeline, PipelineOptions, ServiceProcess, eventually};
@@ -316,7 +316,7 @@ async fn a_processor_that_never_answers_cancels_the_purchase_and_frees_its_parti
     .await;
     assert_eq!(order.reason.as_deref(), Some("payment_unavailable"));
     assert_eq!(order.payment_id, None);
-    let reservations = p.topic(flashsale_testkit::flashsale_core::kafka::topic::RESERVATIONS);
+    let reservations = p.topic(flashsale_testkit::flashsale_core::bus::kafka::topic::RESERVATIONS);
     eventually(
         "the order stage committed past the reservation, the processor still down",
         Duration::from_secs(30),
@@ -572,7 +572,7 @@ async fn a_confirm_that_is_always_refused_backs_off_and_is_counted() {
 /// back, and the buyer is never told the first purchase's `confirmed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_reused_after_the_board_forgot_it_is_refused_not_confirmed() {
-    use flashsale_testkit::flashsale_core::status_board;
+    use flashsale_testkit::flashsale_core::status::board;
     let p = Pipeline::start(PipelineOptions::default())
         .await
         .expect("pipeline starts");
@@ -589,7 +589,7 @@ async fn a_key_reused_after_the_board_forgot_it_is_refused_not_confirmed() {
         let mut redis = redis.clone();
         async move {
             redis::cmd("DEL")
-                .arg(status_board::key(&id))
+                .arg(board::key(&id))
                 .query_async::<i64>(&mut redis)
                 .await
                 .unwrap()

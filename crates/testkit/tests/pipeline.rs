@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use flashsale_testkit::flashsale_core::status_board;
+use flashsale_testkit::flashsale_core::status::board;
 use flashsale_testkit::{Pipeline, PipelineOptions, ServiceProcess, eventually};
 use serde_json::Value;
 
@@ -32,7 +32,7 @@ async fn a_purchase_goes_all_the_way_to_confirmed() {
         .await
         .unwrap();
     let removed: i64 = redis::cmd("DEL")
-        .arg(status_board::key(&id))
+        .arg(board::key(&id))
         .query_async(&mut redis)
         .await
         .unwrap();
@@ -90,13 +90,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use flashsale_testkit::flashsale_cli::surge::{self, Arrival, SurgeOptions};
-use flashsale_testkit::flashsale_core::clock;
-use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, UserId};
-use flashsale_testkit::flashsale_core::kafka::{self, topic};
-use flashsale_testkit::flashsale_core::messages::{
+use flashsale_testkit::flashsale_core::bus::kafka::{self, topic};
+use flashsale_testkit::flashsale_core::bus::messages::{
     self, PurchaseRequest, Reservation, SCHEMA_VERSION,
 };
-use flashsale_testkit::flashsale_core::orders::OrderStatus;
+use flashsale_testkit::flashsale_core::clock;
+use flashsale_testkit::flashsale_core::dynamo::orders::OrderStatus;
+use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, UserId};
 use flashsale_testkit::flashsale_core::payment::ChargeStatus;
 use flashsale_testkit::flashsale_core::stock::ReserveOutcome;
 use rdkafka::message::{Headers, Message};

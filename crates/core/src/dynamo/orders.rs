@@ -78,7 +78,7 @@ pub struct Order {
 impl Order {
     /// Whether this order is the purchase `reservation` describes (and not
     /// an earlier one under the same request id: a reused key).
-    pub fn is_of(&self, reservation: &crate::messages::Reservation) -> bool {
+    pub fn is_of(&self, reservation: &crate::bus::messages::Reservation) -> bool {
         self.sku == reservation.sku
             && self.sale_id == reservation.sale_id
             && self.quantity == reservation.quantity
@@ -86,7 +86,7 @@ impl Order {
 
     /// The `PENDING` order a reservation becomes when the order stage
     /// takes it, at `now_ms`.
-    pub fn pending(reservation: &crate::messages::Reservation, now_ms: u64) -> Self {
+    pub fn pending(reservation: &crate::bus::messages::Reservation, now_ms: u64) -> Self {
         Self {
             order_id: reservation.request_id,
             sku: reservation.sku.clone(),

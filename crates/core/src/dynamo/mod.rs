@@ -5,6 +5,9 @@
 //! DynamoDB Local) and no AWS credentials are configured, it signs with
 //! placeholder credentials, which DynamoDB Local accepts.
 
+pub mod inventory;
+pub mod orders;
+
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
@@ -16,7 +19,7 @@ use aws_sdk_dynamodb::types::{
     ScalarAttributeType, TableStatus,
 };
 
-use crate::settings::DynamoSettings;
+use crate::service::settings::DynamoSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DynamoError {

@@ -16,7 +16,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage, ToB
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::ids::RequestId;
-use crate::settings::KafkaSettings;
+use crate::service::settings::KafkaSettings;
 
 /// Base names of the pipeline's topics; `KafkaSettings::topic` adds the prefix.
 pub mod topic {
@@ -433,9 +433,9 @@ pub async fn set_aside(
     to: Aside,
     timeout: Duration,
     shutdown: &tokio_util::sync::CancellationToken,
-) -> Result<(), crate::consume::Abandoned> {
+) -> Result<(), crate::bus::consumer::Abandoned> {
     tracing::warn!(topic = message.topic(), offset = message.offset(), ?to, parked_before = parked_times(message), %why, "setting a message aside");
-    crate::retry::durable("set a message aside", shutdown, || async move {
+    crate::service::retry::durable("set a message aside", shutdown, || async move {
         match to {
             Aside::DeadLetter => dead_letter(&producer.current(), message, why, timeout).await,
             Aside::Park => park(&producer.current(), message, why, timeout).await,

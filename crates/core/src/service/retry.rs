@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::consume::Abandoned;
+use crate::bus::consumer::Abandoned;
 
 const FIRST_DELAY: Duration = Duration::from_millis(50);
 const MAX_DELAY: Duration = Duration::from_secs(2);
@@ -85,8 +85,8 @@ pub enum Stop {
 /// `FLASHSALE_RETRY_DEADLINE_MS`: how long a worker retries a store call
 /// (or the payment service) for one message before it gives up on it.
 pub fn deadline_after(
-    env: &crate::settings::Env,
-) -> Result<Duration, crate::settings::SettingError> {
+    env: &crate::service::settings::Env,
+) -> Result<Duration, crate::service::settings::SettingError> {
     env.millis("RETRY_DEADLINE_MS", 30_000)
 }
 
@@ -213,7 +213,7 @@ impl Transience for redis::RedisError {
 }
 
 /// Every Kafka failure to produce is retried: the producer is idempotent.
-impl Transience for crate::kafka::KafkaFailure {
+impl Transience for crate::bus::kafka::KafkaFailure {
     fn is_transient(&self) -> bool {
         true
     }

@@ -383,7 +383,7 @@ impl ConsumerHealth {
     pub fn record_lag(
         &self,
         group: &str,
-        partitions: &[crate::lag::PartitionLag],
+        partitions: &[crate::bus::lag::PartitionLag],
         owned: &std::collections::HashSet<(String, i32)>,
     ) {
         self.lag.reset();

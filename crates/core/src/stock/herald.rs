@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::messages::{self, Reservation, SCHEMA_VERSION};
 use crate::ids::{Quantity, RequestId, Sku, UserId};
-use crate::messages::{self, Reservation, SCHEMA_VERSION};
-use crate::retry::Stop;
-use crate::settings::KafkaSettings;
+use crate::service::retry::Stop;
+use crate::service::settings::KafkaSettings;
 use crate::status::PurchaseState;
-use crate::status_board::{StatusBoard, Subject};
+use crate::status::board::{StatusBoard, Subject};
 use crate::stock::{Announcement, ReserveOutcome, StockStore};
-use crate::{clock, kafka, retry};
+use crate::{bus::kafka, clock, service::retry};
 
 #[derive(Clone)]
 pub struct Herald {

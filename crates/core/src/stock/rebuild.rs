@@ -31,16 +31,16 @@ use std::time::Duration;
 use rdkafka::message::Message;
 use serde::Serialize;
 
+use crate::bus::kafka::{self, KafkaFailure, topic};
+use crate::bus::messages::{self, Reservation};
+use crate::bus::topic_reader::{self, PartitionRange};
 use crate::dynamo::DynamoError;
+use crate::dynamo::inventory::{InventoryStore, Sale};
+use crate::dynamo::orders::{Order, OrderStatus, OrderStore};
 use crate::ids::{RequestId, Sku};
-use crate::inventory::{InventoryStore, Sale};
-use crate::kafka::{self, KafkaFailure, topic};
-use crate::messages::{self, Reservation};
-use crate::orders::{Order, OrderStatus, OrderStore};
 use crate::payment::{ChargeStatus, PaymentClient, PaymentError};
-use crate::settings::KafkaSettings;
+use crate::service::settings::KafkaSettings;
 use crate::stock::{RestoredReservation, RestoredState, StockError, StockLevels, StockStore};
-use crate::topic_reader::{self, PartitionRange};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
@@ -61,7 +61,7 @@ pub enum RecoveryError {
     )]
     LiveMembers {
         sku: Sku,
-        members: Vec<crate::members::Member>,
+        members: Vec<crate::bus::members::Member>,
     },
     #[error("{sku}: {reserved} reserved and {sold} sold exceed the total of {total}")]
     Oversold {
@@ -119,7 +119,7 @@ pub async fn recover(
         for group in [kafka::group::SHOP, kafka::group::ORDERS] {
             let group = sources.kafka.group(group);
             members.extend(
-                crate::members::live(sources.stock.connection(), &group)
+                crate::bus::members::live(sources.stock.connection(), &group)
                     .await
                     .map_err(StockError::from)?,
             );

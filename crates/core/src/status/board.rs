@@ -8,15 +8,15 @@
 
 use std::collections::HashMap;
 
-use crate::redis_conn::RedisConn;
+use crate::service::redis_conn::RedisConn;
 use redis::AsyncCommands;
 
 use crate::ids::{Quantity, RequestId, Sku, UserId};
-use crate::settings::RedisSettings;
+use crate::service::settings::RedisSettings;
 use crate::status::{PurchaseState, PurchaseStatus};
 
 static POST: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("lua/purchase_status.lua")));
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("purchase_status.lua")));
 
 /// Where `purchase_status.lua` publishes the request id of every status it
 /// writes: what a gateway's long-polls wait on. Outside any hash tag: Redis

@@ -15,10 +15,10 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::bus::kafka::KafkaFailure;
+use crate::bus::topic_reader::{blocking, ranges_of, reader};
 use crate::clock;
-use crate::kafka::KafkaFailure;
-use crate::settings::KafkaSettings;
-use crate::topic_reader::{blocking, ranges_of, reader};
+use crate::service::settings::KafkaSettings;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -1,6 +1,8 @@
 //! The states a purchase goes through and the rule that a state never goes
 //! backwards, whatever order the workers' writes arrive in.
 
+pub mod board;
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -8,7 +8,7 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-use crate::settings::RedisSettings;
+use crate::service::settings::RedisSettings;
 
 const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 const RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

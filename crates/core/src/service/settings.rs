@@ -111,7 +111,7 @@ pub struct KafkaSettings {
     /// the partitions that must move on a rebalance. A group keeps the kind
     /// it began with (tansu 0.6 stores it and refuses members of the other
     /// kind for good): a member refused for it joins again speaking the
-    /// group's (`consume::run`).
+    /// group's (`consumer::run`).
     pub consumer_assignment: String,
     /// `FLASHSALE_KAFKA_TEST_FATAL_AFTER`: for tests only, a service's
     /// producer fails fatally (librdkafka's test hook) after this many

@@ -43,10 +43,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer_health::{Backlog, ConsumerHealth, Judge, Observation, Verdict};
-use crate::kafka::{KafkaFailure, base_config};
-use crate::partition_work::{PartitionWork, TopicPartition};
-use crate::settings::KafkaSettings;
+use crate::bus::consumer_health::{Backlog, ConsumerHealth, Judge, Observation, Verdict};
+use crate::bus::kafka::{KafkaFailure, base_config};
+use crate::bus::partition_work::{PartitionWork, TopicPartition};
+use crate::service::settings::KafkaSettings;
 
 /// The consumer the workers run.
 pub type WorkConsumer = StreamConsumer<RebalanceContext>;
@@ -95,7 +95,9 @@ pub struct ConsumerOptions {
 }
 
 /// `FLASHSALE_CONSUMER_STALL_MS`, the workers' `stall_after`.
-pub fn stall_after(env: &crate::settings::Env) -> Result<Duration, crate::settings::SettingError> {
+pub fn stall_after(
+    env: &crate::service::settings::Env,
+) -> Result<Duration, crate::service::settings::SettingError> {
     env.millis("CONSUMER_STALL_MS", 15_000)
 }
 
@@ -492,7 +494,7 @@ async fn export_lag(
             .map(|a| partitions_in(&a).collect())
             .unwrap_or_default();
         drop(member);
-        match crate::lag::group_lag(&kafka, &group, &topics, false).await {
+        match crate::bus::lag::group_lag(&kafka, &group, &topics, false).await {
             Ok(lag) => health.record_lag(&group, &lag.partitions, &owned),
             Err(error) => tracing::debug!(%error, "reading the group's lag failed"),
         }
@@ -505,7 +507,7 @@ fn backlog(consumer: &WorkConsumer, topics: &[String]) -> Result<Backlog, String
     let mut all = TopicPartitionList::new();
     let mut ends = std::collections::HashMap::new();
     for topic in topics {
-        let ranges = crate::topic_reader::ranges_of(consumer, topic, ASK_TIMEOUT)
+        let ranges = crate::bus::topic_reader::ranges_of(consumer, topic, ASK_TIMEOUT)
             .map_err(|e| format!("end offsets of {topic}: {e}"))?;
         for range in ranges {
             all.add_partition(topic, range.partition);

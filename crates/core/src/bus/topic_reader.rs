@@ -11,8 +11,8 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::kafka::{KafkaFailure, base_config};
-use crate::settings::KafkaSettings;
+use crate::bus::kafka::{KafkaFailure, base_config};
+use crate::service::settings::KafkaSettings;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 

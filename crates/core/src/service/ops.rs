@@ -101,7 +101,7 @@ pub fn shutdown_on_signal() -> CancellationToken {
 /// that has not failed fatally (it is being replaced), metadata for one of
 /// its topics, and a Redis `PING`.
 pub fn kafka_and_redis_ready(
-    producer: Arc<crate::kafka::RenewableProducer>,
+    producer: Arc<crate::bus::kafka::RenewableProducer>,
     topic: String,
     stock: crate::stock::StockStore,
 ) -> ReadinessCheck {
@@ -113,7 +113,7 @@ pub fn kafka_and_redis_ready(
                     "the Kafka producer failed fatally ({fatal}); replacing it"
                 ));
             }
-            crate::kafka::probe(&producer.current(), &topic)
+            crate::bus::kafka::probe(&producer.current(), &topic)
                 .await
                 .map_err(|e| e.to_string())?;
             stock.ping().await.map_err(|e| e.to_string())?;
@@ -126,7 +126,7 @@ pub fn kafka_and_redis_ready(
 /// group with partitions that deliver, or idle with nothing to read).
 pub fn with_consumer(
     check: ReadinessCheck,
-    health: crate::consumer_health::ConsumerHealth,
+    health: crate::bus::consumer_health::ConsumerHealth,
 ) -> ReadinessCheck {
     Arc::new(move || {
         let (check, health) = (check.clone(), health.clone());
@@ -146,7 +146,9 @@ pub fn with_consumer(
 pub async fn service_main<C, Fut>(
     name: &str,
     help: &str,
-    config: impl FnOnce(&crate::settings::Env) -> Result<C, crate::settings::SettingError>,
+    config: impl FnOnce(
+        &crate::service::settings::Env,
+    ) -> Result<C, crate::service::settings::SettingError>,
     run: impl FnOnce(C, CancellationToken) -> Fut,
 ) -> anyhow::Result<()>
 where
@@ -158,7 +160,7 @@ where
         return Ok(());
     }
     init_tracing();
-    let config = config(&crate::settings::Env::process())?;
+    let config = config(&crate::service::settings::Env::process())?;
     tracing::info!(?config, "starting {name}");
     run(config, shutdown_on_signal()).await
 }

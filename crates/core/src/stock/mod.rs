@@ -5,15 +5,18 @@
 //! id, and take `now` from the caller, so replaying a Kafka message (or
 //! racing two workers on one) never moves a unit twice.
 
+pub mod herald;
+pub mod rebuild;
+
 use std::collections::HashMap;
 
 use redis::AsyncCommands;
 use serde::Serialize;
 
+use crate::bus::messages::PurchaseRequest;
 use crate::ids::{Quantity, RequestId, Sku, UserId};
-use crate::messages::PurchaseRequest;
-use crate::redis_conn::{self, RedisConn};
-use crate::settings::RedisSettings;
+use crate::service::redis_conn::{self, RedisConn};
+use crate::service::settings::RedisSettings;
 
 macro_rules! script {
     ($name:ident, $file:literal) => {

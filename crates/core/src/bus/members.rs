@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock;
-use crate::redis_conn::RedisConn;
+use crate::service::redis_conn::RedisConn;
 
 /// How often a worker notes that it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
