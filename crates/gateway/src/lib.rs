@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flashsale_core::bus::kafka::{self, KafkaFailure, group, topic};
+use flashsale_core::bus::kafka::{self, group, topic};
 use flashsale_core::bus::topic_reader::GroupProgress;
 use flashsale_core::dynamo::inventory::InventoryStore;
 use flashsale_core::dynamo::orders::OrderStore;
@@ -32,8 +32,10 @@ use flashsale_core::service::problem::Problem;
 use flashsale_core::service::settings::{
     DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
 };
+pub use flashsale_core::service::start::StartError;
+use flashsale_core::service::start::bind;
 use flashsale_core::status::board::StatusBoard;
-use flashsale_core::stock::{self, StockError, StockStore};
+use flashsale_core::stock::{self, StockStore};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -121,23 +123,6 @@ impl Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Kafka(#[from] KafkaFailure),
-    #[error("connecting to Redis: {0}")]
-    Redis(#[from] StockError),
-    #[error("binding {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("registering metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-    #[error("buyers' tokens: {0}")]
-    Auth(#[from] auth::AuthSetupError),
-}
-
 pub(crate) struct Gateway {
     pub stock: StockStore,
     pub board: StatusBoard,
@@ -191,16 +176,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<RunningGateway, StartError> {
     let app = app(&config, shutdown.clone()).await?;
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.addr,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.addr,
-        source,
-    })?;
+    let (listener, local_addr) = bind(config.addr).await?;
     tracing::info!(%local_addr, "gateway listening");
     Ok(RunningGateway {
         local_addr,
@@ -214,7 +190,8 @@ pub async fn start(
 /// drive in process.
 pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::Router, StartError> {
     // First: a key that cannot be used stops the start before any connection.
-    let auth = auth::Authenticator::from_settings(&config.auth)?;
+    let auth = auth::Authenticator::from_settings(&config.auth)
+        .map_err(|e| StartError::Setup(format!("buyers' tokens: {e}")))?;
     kafka::ensure_topics(&config.kafka).await?;
     let conn = stock::connect(&config.redis).await?;
     let registry = prometheus::Registry::new();

@@ -16,19 +16,20 @@ use std::time::Duration;
 
 use flashsale_core::bus::consumer::{self, Abandoned, Completion, ConsumerOptions, Handler};
 use flashsale_core::bus::consumer_health::ConsumerHealth;
-use flashsale_core::bus::kafka::{self, Aside, KafkaFailure, topic};
-use flashsale_core::bus::members::Membership;
+use flashsale_core::bus::kafka::{self, Aside, topic};
 use flashsale_core::bus::messages::{self, Reservation};
 use flashsale_core::dynamo::orders::OrderStore;
-use flashsale_core::dynamo::{self, DynamoError, Tables};
+use flashsale_core::dynamo::{self, Tables};
 use flashsale_core::payment::PaymentClient;
 use flashsale_core::service::retry::Stop;
 use flashsale_core::service::settings::{
     self, DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
 };
+use flashsale_core::service::start::StartError;
+use flashsale_core::service::worker::{self, RunningWorker, WorkerParts};
 use flashsale_core::status::board::StatusBoard;
 use flashsale_core::stock::herald::Herald;
-use flashsale_core::stock::{self, StockError, StockStore};
+use flashsale_core::stock::{self, StockStore};
 use flashsale_core::{service::ops, service::retry};
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -112,20 +113,6 @@ impl Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Kafka(#[from] KafkaFailure),
-    #[error("connecting to Redis: {0}")]
-    Redis(#[from] StockError),
-    #[error("preparing DynamoDB tables: {0}")]
-    Dynamo(#[from] DynamoError),
-    #[error("binding the metrics address: {0}")]
-    Bind(#[from] std::io::Error),
-    #[error("registering metrics: {0}")]
-    Metrics(#[from] prometheus::Error),
-}
-
 #[derive(Clone)]
 pub(crate) struct Metrics {
     pub outcomes: IntCounterVec,
@@ -170,14 +157,10 @@ impl Deps {
     }
 }
 
-pub struct OrderWorker {
-    pub metrics_addr: SocketAddr,
-    /// Ends when the worker has left its group: `Err` if it stopped because
-    /// a message could not be processed (its offset stays uncommitted).
-    pub task: tokio::task::JoinHandle<Result<(), Abandoned>>,
-}
-
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderWorker, StartError> {
+pub async fn start(
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<RunningWorker, StartError> {
     kafka::ensure_topics(&config.kafka).await?;
     let client = dynamo::client(&config.dynamo).await;
     let tables = Tables::new(&config.dynamo);
@@ -266,11 +249,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         give_up_after: config.give_up_after,
         shutdown: shutdown.clone(),
     });
-    tokio::spawn(
-        deps.producer
-            .clone()
-            .keep_renewed(deps.metrics.producer_renewals.clone(), shutdown.clone()),
-    );
     let paused = deps.breaker.watch();
     {
         let (mut open, gauge) = (deps.breaker.watch(), deps.metrics.breaker_open.clone());
@@ -280,7 +258,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
             }
         });
     }
-    let options = ConsumerOptions {
+    let consumer = ConsumerOptions {
         kafka: config.kafka.clone(),
         stall_after: config.stall_after,
         health: ConsumerHealth::register(&registry)?,
@@ -294,40 +272,26 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<OrderW
         // While the payment breaker is open, reservations wait in Kafka.
         pause: Some(paused),
     };
-    let consumer = consumer::consumer(&options)?;
-
-    let listener = tokio::net::TcpListener::bind(config.metrics_addr).await?;
-    let metrics_addr = listener.local_addr()?;
-    let app = ops::router(
-        registry,
-        ops::with_consumer(
-            ops::kafka_and_redis_ready(
+    worker::start(
+        WorkerParts {
+            name: "order-worker",
+            consumer,
+            metrics_addr: config.metrics_addr,
+            registry,
+            ready: ops::kafka_and_redis_ready(
                 deps.producer.clone(),
                 deps.release_topic.clone(),
                 deps.stock.clone(),
             ),
-            options.health.clone(),
-        ),
-    );
-    let ops_task = tokio::spawn(ops::serve(listener, app, shutdown.clone()));
-    tracing::info!(%metrics_addr, group = %options.group, "order-worker started");
-    let membership = tokio::spawn(
-        Membership::new(
-            deps.stock.connection().clone(),
-            &options.group,
-            "order-worker",
-        )
-        .run(shutdown.clone()),
-    );
-    let task = tokio::spawn(async move {
-        let stopped = consumer::run(consumer, OrderHandler(deps), &options, shutdown.clone()).await;
-        // The worker is of no use any more: stop answering probes too.
-        shutdown.cancel();
-        let _ = ops_task.await;
-        let _ = membership.await;
-        stopped
-    });
-    Ok(OrderWorker { metrics_addr, task })
+            producer: deps.producer.clone(),
+            producer_renewals: deps.metrics.producer_renewals.clone(),
+            redis: deps.stock.connection().clone(),
+            background: Vec::new(),
+            handler: OrderHandler(deps),
+        },
+        shutdown,
+    )
+    .await
 }
 
 struct OrderHandler(Arc<Deps>);

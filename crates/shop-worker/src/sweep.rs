@@ -22,7 +22,7 @@ use flashsale_core::status::board::Subject;
 use flashsale_core::status::{PurchaseState, reason};
 use flashsale_core::stock::Answered;
 
-use crate::loaded;
+use crate::handler::loaded;
 
 use crate::Shop;
 

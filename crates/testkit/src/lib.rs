@@ -20,6 +20,7 @@ use flashsale_core::dynamo::orders::Order;
 use flashsale_core::ids::{RequestId, Sku};
 use flashsale_core::payment::StubBehaviour;
 use flashsale_core::service::settings::{Env, KafkaSettings};
+use flashsale_core::service::worker::RunningWorker;
 use flashsale_core::status::PurchaseStatus;
 use flashsale_core::stock::SaleRules;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -333,6 +334,14 @@ pub struct Worker {
 }
 
 impl Worker {
+    fn of(running: RunningWorker, shutdown: CancellationToken) -> Self {
+        Self {
+            metrics_url: format!("http://{}", running.metrics_addr),
+            shutdown,
+            task: running.task,
+        }
+    }
+
     /// SIGTERM, in effect: finish in-flight work, commit, leave the group.
     /// `Err` if the worker had stopped on its own before.
     pub async fn stop(self) -> anyhow::Result<()> {
@@ -807,30 +816,16 @@ async fn start_gateway(
 
 async fn start_shop_worker(env: &Env, pipeline: &CancellationToken) -> anyhow::Result<Worker> {
     let shutdown = pipeline.child_token();
-    let worker = flashsale_shop_worker::start(
-        flashsale_shop_worker::Config::from_env(env)?,
-        shutdown.clone(),
-    )
-    .await?;
-    Ok(Worker {
-        metrics_url: format!("http://{}", worker.metrics_addr),
-        shutdown,
-        task: worker.task,
-    })
+    let config = flashsale_shop_worker::Config::from_env(env)?;
+    let running = flashsale_shop_worker::start(config, shutdown.clone()).await?;
+    Ok(Worker::of(running, shutdown))
 }
 
 async fn start_order_worker(env: &Env, pipeline: &CancellationToken) -> anyhow::Result<Worker> {
     let shutdown = pipeline.child_token();
-    let worker = flashsale_order_worker::start(
-        flashsale_order_worker::Config::from_env(env)?,
-        shutdown.clone(),
-    )
-    .await?;
-    Ok(Worker {
-        metrics_url: format!("http://{}", worker.metrics_addr),
-        shutdown,
-        task: worker.task,
-    })
+    let config = flashsale_order_worker::Config::from_env(env)?;
+    let running = flashsale_order_worker::start(config, shutdown.clone()).await?;
+    Ok(Worker::of(running, shutdown))
 }
 
 /// A service binary built next to the running test (`./scripts/test`

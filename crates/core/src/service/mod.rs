@@ -1,10 +1,13 @@
 //! What every service is built on: its settings (`settings`), its Redis
 //! connection (`redis_conn`), the endpoints operators use and how it stops
-//! (`ops`), retrying with a deadline (`retry`), and the problem answers of
-//! its HTTP errors (`problem`).
+//! (`ops`), retrying with a deadline (`retry`), the problem answers of
+//! its HTTP errors (`problem`), what its start can fail on (`start`), and
+//! the skeleton both workers stand on (`worker`).
 
 pub mod ops;
 pub mod problem;
 pub mod redis_conn;
 pub mod retry;
 pub mod settings;
+pub mod start;
+pub mod worker;
