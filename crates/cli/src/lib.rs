@@ -45,7 +45,7 @@ impl Config {
 }
 
 /// Clients of every store the command reads or writes.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Stores {
     pub stock: StockStore,
     pub board: StatusBoard,

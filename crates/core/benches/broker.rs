@@ -23,6 +23,8 @@
 //!
 //! Prints one JSON object per history size.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark stops at its first failure
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -6,6 +6,8 @@
 //! Prints one JSON object: requests, batch, seconds, reservations per second,
 //! and the memory a processed request costs in Redis.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark stops at its first failure
+
 use std::time::{Duration, Instant};
 
 use flashsale_core::bus::messages::{PurchaseRequest, SCHEMA_VERSION};

@@ -236,7 +236,7 @@ pub enum ChargeOutcome {
     Declined(Charge),
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct PaymentClient {
     http: reqwest::Client,
     base: String,

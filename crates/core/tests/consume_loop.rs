@@ -2,6 +2,8 @@
 //! `./scripts/test`): a message whose work fails is never committed past,
 //! even when later messages of its partition succeed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure here is the test's answer
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! Reading a topic as data (recovery, audits): every partition the broker
 //! has, whatever this deployment's settings say.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure here is the test's answer
+
 use std::time::Duration;
 
 use flashsale_core::bus::kafka::{self, topic};

@@ -5,6 +5,8 @@
 //!
 //!   FLASHSALE_NOOP_ADDR=127.0.0.1:18090 cargo bench -p flashsale-gateway --bench noop
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark stops at its first failure
+
 use axum::extract::DefaultBodyLimit;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;

@@ -146,6 +146,19 @@ pub struct Authenticator {
     keys: Vec<TrustedKey>,
 }
 
+/// The keys' ids and algorithms, never their material.
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(
+                self.keys
+                    .iter()
+                    .map(|k| (k.id.as_deref(), &k.validation.algorithms)),
+            )
+            .finish()
+    }
+}
+
 #[derive(Deserialize)]
 struct Claims {
     sub: String,

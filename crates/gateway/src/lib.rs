@@ -165,6 +165,7 @@ impl Gateway {
     }
 }
 
+#[derive(Debug)]
 pub struct RunningGateway {
     pub local_addr: SocketAddr,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,

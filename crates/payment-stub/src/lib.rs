@@ -252,6 +252,7 @@ pub fn declines(key: &str, rate: f64) -> bool {
     (stable_hash(key.as_bytes()) as f64 / u64::MAX as f64) < rate
 }
 
+#[derive(Debug)]
 pub struct PaymentStub {
     pub local_addr: SocketAddr,
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,

@@ -7,6 +7,8 @@
 //! without seeing each other's data. Sku names are unique per pipeline too,
 //! because Redis is shared.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failure is the test's answer
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -61,6 +63,7 @@ pub fn env_with_more(env: &Env, more: &[(&str, String)]) -> Env {
 
 /// A `redis-server` child process of one pipeline, with the local stack's
 /// durability (`appendfsync always`), that a test may kill and wipe.
+#[derive(Debug)]
 pub struct OwnRedis {
     port: u16,
     dir: std::path::PathBuf,
@@ -159,6 +162,7 @@ impl Drop for OwnRedis {
 /// stack's own script (`infra/local/stack.sh`, so with the stack's index
 /// and trimming), for tests that stall, restart or trim it without
 /// disturbing the tests that share the suite's broker.
+#[derive(Debug)]
 pub struct OwnKafka {
     port: u16,
     dir: std::path::PathBuf,
@@ -326,6 +330,7 @@ impl Default for PipelineOptions {
 }
 
 /// One worker of a pipeline, stoppable on its own (an operator scaling in).
+#[derive(Debug)]
 pub struct Worker {
     /// Base URL of its `/metrics`, `/healthz`, `/readyz`.
     pub metrics_url: String,
@@ -350,6 +355,7 @@ impl Worker {
     }
 }
 
+#[derive(Debug)]
 pub struct Pipeline {
     /// Unique to this pipeline: the prefix of its topics, groups and tables.
     pub prefix: String,
@@ -848,6 +854,7 @@ pub fn service_binary(name: &str) -> std::path::PathBuf {
 /// A service running as a process of its own, killed (SIGKILL) when
 /// dropped, so a failing test leaves no worker behind (it would keep the
 /// test's output open and consume a dead pipeline's topics).
+#[derive(Debug)]
 pub struct ServiceProcess(std::process::Child);
 
 impl ServiceProcess {

@@ -6,6 +6,8 @@
 //! Each test runs a broker of its own (`OwnKafka`, started by the stack's
 //! own script), because it stops, stalls or restarts it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure here is the test's answer
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,6 +2,8 @@
 //! the stock, each limit's answer, one key sent many times at once, and
 //! garbage of every kind.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure here is the test's answer
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -5,6 +5,8 @@
 //! 6750 challenge, before anything reaches Kafka. The tests sign their own
 //! tokens with the test keys in `fixtures/auth`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure here is the test's answer
+
 use std::path::PathBuf;
 use std::time::Duration;
 

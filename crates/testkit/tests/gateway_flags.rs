@@ -4,6 +4,8 @@
 //! lost message. A test binary of its own, so that no crowd of another test
 //! shares the CPU while it times.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure here is the test's answer
+
 use std::time::{Duration, Instant};
 
 use flashsale_testkit::flashsale_cli::sale::SaleSpec;

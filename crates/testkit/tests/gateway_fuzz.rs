@@ -4,6 +4,8 @@
 //! process, connected to the real stack, and no generated request names a
 //! sale, so nothing reaches Kafka.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure here is the test's answer
+
 use std::sync::OnceLock;
 
 use axum::Router;

@@ -74,6 +74,7 @@ pub fn done() -> Completion {
     Box::pin(async { Ok(()) })
 }
 
+#[derive(Debug)]
 pub struct ConsumerOptions {
     pub kafka: KafkaSettings,
     pub group: String,
@@ -637,6 +638,7 @@ fn store<C: Consumer<X>, X: ConsumerContext>(
 
 /// What the workers' consumers do on a rebalance, inside librdkafka's
 /// callback (which runs in the loop's poll of the consumer).
+#[derive(Debug)]
 pub struct RebalanceContext {
     work: Arc<PartitionWork>,
     drain_timeout: Duration,

@@ -207,7 +207,7 @@ struct Seen {
 
 /// The member's health as the rest of the service sees it: `/readyz`
 /// reads the problem, `/metrics` the gauges.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ConsumerHealth {
     state: Arc<Mutex<Seen>>,
     assigned: IntGauge,

@@ -98,6 +98,15 @@ pub struct RenewableProducer {
     sent: std::sync::atomic::AtomicU64,
 }
 
+impl std::fmt::Debug for RenewableProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RenewableProducer")
+            .field("renewals", &self.renewals())
+            .field("fatal", &self.fatal())
+            .finish_non_exhaustive()
+    }
+}
+
 impl RenewableProducer {
     pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaFailure> {
         Ok(Self {
@@ -188,7 +197,9 @@ impl RenewableProducer {
     }
 
     /// For tests only: makes the current producer fail as a fatal
-    /// idempotence error would (librdkafka's own test hook).
+    /// idempotence error would (librdkafka's own test hook, which rdkafka
+    /// does not wrap: the crate's one unsafe call).
+    #[allow(unsafe_code)]
     pub fn inject_fatal_error(&self) {
         let producer = self.current();
         let reason = std::ffi::CString::new("injected by a test").unwrap_or_default();

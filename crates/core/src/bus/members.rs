@@ -52,6 +52,7 @@ fn key(group: &str) -> String {
 }
 
 /// A worker's own note in its group.
+#[derive(Debug)]
 pub struct Membership {
     conn: RedisConn,
     key: String,

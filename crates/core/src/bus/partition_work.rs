@@ -28,7 +28,7 @@ enum Step {
     Failed,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct PartitionWork {
     partitions: Mutex<HashMap<TopicPartition, BTreeMap<i64, Step>>>,
     changed: Condvar,

@@ -117,6 +117,14 @@ pub struct GroupProgress {
     topic: String,
 }
 
+impl std::fmt::Debug for GroupProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupProgress")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
 impl GroupProgress {
     pub fn new(settings: &KafkaSettings, group: &str, topic: &str) -> Result<Self, KafkaFailure> {
         Ok(Self {

@@ -26,7 +26,7 @@ pub enum RestockWrite {
     AlreadyApplied,
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct InventoryStore {
     client: Client,
     table: String,

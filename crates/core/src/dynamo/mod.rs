@@ -173,6 +173,7 @@ async fn wait_active(client: &Client, table: &str) -> Result<(), DynamoError> {
 }
 
 /// Reads of item attributes that name the item when something is missing.
+#[derive(Debug)]
 pub struct Item<'a> {
     pub key: &'a str,
     pub attrs: &'a std::collections::HashMap<String, AttributeValue>,

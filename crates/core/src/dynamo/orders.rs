@@ -140,7 +140,7 @@ pub enum Written {
     Conflict(Order),
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct OrderStore {
     client: Client,
     tables: Tables,

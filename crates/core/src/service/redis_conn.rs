@@ -42,6 +42,15 @@ pub async fn connect(settings: &RedisSettings) -> Result<RedisConn, redis::Redis
     }
 }
 
+impl std::fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "RedisConn::Single",
+            Self::Cluster(_) => "RedisConn::Cluster",
+        })
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {

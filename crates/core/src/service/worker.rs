@@ -22,6 +22,7 @@ use crate::service::redis_conn::RedisConn;
 use crate::service::start::{StartError, bind};
 
 /// A running worker.
+#[derive(Debug)]
 pub struct RunningWorker {
     /// Where its `/healthz`, `/readyz` and `/metrics` answer.
     pub metrics_addr: SocketAddr,
@@ -47,6 +48,16 @@ pub struct WorkerParts<H> {
     pub redis: RedisConn,
     /// Its own tasks beside the loop (the sweep), awaited at the end.
     pub background: Vec<JoinHandle<()>>,
+}
+
+impl<H> std::fmt::Debug for WorkerParts<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerParts")
+            .field("name", &self.name)
+            .field("group", &self.consumer.group)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Serves, renews, notes, and runs the consumer loop until `shutdown`.

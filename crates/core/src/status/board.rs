@@ -29,6 +29,7 @@ pub fn key(id: &str) -> String {
 }
 
 /// What a status post says about which purchase.
+#[derive(Debug)]
 pub struct Subject<'a> {
     pub id: RequestId,
     pub sku: &'a Sku,
@@ -36,7 +37,7 @@ pub struct Subject<'a> {
     pub quantity: Quantity,
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct StatusBoard {
     conn: RedisConn,
     retention_ms: u64,

@@ -22,7 +22,7 @@ use crate::status::board::{StatusBoard, Subject};
 use crate::stock::{Announcement, ReserveOutcome, StockStore};
 use crate::{bus::kafka, clock, service::retry};
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Herald {
     pub stock: StockStore,
     pub board: StatusBoard,

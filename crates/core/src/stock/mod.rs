@@ -123,6 +123,7 @@ pub fn redis_is_transient(e: &redis::RedisError) -> bool {
 }
 
 /// The keys of one sku. `{sku}` is the Redis Cluster hash tag.
+#[derive(Debug)]
 pub struct SkuKeys(String);
 
 impl SkuKeys {
@@ -685,7 +686,7 @@ pub async fn connect(settings: &RedisSettings) -> Result<RedisConn, StockError> 
     Ok(redis_conn::connect(settings).await?)
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct StockStore {
     conn: RedisConn,
     retention_ms: u64,

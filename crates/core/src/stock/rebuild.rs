@@ -94,6 +94,7 @@ pub struct Recovered {
     pub from_topic: usize,
 }
 
+#[derive(Debug)]
 pub struct Sources<'a> {
     pub stock: &'a StockStore,
     pub inventory: &'a InventoryStore,
