@@ -2,8 +2,10 @@
 //! the surge load generator. Kept apart from `main.rs` so tests drive
 //! the very code an operator runs.
 
+pub mod audit;
 pub mod lag;
 pub mod order;
+pub mod recover;
 pub mod sale;
 pub mod surge;
 
@@ -18,7 +20,6 @@ use flashsale_core::service::settings::{
 };
 use flashsale_core::status::board::StatusBoard;
 use flashsale_core::stock::{self, StockError, StockStore};
-use flashsale_core::{audit, stock::rebuild};
 
 /// Where the command finds the pipeline: the same `FLASHSALE_*` settings
 /// the services read, so defaults reach the local stack.
@@ -78,15 +79,15 @@ impl Stores {
         config: &Config,
         sku: &flashsale_core::ids::Sku,
         force: bool,
-    ) -> Result<rebuild::Recovered, rebuild::RecoveryError> {
-        let sources = rebuild::Sources {
+    ) -> Result<recover::Recovered, recover::RecoveryError> {
+        let sources = recover::Sources {
             stock: &self.stock,
             inventory: &self.inventory,
             orders: &self.orders,
             payment: &self.payment,
             kafka: &config.kafka,
         };
-        rebuild::recover(&sources, sku, force).await
+        recover::recover(&sources, sku, force).await
     }
 
     /// Connects, creating the DynamoDB tables if they are missing.

@@ -228,6 +228,15 @@ struct SurgeArgs {
     auth_audience: String,
 }
 
+/// Exit 0 when it holds, 1 when it does not (2 is for errors).
+fn verdict(holds: bool) -> ExitCode {
+    if holds {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
 fn sku(raw: &str) -> anyhow::Result<Sku> {
     Sku::parse(raw).with_context(|| format!("--sku {raw:?}"))
 }
@@ -287,27 +296,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             overbook,
             replace,
         }) => {
-            if per_user_limit == 0 || reservation_ttl_secs == 0 || duration_secs == 0 {
-                anyhow::bail!(
-                    "--per-user-limit, --reservation-ttl-secs and --duration-secs must be at least 1"
-                );
-            }
-            if !(overbook.is_finite() && (1.0..=100.0).contains(&overbook)) {
-                anyhow::bail!("--overbook must be a number from 1 to 100, got {overbook}");
-            }
             let stores = Stores::connect(&config).await?;
-            let sku = sku(&raw)?;
-            if let Some(open) = stores.inventory.get(&sku).await?
-                && !open.closed
-                && !replace
-            {
-                anyhow::bail!(
-                    "{sku} already has an open sale ({}); close it first or pass --replace",
-                    open.rules.sale_id
-                );
-            }
             let spec = SaleSpec {
-                sku,
+                sku: sku(&raw)?,
                 stock,
                 per_user_limit,
                 price_cents,
@@ -316,7 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 duration: Duration::from_secs(duration_secs),
                 overbook,
             };
-            let rules = sale::create(&stores, &spec).await?;
+            let rules = sale::create_unless_open(&stores, &spec, replace).await?;
             println!("{}", serde_json::to_string_pretty(&rules)?);
         }
         Command::Sale(SaleCommand::Show { sku: raw }) => {
@@ -360,13 +351,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Recover { sku: raws, force } => {
             let stores = Stores::connect(&config).await?;
             let skus = if raws.is_empty() {
-                let mut lost = Vec::new();
-                for sku in stores.inventory.skus().await? {
-                    if stores.stock.status(&sku, 0).await?.is_none() {
-                        lost.push(sku);
-                    }
-                }
-                lost
+                flashsale_cli::recover::lost_skus(&stores).await?
             } else {
                 raws.iter().map(|r| sku(r)).collect::<anyhow::Result<_>>()?
             };
@@ -389,27 +374,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 raws.iter().map(|r| sku(r)).collect::<anyhow::Result<_>>()?
             };
-            let mut clean = true;
             let mut reports = Vec::new();
             for sku in &skus {
                 let report = stores.audit(sku, at_rest).await?;
-                clean &= report.ok();
                 if !json {
-                    println!(
-                        "{}: total {} available {} reserved {} sold {} | orders confirmed {} cancelled {} open {} | {}",
-                        report.sku,
-                        report.total,
-                        report.available,
-                        report.reserved,
-                        report.sold,
-                        report.confirmed_orders,
-                        report.cancelled_orders,
-                        report.open_orders,
-                        if report.ok() { "clean" } else { "VIOLATIONS" }
-                    );
-                    for violation in &report.violations {
-                        println!("  - {violation}");
-                    }
+                    print!("{}", report.human());
                 }
                 reports.push(report);
             }
@@ -419,11 +388,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if skus.is_empty() {
                 println!("no sales to audit");
             }
-            return Ok(if clean {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
+            return Ok(verdict(flashsale_cli::audit::all_clean(&reports)));
         }
         Command::Surge(args) => {
             let arrival = match (args.burst, args.rate) {
@@ -463,12 +428,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
-            let passed = report.audit_ok && report.unsettled == 0 && report.errors == 0;
-            return Ok(if passed {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
+            return Ok(verdict(report.passed()));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -41,7 +41,7 @@ pub enum InvalidSale {
     TtlTooShort,
     #[error("the duration must be at least 1 s")]
     NoDuration,
-    #[error("the overbook must be a number of at least 1 (buyers per unit), not {0}")]
+    #[error("the overbook must be a number from 1 to 100 (buyers per unit), not {0}")]
     Overbook(f64),
 }
 
@@ -61,11 +61,31 @@ impl SaleSpec {
         if self.duration < Duration::from_secs(1) {
             return Err(InvalidSale::NoDuration);
         }
-        if !(self.overbook.is_finite() && self.overbook >= 1.0) {
+        if !(self.overbook.is_finite() && (1.0..=100.0).contains(&self.overbook)) {
             return Err(InvalidSale::Overbook(self.overbook));
         }
         Ok(())
     }
+}
+
+/// `create`, unless the sku already has an open sale and `replace` was not
+/// asked for: an operator replaces a running sale only on purpose.
+pub async fn create_unless_open(
+    stores: &Stores,
+    spec: &SaleSpec,
+    replace: bool,
+) -> anyhow::Result<SaleRules> {
+    if let Some(open) = stores.inventory.get(&spec.sku).await?
+        && !open.closed
+        && !replace
+    {
+        anyhow::bail!(
+            "{} already has an open sale ({}); close it first or pass --replace",
+            spec.sku,
+            open.rules.sale_id
+        );
+    }
+    create(stores, spec).await
 }
 
 /// Creates the sale, or replaces the sku's sale: a new sale id, fresh stock,

@@ -181,6 +181,11 @@ pub struct SurgeReport {
 
 impl SurgeReport {
     /// A verdict a person can read at a glance.
+    /// The surge's verdict: every purchase settled, no error, a clean audit.
+    pub fn passed(&self) -> bool {
+        self.audit_ok && self.unsettled == 0 && self.errors == 0
+    }
+
     pub fn human(&self) -> String {
         let verdict = if self.audit_ok && self.unsettled == 0 && self.errors == 0 {
             "PASS"

@@ -4,18 +4,19 @@
 //!
 //! * `ids`: identifiers and quantities that cannot hold invalid data;
 //! * `stock`: the stock of each sku in Redis, changed only by its Lua
-//!   scripts; telling buyers what a script decided (`herald`); rebuilding
-//!   a sku after Redis was lost (`rebuild`);
+//!   scripts, and telling buyers what a script decided (`herald`);
 //! * `dynamo`: the DynamoDB tables, `orders` and `inventory`;
 //! * `bus`: Kafka: producing, the consumer loop both workers run, the
 //!   records on the topics, reading a topic as data, group lag and health;
 //! * `status`: the purchase state machine and the board buyers read;
 //! * `payment`: the payment service's API and client;
 //! * `service`: what every service is built on: settings, the Redis
-//!   connection, health and metrics endpoints, retries, problem answers;
-//! * `audit`: DESIGN.md's invariants, checked across the stores.
+//!   connection, health and metrics endpoints, retries, problem answers,
+//!   the start-up skeleton.
+//!
+//! The audit and the rebuild after a lost Redis, which only people run,
+//! live with the `flashsale` command (`crates/cli`).
 
-pub mod audit;
 pub mod bus;
 pub mod clock;
 pub mod dynamo;

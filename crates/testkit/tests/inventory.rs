@@ -392,7 +392,7 @@ async fn a_sale_that_cannot_be_sold_is_refused_at_create() {
     let p = Pipeline::gateways_only().await;
     let sku = p.sku("invalid");
     type Spoil = fn(&mut sale::SaleSpec);
-    let cases: [(&str, Spoil); 5] = [
+    let cases: [(&str, Spoil); 6] = [
         ("price", |s| s.price_cents = 0),
         ("per-user limit", |s| s.per_user_limit = 0),
         ("reservation TTL", |s| {
@@ -400,6 +400,8 @@ async fn a_sale_that_cannot_be_sold_is_refused_at_create() {
         }),
         ("duration", |s| s.duration = Duration::ZERO),
         ("overbook", |s| s.overbook = f64::NAN),
+        // What `flashsale sale create` refused before the library did.
+        ("overbook", |s| s.overbook = 101.0),
     ];
     for (what, spoil) in cases {
         let mut spec = Pipeline::spec(&sku, 5, 1);
@@ -648,7 +650,7 @@ async fn a_lost_sku_waits_for_its_recovery_while_the_others_keep_selling() {
 /// and runs once they have stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forced_recovery_refuses_while_workers_consume_and_names_them() {
-    use flashsale_testkit::flashsale_core::stock::rebuild::RecoveryError;
+    use flashsale_testkit::flashsale_cli::recover::RecoveryError;
 
     let p = Pipeline::gateways_only().await;
     let sku = p.sku("forced");

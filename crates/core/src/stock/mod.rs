@@ -6,7 +6,6 @@
 //! racing two workers on one) never moves a unit twice.
 
 pub mod herald;
-pub mod rebuild;
 
 use std::collections::HashMap;
 

@@ -31,16 +31,18 @@ use std::time::Duration;
 use rdkafka::message::Message;
 use serde::Serialize;
 
-use crate::bus::kafka::{self, KafkaFailure, topic};
-use crate::bus::messages::{self, Reservation};
-use crate::bus::topic_reader::{self, PartitionRange};
-use crate::dynamo::DynamoError;
-use crate::dynamo::inventory::{InventoryStore, Sale};
-use crate::dynamo::orders::{Order, OrderStatus, OrderStore};
-use crate::ids::{RequestId, Sku};
-use crate::payment::{ChargeStatus, PaymentClient, PaymentError};
-use crate::service::settings::KafkaSettings;
-use crate::stock::{RestoredReservation, RestoredState, StockError, StockLevels, StockStore};
+use flashsale_core::bus::kafka::{self, KafkaFailure, topic};
+use flashsale_core::bus::messages::{self, Reservation};
+use flashsale_core::bus::topic_reader::{self, PartitionRange};
+use flashsale_core::dynamo::DynamoError;
+use flashsale_core::dynamo::inventory::{InventoryStore, Sale};
+use flashsale_core::dynamo::orders::{Order, OrderStatus, OrderStore};
+use flashsale_core::ids::{RequestId, Sku};
+use flashsale_core::payment::{ChargeStatus, PaymentClient, PaymentError};
+use flashsale_core::service::settings::KafkaSettings;
+use flashsale_core::stock::{
+    RestoredReservation, RestoredState, StockError, StockLevels, StockStore,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
@@ -61,7 +63,7 @@ pub enum RecoveryError {
     )]
     LiveMembers {
         sku: Sku,
-        members: Vec<crate::bus::members::Member>,
+        members: Vec<flashsale_core::bus::members::Member>,
     },
     #[error("{sku}: {reserved} reserved and {sold} sold exceed the total of {total}")]
     Oversold {
@@ -120,7 +122,7 @@ pub async fn recover(
         for group in [kafka::group::SHOP, kafka::group::ORDERS] {
             let group = sources.kafka.group(group);
             members.extend(
-                crate::bus::members::live(sources.stock.connection(), &group)
+                flashsale_core::bus::members::live(sources.stock.connection(), &group)
                     .await
                     .map_err(StockError::from)?,
             );
@@ -135,7 +137,7 @@ pub async fn recover(
     }
     let (sale, orders) = settled_snapshot(sources, sku).await?;
     let known: HashMap<RequestId, &Order> = orders.iter().map(|o| (o.order_id, o)).collect();
-    let now = crate::clock::now_ms();
+    let now = flashsale_core::clock::now_ms();
     let mut restored = Vec::with_capacity(orders.len());
     for order in &orders {
         restored.push(from_order(order, paid(sources.payment, order).await?, now));
@@ -217,7 +219,7 @@ async fn paid(payment: &PaymentClient, order: &Order) -> Result<Option<u64>, Rec
 fn held_unless_expired(expires_at_ms: u64, now_ms: u64) -> RestoredState {
     if now_ms > expires_at_ms {
         RestoredState::Released {
-            reason: crate::status::reason::RESERVATION_EXPIRED.to_owned(),
+            reason: flashsale_core::status::reason::RESERVATION_EXPIRED.to_owned(),
         }
     } else {
         RestoredState::Reserved
@@ -324,4 +326,16 @@ async fn unprocessed_reservations(
         // Unreadable records went to the DLQ in the order stage: no order.
         .filter_map(|m| messages::decode::<Reservation>(m.payload()).ok())
         .collect())
+}
+
+/// The skus that have a sale in DynamoDB and no stock in Redis: what a
+/// recovery without `--sku` rebuilds.
+pub async fn lost_skus(stores: &crate::Stores) -> Result<Vec<Sku>, RecoveryError> {
+    let mut lost = Vec::new();
+    for sku in stores.inventory.skus().await? {
+        if stores.stock.status(&sku, 0).await?.is_none() {
+            lost.push(sku);
+        }
+    }
+    Ok(lost)
 }

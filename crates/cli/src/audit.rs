@@ -6,11 +6,11 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::dynamo::inventory::{InventoryStore, Sale};
-use crate::dynamo::orders::{Order, OrderStatus, OrderStore};
-use crate::ids::Sku;
-use crate::payment::{Charge, ChargeStatus, PaymentClient};
-use crate::stock::{StockLevels, StockStore};
+use flashsale_core::dynamo::inventory::{InventoryStore, Sale};
+use flashsale_core::dynamo::orders::{Order, OrderStatus, OrderStore};
+use flashsale_core::ids::Sku;
+use flashsale_core::payment::{Charge, ChargeStatus, PaymentClient};
+use flashsale_core::stock::{StockLevels, StockStore};
 
 /// Everything the audit of one sku looks at.
 #[derive(Debug, Clone)]
@@ -39,6 +39,31 @@ impl Report {
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
     }
+
+    /// One line for an operator, then the violations, one per line.
+    pub fn human(&self) -> String {
+        let mut text = format!(
+            "{}: total {} available {} reserved {} sold {} | orders confirmed {} cancelled {} open {} | {}\n",
+            self.sku,
+            self.total,
+            self.available,
+            self.reserved,
+            self.sold,
+            self.confirmed_orders,
+            self.cancelled_orders,
+            self.open_orders,
+            if self.ok() { "clean" } else { "VIOLATIONS" }
+        );
+        for violation in &self.violations {
+            text.push_str(&format!("  - {violation}\n"));
+        }
+        text
+    }
+}
+
+/// The verdict over several skus' reports: clean only if every one is.
+pub fn all_clean(reports: &[Report]) -> bool {
+    reports.iter().all(Report::ok)
 }
 
 /// Checks every invariant. `at_rest` adds the ones that hold only once the
@@ -209,11 +234,11 @@ fn check_charges(evidence: &Evidence, v: &mut Vec<String>) {
 #[derive(Debug, thiserror::Error)]
 pub enum GatherError {
     #[error(transparent)]
-    Redis(#[from] crate::stock::StockError),
+    Redis(#[from] flashsale_core::stock::StockError),
     #[error(transparent)]
-    Dynamo(#[from] crate::dynamo::DynamoError),
+    Dynamo(#[from] flashsale_core::dynamo::DynamoError),
     #[error(transparent)]
-    Payment(#[from] crate::payment::PaymentError),
+    Payment(#[from] flashsale_core::payment::PaymentError),
 }
 
 /// Reads what the audit of `sku` needs from the three stores.
@@ -245,9 +270,9 @@ pub async fn gather(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{Quantity, RequestId, UserId};
-    use crate::payment::ChargeMetadata;
-    use crate::stock::SaleRules;
+    use flashsale_core::ids::{Quantity, RequestId, UserId};
+    use flashsale_core::payment::ChargeMetadata;
+    use flashsale_core::stock::SaleRules;
 
     fn sale(total: u64, sold: u64) -> Sale {
         Sale {
@@ -349,6 +374,24 @@ mod tests {
         );
         assert!(report.ok(), "{:?}", report.violations);
         assert_eq!(report.confirmed_orders, 1);
+    }
+
+    #[test]
+    fn the_verdict_is_clean_only_if_every_sku_is() {
+        let clean = check(
+            &evidence(levels(2, 2, 0, 0), sale(2, 0), vec![], vec![]),
+            true,
+        );
+        let broken = check(
+            &evidence(levels(2, 1, 0, 0), sale(2, 0), vec![], vec![]),
+            true,
+        );
+        assert!(all_clean(std::slice::from_ref(&clean)));
+        assert!(!all_clean(&[clean.clone(), broken.clone()]));
+        assert!(all_clean(&[]), "nothing to audit is no violation");
+        assert!(clean.human().ends_with("| clean\n"), "{}", clean.human());
+        let text = broken.human();
+        assert!(text.contains("| VIOLATIONS\n  - "), "{text}");
     }
 
     #[test]
