@@ -2,7 +2,8 @@
 //! why, how admission went, how long the broker took to acknowledge, and
 //! whether its copy of the sku flags is following Redis.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use flashsale_core::service::metrics::Registrar;
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -24,80 +25,61 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let metrics = Self {
-            responses: IntCounterVec::new(
-                Opts::new("gateway_responses_total", "Responses by route and status"),
+        let make = Registrar::new(registry);
+        Ok(Self {
+            responses: make.counters(
+                "gateway_responses_total",
+                "Responses by route and status",
                 &["route", "status"],
             )?,
-            shed: IntCounterVec::new(
-                Opts::new(
-                    "gateway_shed_total",
-                    "Purchases refused before Kafka, by reason",
-                ),
+            shed: make.counters(
+                "gateway_shed_total",
+                "Purchases refused before Kafka, by reason",
                 &["reason"],
             )?,
-            admissions: IntCounterVec::new(
-                Opts::new(
-                    "gateway_admissions_total",
-                    "Answers of the shared admission window, by outcome",
-                ),
+            admissions: make.counters(
+                "gateway_admissions_total",
+                "Answers of the shared admission window, by outcome",
                 &["outcome"],
             )?,
-            redis_calls: IntCounterVec::new(
-                Opts::new(
-                    "gateway_purchase_redis_calls_total",
-                    "Redis calls made while answering a POST, by call (status, admit): \
-                     a refusal answered from memory makes none",
-                ),
+            redis_calls: make.counters(
+                "gateway_purchase_redis_calls_total",
+                "Redis calls made while answering a POST, by call (status, admit): \
+                 a refusal answered from memory makes none",
                 &["call"],
             )?,
-            produce_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    "gateway_produce_seconds",
-                    "Time until the broker acknowledged a purchase",
-                )
-                .buckets(vec![
+            produce_seconds: make.histogram(
+                "gateway_produce_seconds",
+                "Time until the broker acknowledged a purchase",
+                vec![
                     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-                ]),
+                ],
             )?,
-            in_flight: IntGauge::new("gateway_in_flight_produces", "Produces awaiting the broker")?,
-            flag_messages: IntCounter::new(
+            in_flight: make.gauge("gateway_in_flight_produces", "Produces awaiting the broker")?,
+            flag_messages: make.counter(
                 "gateway_flag_messages_total",
                 "Sku flag changes (sold out, closed, line full) heard from Redis",
             )?,
-            flag_rereads: IntCounter::new(
+            flag_rereads: make.counter(
                 "gateway_flag_rereads_total",
                 "Full rereads of every sku's flags (after subscribing, then periodically)",
             )?,
-            flags_subscribed: IntGauge::new(
+            flags_subscribed: make.gauge(
                 "gateway_flags_subscribed",
                 "1 while subscribed to flag changes, 0 while reconnecting",
             )?,
-            limited_users: IntGauge::new(
+            limited_users: make.gauge(
                 "gateway_rate_limited_users",
                 "Buyers whose rate-limit bucket is not full",
             )?,
-            long_polls: IntGauge::new(
+            long_polls: make.gauge(
                 "gateway_long_polls",
                 "Long-polls waiting for a purchase's status to change",
             )?,
-            producer_renewals: IntGauge::new(
+            producer_renewals: make.gauge(
                 "gateway_producer_renewals",
                 "Kafka producers replaced after a fatal error (an alert should fire on any)",
             )?,
-        };
-        registry.register(Box::new(metrics.responses.clone()))?;
-        registry.register(Box::new(metrics.shed.clone()))?;
-        registry.register(Box::new(metrics.admissions.clone()))?;
-        registry.register(Box::new(metrics.redis_calls.clone()))?;
-        registry.register(Box::new(metrics.produce_seconds.clone()))?;
-        registry.register(Box::new(metrics.in_flight.clone()))?;
-        registry.register(Box::new(metrics.flag_messages.clone()))?;
-        registry.register(Box::new(metrics.flag_rereads.clone()))?;
-        registry.register(Box::new(metrics.flags_subscribed.clone()))?;
-        registry.register(Box::new(metrics.limited_users.clone()))?;
-        registry.register(Box::new(metrics.long_polls.clone()))?;
-        registry.register(Box::new(metrics.producer_renewals.clone()))?;
-        Ok(metrics)
+        })
     }
 }

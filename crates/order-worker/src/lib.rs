@@ -21,6 +21,7 @@ use flashsale_core::bus::messages::{self, Reservation};
 use flashsale_core::dynamo::orders::OrderStore;
 use flashsale_core::dynamo::{self, Tables};
 use flashsale_core::payment::PaymentClient;
+use flashsale_core::service::metrics::Registrar;
 use flashsale_core::service::retry::Stop;
 use flashsale_core::service::settings::{
     self, DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
@@ -31,9 +32,7 @@ use flashsale_core::status::board::StatusBoard;
 use flashsale_core::stock::herald::Herald;
 use flashsale_core::stock::{self, StockStore};
 use flashsale_core::{service::ops, service::retry};
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
@@ -130,6 +129,61 @@ pub(crate) struct Metrics {
     pub producer_renewals: IntGauge,
 }
 
+impl Metrics {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let make = Registrar::new(registry);
+        Ok(Self {
+            outcomes: make.counters(
+                "order_outcomes_total",
+                "Sagas finished, by terminal state",
+                &["state"],
+            )?,
+            dead_letters: make.counters(
+                "order_dead_letters_total",
+                "Reservations sent to the DLQ",
+                &["topic"],
+            )?,
+            charges: make.counters(
+                "order_charges_total",
+                "Charge calls and lookups by outcome (succeeded, declined, refused, \
+                 unanswered, found_by_key, expired_uncharged, lookup_failed, given_up, stray_refunded)",
+                &["outcome"],
+            )?,
+            step_seconds: make.histograms(
+                "order_step_seconds",
+                "Time spent in each saga step",
+                &["step"],
+                vec![
+                    0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )?,
+            breaker_open: make.gauge(
+                "order_payment_breaker_open",
+                "1 while the payment breaker is open (consumption paused)",
+            )?,
+            dynamodb_requests: make.counters(
+                "order_dynamodb_requests_total",
+                "Write requests sent to DynamoDB, retries included (put, confirm, cancel)",
+                &["op"],
+            )?,
+            stalls: make.counter(
+                "order_saga_stalls_total",
+                "Saga passes that left the order PENDING (a confirm refused, another run of the \
+                 purchase not done), each followed by a growing wait; a steady rise needs an operator",
+            )?,
+            producer_renewals: make.gauge(
+                "order_producer_renewals",
+                "Kafka producers replaced after a fatal error",
+            )?,
+            parked: make.counter(
+                "order_parked_total",
+                "Reservations whose saga gave up on a store or the processor past \
+                 FLASHSALE_RETRY_DEADLINE_MS and were put back at the tail of their topic",
+            )?,
+        })
+    }
+}
+
 /// What a saga needs.
 pub(crate) struct Deps {
     pub orders: OrderStore,
@@ -167,64 +221,7 @@ pub async fn start(
     dynamo::ensure_tables(&client, &tables).await?;
     let conn = stock::connect(&config.redis).await?;
     let registry = Registry::new();
-    let metrics = Metrics {
-        outcomes: IntCounterVec::new(
-            Opts::new("order_outcomes_total", "Sagas finished, by terminal state"),
-            &["state"],
-        )?,
-        dead_letters: IntCounterVec::new(
-            Opts::new("order_dead_letters_total", "Reservations sent to the DLQ"),
-            &["topic"],
-        )?,
-        charges: IntCounterVec::new(
-            Opts::new(
-                "order_charges_total",
-                "Charge calls and lookups by outcome (succeeded, declined, refused, \
-                 unanswered, found_by_key, expired_uncharged, lookup_failed, given_up, stray_refunded)",
-            ),
-            &["outcome"],
-        )?,
-        step_seconds: HistogramVec::new(
-            HistogramOpts::new("order_step_seconds", "Time spent in each saga step").buckets(vec![
-                0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
-            &["step"],
-        )?,
-        breaker_open: IntGauge::new(
-            "order_payment_breaker_open",
-            "1 while the payment breaker is open (consumption paused)",
-        )?,
-        dynamodb_requests: IntCounterVec::new(
-            Opts::new(
-                "order_dynamodb_requests_total",
-                "Write requests sent to DynamoDB, retries included (put, confirm, cancel)",
-            ),
-            &["op"],
-        )?,
-        stalls: IntCounter::new(
-            "order_saga_stalls_total",
-            "Saga passes that left the order PENDING (a confirm refused, another run of the \
-             purchase not done), each followed by a growing wait; a steady rise needs an operator",
-        )?,
-        producer_renewals: IntGauge::new(
-            "order_producer_renewals",
-            "Kafka producers replaced after a fatal error",
-        )?,
-        parked: IntCounter::new(
-            "order_parked_total",
-            "Reservations whose saga gave up on a store or the processor past \
-             FLASHSALE_RETRY_DEADLINE_MS and were put back at the tail of their topic",
-        )?,
-    };
-    registry.register(Box::new(metrics.outcomes.clone()))?;
-    registry.register(Box::new(metrics.dead_letters.clone()))?;
-    registry.register(Box::new(metrics.charges.clone()))?;
-    registry.register(Box::new(metrics.step_seconds.clone()))?;
-    registry.register(Box::new(metrics.breaker_open.clone()))?;
-    registry.register(Box::new(metrics.dynamodb_requests.clone()))?;
-    registry.register(Box::new(metrics.stalls.clone()))?;
-    registry.register(Box::new(metrics.parked.clone()))?;
-    registry.register(Box::new(metrics.producer_renewals.clone()))?;
+    let metrics = Metrics::register(&registry)?;
     let stock = StockStore::new(conn.clone(), &config.redis);
     let producer = Arc::new(kafka::RenewableProducer::new(&config.kafka)?);
     let deps = Arc::new(Deps {

@@ -24,9 +24,10 @@ use axum::Router;
 use axum::middleware;
 use axum::routing::{get, post};
 use flashsale_core::payment::{LatencyModel, StubBehaviour};
+use flashsale_core::service::metrics::Registrar;
 use flashsale_core::service::ops;
 use flashsale_core::service::settings::{Env, SettingError};
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Registry};
 use tokio_util::sync::CancellationToken;
 
 mod api;
@@ -115,13 +116,12 @@ pub struct PaymentStub {
 /// Binds `config.addr` (port 0 picks a free one) and serves until `shutdown`.
 pub async fn start(config: Config, shutdown: CancellationToken) -> std::io::Result<PaymentStub> {
     let registry = Registry::new();
-    let charges_total = IntCounterVec::new(
-        Opts::new("payment_charges_total", "Charge requests by outcome"),
-        &["outcome"],
-    )
-    .map_err(std::io::Error::other)?;
-    registry
-        .register(Box::new(charges_total.clone()))
+    let charges_total = Registrar::new(&registry)
+        .counters(
+            "payment_charges_total",
+            "Charge requests by outcome",
+            &["outcome"],
+        )
         .map_err(std::io::Error::other)?;
     let ledger = Ledger::open(config.ledger.as_deref())?;
     let stub = Stub {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use flashsale_core::bus::consumer::{self, ConsumerOptions};
 use flashsale_core::bus::consumer_health::ConsumerHealth;
 use flashsale_core::bus::kafka::{self, topic};
+use flashsale_core::service::metrics::Registrar;
 use flashsale_core::service::settings::{Env, KafkaSettings, RedisSettings, SettingError};
 use flashsale_core::service::start::StartError;
 use flashsale_core::service::worker::{self, RunningWorker, WorkerParts};
@@ -22,7 +23,7 @@ use flashsale_core::status::board::StatusBoard;
 use flashsale_core::stock::herald::Herald;
 use flashsale_core::stock::{self, StockStore};
 use flashsale_core::{service::ops, service::retry};
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio_util::sync::CancellationToken;
 
 /// Settings of one shop-worker.
@@ -94,55 +95,46 @@ struct Metrics {
 
 impl Metrics {
     fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let counter =
-            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
+        let make = Registrar::new(registry);
         Ok(Self {
-            reservations: counter(
+            reservations: make.counters(
                 "shop_reserve_total",
                 "Purchase requests by reservation outcome",
-                "outcome",
+                &["outcome"],
             )?,
-            releases: counter("shop_release_total", "Stock releases by outcome", "outcome")?,
-            dead_letters: counter("shop_dead_letters_total", "Messages sent to a DLQ", "topic")?,
-            parked: counter(
+            releases: make.counters(
+                "shop_release_total",
+                "Stock releases by outcome",
+                &["outcome"],
+            )?,
+            dead_letters: make.counters(
+                "shop_dead_letters_total",
+                "Messages sent to a DLQ",
+                &["topic"],
+            )?,
+            parked: make.counters(
                 "shop_parked_total",
                 "Messages put back at the tail of their topic: Redis kept failing for them \
                  past FLASHSALE_RETRY_DEADLINE_MS",
-                "topic",
+                &["topic"],
             )?,
-            line: counter(
+            line: make.counters(
                 "shop_line_decided_total",
                 "Buyers in a sku's line decided by a script: served, or why turned away",
-                "outcome",
+                &["outcome"],
             )?,
-            producer_renewals: {
-                let g = IntGauge::new(
-                    "shop_producer_renewals",
-                    "Kafka producers replaced after a fatal error",
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
-            awaiting_stock: {
-                let g = IntGauge::new(
-                    "shop_purchases_awaiting_stock",
-                    "Purchases of skus whose stock Redis lost, waiting for their recovery",
-                )?;
-                registry.register(Box::new(g.clone()))?;
-                g
-            },
-            expired: {
-                let c = IntCounter::new(
-                    "shop_expired_total",
-                    "Reservations released by the expiry sweep",
-                )?;
-                registry.register(Box::new(c.clone()))?;
-                c
-            },
+            producer_renewals: make.gauge(
+                "shop_producer_renewals",
+                "Kafka producers replaced after a fatal error",
+            )?,
+            awaiting_stock: make.gauge(
+                "shop_purchases_awaiting_stock",
+                "Purchases of skus whose stock Redis lost, waiting for their recovery",
+            )?,
+            expired: make.counter(
+                "shop_expired_total",
+                "Reservations released by the expiry sweep",
+            )?,
         })
     }
 }

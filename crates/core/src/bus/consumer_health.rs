@@ -28,8 +28,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::service::metrics::Registrar;
 use prometheus::{
-    Counter, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Counter, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
 };
 
 /// What is left to read, as far as the broker could say.
@@ -229,66 +230,51 @@ const LAG_LABELS: [&str; 3] = ["group", "topic", "partition"];
 
 impl ConsumerHealth {
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let assigned = IntGauge::new(
+        let make = Registrar::new(registry);
+        let assigned = make.gauge(
             "consumer_assigned_partitions",
             "Partitions this member of its consumer group holds",
         )?;
-        let backlog = IntGauge::new(
+        let backlog = make.gauge(
             "consumer_group_backlog_records",
             "Records past the group's committed offsets on the member's topics, when last asked",
         )?;
-        let rejoins = IntCounter::new(
+        let rejoins = make.counter(
             "consumer_rejoins_total",
             "Times the member gave up a stalled consumer and joined its group with a new one",
         )?;
-        let rebalances = IntCounter::new(
+        let rebalances = make.counter(
             "consumer_rebalances_total",
             "Partition assignments this member received (each rebalance it took part in)",
         )?;
-        let rebalance_paused = Counter::new(
+        let rebalance_paused = make.float_counter(
             "consumer_rebalance_paused_seconds_total",
             "Seconds from partitions being revoked to the next assignment: time no work was taken",
         )?;
-        let longest_pause = Gauge::new(
+        let longest_pause = make.float_gauge(
             "consumer_rebalance_longest_pause_seconds",
             "The longest time from partitions being revoked to the next assignment",
         )?;
-        let in_flight = IntGauge::new(
+        let in_flight = make.gauge(
             "consumer_in_flight_messages",
             "Messages whose work has started and not ended",
         )?;
-        let handled = IntCounterVec::new(
-            Opts::new(
-                "consumer_messages_total",
-                "Messages whose work ended, by outcome (succeeded, failed)",
-            ),
+        let handled = make.counters(
+            "consumer_messages_total",
+            "Messages whose work ended, by outcome (succeeded, failed)",
             &["outcome"],
         )?;
-        let lag = IntGaugeVec::new(
-            Opts::new(
-                "kafka_consumergroup_group_lag",
-                "Records past the group's committed offset, for each partition this member owns",
-            ),
+        let lag = make.gauges(
+            "kafka_consumergroup_group_lag",
+            "Records past the group's committed offset, for each partition this member owns",
             &LAG_LABELS,
         )?;
-        let lag_seconds = GaugeVec::new(
-            Opts::new(
-                "kafka_consumergroup_group_lag_seconds",
-                "Age of the oldest record past the group's committed offset, for each partition \
-                 this member owns (0 when none waits)",
-            ),
+        let lag_seconds = make.float_gauges(
+            "kafka_consumergroup_group_lag_seconds",
+            "Age of the oldest record past the group's committed offset, for each partition \
+             this member owns (0 when none waits)",
             &LAG_LABELS,
         )?;
-        registry.register(Box::new(assigned.clone()))?;
-        registry.register(Box::new(backlog.clone()))?;
-        registry.register(Box::new(rejoins.clone()))?;
-        registry.register(Box::new(rebalances.clone()))?;
-        registry.register(Box::new(rebalance_paused.clone()))?;
-        registry.register(Box::new(longest_pause.clone()))?;
-        registry.register(Box::new(in_flight.clone()))?;
-        registry.register(Box::new(handled.clone()))?;
-        registry.register(Box::new(lag.clone()))?;
-        registry.register(Box::new(lag_seconds.clone()))?;
         Ok(Self {
             state: Arc::new(Mutex::new(Seen {
                 problem: Some("not yet observed".into()),

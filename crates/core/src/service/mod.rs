@@ -4,6 +4,7 @@
 //! its HTTP errors (`problem`), what its start can fail on (`start`), and
 //! the skeleton both workers stand on (`worker`).
 
+pub mod metrics;
 pub mod ops;
 pub mod problem;
 pub mod redis_conn;
