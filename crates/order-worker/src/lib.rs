@@ -205,6 +205,33 @@ pub(crate) struct Deps {
 }
 
 impl Deps {
+    /// Moves a reservation out of its partition's way (`kafka::set_aside`),
+    /// counted by where it went.
+    async fn set_aside(
+        &self,
+        message: &OwnedMessage,
+        why: &str,
+        to: Aside,
+    ) -> Result<(), Abandoned> {
+        match to {
+            Aside::DeadLetter => self
+                .metrics
+                .dead_letters
+                .with_label_values(&[message.topic()])
+                .inc(),
+            Aside::Park => self.metrics.parked.inc(),
+        }
+        kafka::set_aside(
+            &self.producer,
+            message,
+            why,
+            to,
+            self.produce_timeout,
+            &self.shutdown,
+        )
+        .await
+    }
+
     /// This worker's clock (see `Config::clock_offset_ms`).
     pub fn now_ms(&self) -> u64 {
         flashsale_core::clock::now_ms().saturating_add_signed(self.clock_offset_ms)
@@ -311,36 +338,13 @@ impl Handler for OrderHandler {
                     Ok(()) => Ok(()),
                     Err(Stop::Abandoned(abandoned)) => Err(abandoned),
                     // The partition moves on; the copy resumes the purchase.
-                    Err(Stop::GaveUp(why)) => {
-                        deps.metrics.parked.inc();
-                        kafka::set_aside(
-                            &deps.producer,
-                            &message,
-                            &why,
-                            Aside::Park,
-                            deps.produce_timeout,
-                            &deps.shutdown,
-                        )
-                        .await
-                    }
+                    Err(Stop::GaveUp(why)) => deps.set_aside(&message, &why, Aside::Park).await,
                 }
             })),
             Err(error) => {
                 let error = error.to_string();
-                deps.metrics
-                    .dead_letters
-                    .with_label_values(&[message.topic()])
-                    .inc();
                 Ok(Box::pin(async move {
-                    kafka::set_aside(
-                        &deps.producer,
-                        &message,
-                        &error,
-                        Aside::DeadLetter,
-                        deps.produce_timeout,
-                        &deps.shutdown,
-                    )
-                    .await
+                    deps.set_aside(&message, &error, Aside::DeadLetter).await
                 }))
             }
         }

@@ -293,22 +293,9 @@ impl Shop {
         why: String,
         to: Aside,
     ) -> Result<Completion, Abandoned> {
-        let counter = match to {
-            Aside::DeadLetter => &self.metrics.dead_letters,
-            Aside::Park => &self.metrics.parked,
-        };
-        counter.with_label_values(&[message.topic()]).inc();
-        Ok(Box::pin(async move {
-            kafka::set_aside(
-                &self.producer,
-                &message,
-                &why,
-                to,
-                self.produce_timeout,
-                &self.shutdown,
-            )
-            .await
-        }))
+        Ok(Box::pin(
+            async move { self.put_aside(&message, &why, to).await },
+        ))
     }
 
     /// The end of a message's work. When a store kept failing past its
@@ -323,22 +310,31 @@ impl Shop {
         match work {
             Ok(()) => Ok(()),
             Err(Stop::Abandoned(abandoned)) => Err(abandoned),
-            Err(Stop::GaveUp(why)) => {
-                self.metrics
-                    .parked
-                    .with_label_values(&[message.topic()])
-                    .inc();
-                kafka::set_aside(
-                    &self.producer,
-                    &message,
-                    &why,
-                    Aside::Park,
-                    self.produce_timeout,
-                    &self.shutdown,
-                )
-                .await
-            }
+            Err(Stop::GaveUp(why)) => self.put_aside(&message, &why, Aside::Park).await,
         }
+    }
+
+    /// `kafka::set_aside`, counted by where the message went.
+    async fn put_aside(
+        &self,
+        message: &OwnedMessage,
+        why: &str,
+        to: Aside,
+    ) -> Result<(), Abandoned> {
+        let counter = match to {
+            Aside::DeadLetter => &self.metrics.dead_letters,
+            Aside::Park => &self.metrics.parked,
+        };
+        counter.with_label_values(&[message.topic()]).inc();
+        kafka::set_aside(
+            &self.producer,
+            message,
+            why,
+            to,
+            self.produce_timeout,
+            &self.shutdown,
+        )
+        .await
     }
 }
 
