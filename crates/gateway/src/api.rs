@@ -1,35 +1,34 @@
-//! The buyer-facing HTTP API: `POST /v1/purchases`,
-//! `GET /v1/purchases/{id}[?wait=S]`, `GET /v1/skus/{sku}`.
+//! The buyer-facing HTTP API: its routes, and the reads
+//! (`GET /v1/purchases/{id}[?wait=S]`, `GET /v1/skus/{sku}`). The purchase
+//! itself is `purchase.rs` (its I/O) and `decision.rs` (its decision).
 //!
 //! Every refusal is a problem+json body that names what is wrong; nothing
 //! is produced to Kafka unless the purchase is well-formed, for a sku that
 //! exists and is not sold out.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flashsale_core::bus::kafka;
-use flashsale_core::bus::messages::{self, PurchaseRequest};
+use flashsale_core::bus::messages::PurchaseRequest;
 use flashsale_core::dynamo::DynamoError;
-use flashsale_core::ids::{IdempotencyKey, Quantity, RequestId, Sku, UserId};
+use flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
 use flashsale_core::service::problem::Problem;
 use flashsale_core::status::board::Subject;
 use flashsale_core::status::{PurchaseState, PurchaseStatus};
-use flashsale_core::stock::{Admission, ReserveOutcome};
+use flashsale_core::stock::Admission;
 use serde::{Deserialize, Serialize};
-use tokio::sync::OwnedSemaphorePermit;
-use tracing::Instrument;
 
 use crate::Gateway;
-use crate::auth;
-use crate::limits::Denied;
+use crate::purchase::{create_purchase, enqueue};
+use crate::refusal;
 
 type Shared = Arc<Gateway>;
 
@@ -73,538 +72,6 @@ async fn count_responses(State(gateway): State<Shared>, request: Request, next: 
         .with_label_values(&[&route, response.status().as_str()])
         .inc();
     response
-}
-
-/// The body of `POST /v1/purchases`. Public so that the benchmark's no-op
-/// server parses exactly what the gateway parses.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PurchaseBody {
-    pub sku: String,
-    /// The buyer; may be left out when the gateway verifies tokens (the
-    /// token's subject is the buyer then).
-    #[serde(default)]
-    pub user_id: Option<String>,
-    pub quantity: i64,
-}
-
-#[derive(Serialize)]
-struct Accepted {
-    request_id: String,
-    status: PurchaseState,
-    status_url: String,
-}
-
-fn invalid(kind: &str, detail: impl Into<String>) -> Problem {
-    Problem::new(StatusCode::UNPROCESSABLE_ENTITY, kind, detail)
-}
-
-fn unavailable(what: &str, error: impl std::fmt::Display) -> Problem {
-    tracing::warn!(%error, "{what} unavailable");
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "temporarily-unavailable",
-        format!("{what} is unavailable right now; retry with the same Idempotency-Key"),
-    )
-    .retry_after(1)
-}
-
-fn body_problem(rejection: JsonRejection) -> Problem {
-    let kind = match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => "body-too-large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
-        StatusCode::UNPROCESSABLE_ENTITY => "invalid-field",
-        _ => "malformed-json",
-    };
-    Problem::new(rejection.status(), kind, rejection.body_text())
-}
-
-/// Who is buying: the token's subject when tokens are verified (a body
-/// naming someone else is refused), else the body's `user_id`.
-fn buyer(gateway: &Shared, headers: &HeaderMap, named: Option<&str>) -> Result<UserId, Problem> {
-    match (&gateway.auth, named) {
-        (Some(auth), named) => {
-            let user = auth
-                .buyer(headers)
-                .map_err(|problem| gateway.shed("unauthenticated", problem))?;
-            match named {
-                Some(named) if named != user.as_str() => {
-                    Err(gateway.shed("unauthenticated", auth::not_this_buyer(&user, named)))
-                }
-                _ => Ok(user),
-            }
-        }
-        (None, Some(named)) => UserId::parse(named)
-            .map_err(|e| gateway.shed("invalid", invalid("invalid-user-id", e.to_string()))),
-        (None, None) => {
-            Err(gateway.shed("invalid", invalid("invalid-user-id", "user_id is required")))
-        }
-    }
-}
-
-async fn create_purchase(
-    State(gateway): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Json<PurchaseBody>, JsonRejection>,
-) -> Response {
-    let limit = gateway.request_timeout;
-    let deadline = tokio::time::Instant::now() + limit;
-    // The produce's wait ends before `deadline` and voids what the broker
-    // did not take; this is only a backstop for the store calls around it.
-    let backstop = deadline + Duration::from_secs(1);
-    match tokio::time::timeout_at(backstop, purchase(&gateway, &headers, body, deadline)).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(problem)) => problem.into_response(),
-        Err(_) => gateway
-            .shed(
-                "timeout",
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "timeout",
-                    format!(
-                        "the purchase was not queued within {} ms; retry with the same Idempotency-Key",
-                        limit.as_millis()
-                    ),
-                )
-                .retry_after(1),
-            )
-            .into_response(),
-    }
-}
-
-/// The checks, cheapest first: the body; the line-full and closed flags in
-/// memory (no network call, also for a repeated key unless it names a
-/// purchase let in); the buyer's rate; for a repeated key, the status
-/// board; this instance's rate and produces in flight; then the sku's
-/// shared line in Redis; and only then Kafka.
-async fn purchase(
-    gateway: &Shared,
-    headers: &HeaderMap,
-    body: Result<Json<PurchaseBody>, JsonRejection>,
-    deadline: tokio::time::Instant,
-) -> Result<Response, Problem> {
-    let Json(body) = body.map_err(|r| gateway.shed("invalid", body_problem(r)))?;
-    let sku = Sku::parse(&body.sku)
-        .map_err(|e| gateway.shed("invalid", invalid("invalid-sku", e.to_string())))?;
-    let user = buyer(gateway, headers, body.user_id.as_deref())?;
-    let quantity = Quantity::new(body.quantity)
-        .map_err(|e| gateway.shed("invalid", invalid("invalid-quantity", e.to_string())))?;
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(raw) => Some(
-            raw.to_str()
-                .ok()
-                .and_then(|raw| IdempotencyKey::parse(raw).ok())
-                .ok_or_else(|| {
-                    gateway.shed(
-                        "invalid",
-                        Problem::new(
-                            StatusCode::BAD_REQUEST,
-                            "invalid-idempotency-key",
-                            "Idempotency-Key must be 1 to 255 visible ASCII characters",
-                        ),
-                    )
-                })?,
-        ),
-    };
-    let id = match &key {
-        Some(key) => RequestId::derive(&user, key),
-        None => RequestId::fresh(),
-    };
-    // Before anything else is built for it (trace, span): in a crowd, this
-    // is the answer almost every buyer gets. A repeated key may name a
-    // purchase let in before the line filled up, whose state it must
-    // answer; any other is refused from memory.
-    let known = gateway.flags.get(&sku);
-    if let Some(flags) = known
-        && (key.is_none() || !gateway.flags.may_be_admitted(&sku, id))
-    {
-        if flags.over(gateway.now_ms()) {
-            return Err(gateway.shed("not_active", not_active(&sku)));
-        }
-        if flags.line_full {
-            return Err(gateway.shed("sold_out", sold_out(&sku)));
-        }
-    }
-    let traceparent =
-        kafka::continue_trace(headers.get("traceparent").and_then(|v| v.to_str().ok()), id);
-    let span = tracing::info_span!("purchase", request_id = %id, %sku, %traceparent);
-    async {
-        gateway.users.check(user.as_str()).map_err(|denied| {
-            gateway.shed(
-                "user_rate",
-                rate_limited(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "user-rate-limited",
-                    format!(
-                        "{user} sent more than {} purchases in a burst ({}/s on average)",
-                        denied.limit, denied.per_second
-                    ),
-                    denied,
-                ),
-            )
-        })?;
-        if key.is_some()
-            && let Some(earlier) = earlier_status(gateway, id).await?
-        {
-            return repeat(earlier, &sku, quantity);
-        }
-        gateway.global.check().map_err(|denied| {
-            gateway.shed(
-                "global_rate",
-                rate_limited(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "this gateway takes no more purchases per second right now",
-                    denied,
-                ),
-            )
-        })?;
-        let permit = gateway.in_flight.clone().try_acquire_owned().map_err(|_| {
-            gateway.shed(
-                "in_flight",
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "too many purchases wait for the broker's acknowledgement; retry shortly",
-                )
-                .retry_after(1),
-            )
-        })?;
-        gateway
-            .metrics
-            .redis_calls
-            .with_label_values(&["admit"])
-            .inc();
-        // Redis's clock, not this gateway's: every gateway shares the line.
-        let admission = gateway
-            .stock
-            .admit(&sku, id, None, gateway.admission_lease_ms)
-            .await
-            .map_err(|e| gateway.shed("unavailable", unavailable("the stock store", e)))?;
-        gateway
-            .metrics
-            .admissions
-            .with_label_values(&[admission.label()])
-            .inc();
-        let (admitted, now) = match admission {
-            Admission::Admitted { at_ms } => (true, at_ms),
-            Admission::Duplicate {
-                admitted_at_ms,
-                now_ms: now,
-            } => {
-                if let Some(earlier) = earlier_status(gateway, id).await? {
-                    return repeat(earlier, &sku, quantity);
-                }
-                if now.saturating_sub(admitted_at_ms) < gateway.abandoned_after_ms {
-                    return Err(gateway.shed(
-                        "in_progress",
-                        Problem::new(
-                            StatusCode::CONFLICT,
-                            "request-in-progress",
-                            "a request with this Idempotency-Key is being queued right now; \
-                             retry in a second to read its result",
-                        )
-                        .retry_after(1),
-                    ));
-                }
-                // Admitted long enough ago that its produce has ended, and
-                // never acknowledged: the instance that admitted it died.
-                // Queue it again; a shop-worker answers a request id once.
-                (false, now)
-            }
-            Admission::Processed(outcome) => {
-                if let Some(earlier) = earlier_status(gateway, id).await? {
-                    return repeat(earlier, &sku, quantity);
-                }
-                return Ok(accepted(id, state_of(&outcome)));
-            }
-            Admission::Full { people, cap } => {
-                return Err(gateway.shed(
-                    "sold_out",
-                    Problem::new(
-                        StatusCode::CONFLICT,
-                        "sold-out",
-                        format!(
-                            "{sku} is sold out: its units are sold or held for the {people} buyers \
-                             ahead in its line (at most {cap} may be); \
-                             units that come back go to them"
-                        ),
-                    ),
-                ));
-            }
-            Admission::SoldOut => return Err(gateway.shed("sold_out", sold_out(&sku))),
-            Admission::NotActive => return Err(gateway.shed("not_active", not_active(&sku))),
-            Admission::Unknown => {
-                return Err(unknown_to_redis(gateway, &sku, known.is_some()).await);
-            }
-            Admission::Reused => {
-                return Err(gateway.shed(
-                    "invalid",
-                    invalid(
-                        "idempotency-key-reused",
-                        format!(
-                            "this Idempotency-Key was used for a purchase of an earlier sale of \
-                             {sku}; a new purchase needs a new key"
-                        ),
-                    ),
-                ));
-            }
-        };
-        let request = PurchaseRequest::new(id, sku.clone(), user.clone(), quantity, now);
-        enqueue(
-            gateway,
-            request,
-            traceparent.clone(),
-            admitted,
-            permit,
-            deadline,
-        )
-        .await
-    }
-    .instrument(span)
-    .await
-}
-
-/// A sku Redis holds no stock for: lost with Redis and not recovered yet
-/// (a sale this gateway has seen, or one DynamoDB holds), so retry; or no
-/// sale at all.
-async fn unknown_to_redis(gateway: &Gateway, sku: &Sku, seen: bool) -> Problem {
-    let sold = if seen {
-        true
-    } else {
-        match gateway.inventory.get(sku).await {
-            Ok(sale) => sale.is_some(),
-            Err(DynamoError::Request(e)) => {
-                return gateway.shed("unavailable", unavailable("the sale store", e));
-            }
-            Err(error) => {
-                tracing::debug!(%error, "sale lookup refused");
-                false
-            }
-        }
-    };
-    if !sold {
-        return gateway.shed(
-            "invalid",
-            invalid("unknown-sku", format!("there is no sale for sku {sku:?}")),
-        );
-    }
-    gateway.shed(
-        "unavailable",
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stock-unavailable",
-            format!("the stock of {sku} is being restored; retry with the same Idempotency-Key"),
-        )
-        .retry_after(1),
-    )
-}
-
-async fn earlier_status(
-    gateway: &Gateway,
-    id: RequestId,
-) -> Result<Option<PurchaseStatus>, Problem> {
-    gateway
-        .metrics
-        .redis_calls
-        .with_label_values(&["status"])
-        .inc();
-    gateway
-        .board
-        .get(id)
-        .await
-        .map_err(|e| gateway.shed("unavailable", unavailable("the status store", e)))
-}
-
-/// The state a buyer is told for a shop-worker's answer.
-fn state_of(outcome: &ReserveOutcome) -> PurchaseState {
-    match outcome {
-        ReserveOutcome::Reserved { .. } => PurchaseState::Reserved,
-        ReserveOutcome::Rejected { .. } | ReserveOutcome::Voided => PurchaseState::Rejected,
-        ReserveOutcome::Waiting => PurchaseState::Waiting,
-    }
-}
-
-/// What is left of the request's time for the void (one Redis call) once
-/// the broker has not answered.
-const VOID_BUDGET: Duration = Duration::from_millis(250);
-
-/// Produces the purchase and waits for the broker, until shortly before
-/// `deadline`. The produce runs as a task of its own, to its end, even if
-/// the buyer hangs up: the record may be on its way, and the status board
-/// (acknowledged) or the admission window (failed) must learn how it
-/// ended. A purchase the broker did not acknowledge in time, or refused,
-/// is voided before its buyer is told it failed (`void.lua`): if Kafka
-/// has it after all, no shop-worker processes it; if a shop-worker
-/// already did, the buyer is told that instead of a failure.
-async fn enqueue(
-    gateway: &Shared,
-    request: PurchaseRequest,
-    traceparent: String,
-    admitted: bool,
-    permit: OwnedSemaphorePermit,
-    deadline: tokio::time::Instant,
-) -> Result<Response, Problem> {
-    let id = request.request_id;
-    let sku = request.sku.clone();
-    // Whether its buyer was told it failed; held while `queued` is posted,
-    // so that no such post lands after the purchase was voided.
-    let voided = Arc::new(tokio::sync::Mutex::new(false));
-    let task = {
-        let (gateway, voided) = (gateway.clone(), voided.clone());
-        async move {
-            let _permit = permit;
-            let started = Instant::now();
-            gateway.metrics.in_flight.inc();
-            let sent = gateway
-                .producer
-                .send(
-                    &gateway.purchase_topic,
-                    request.sku.as_str(),
-                    &messages::encode(&request),
-                    kafka::headers_with_trace(&traceparent),
-                    gateway.produce_timeout,
-                )
-                .await;
-            gateway.metrics.in_flight.dec();
-            gateway
-                .metrics
-                .produce_seconds
-                .observe(started.elapsed().as_secs_f64());
-            match sent {
-                Ok(record) => {
-                    let subject = Subject {
-                        id,
-                        sku: &request.sku,
-                        user: &request.user_id,
-                        quantity: request.quantity,
-                    };
-                    let voided = voided.lock().await;
-                    // Durable in Kafka now; if Redis misses this post the
-                    // shop-worker's own post shows the purchase shortly.
-                    if !*voided
-                        && let Err(error) = gateway
-                            .board
-                            .post_queued(&subject, record, gateway.now_ms())
-                            .await
-                    {
-                        tracing::warn!(%error, "could not post the queued status");
-                    }
-                    Ok(())
-                }
-                Err(error) => {
-                    if admitted && let Err(error) = gateway.stock.unadmit(&request.sku, id).await {
-                        // The lease frees the place later.
-                        tracing::warn!(%error, "could not give back the admission");
-                    }
-                    Err(error.to_string())
-                }
-            }
-        }
-        .instrument(tracing::Span::current())
-    };
-    let waited = tokio::time::timeout_at(deadline - VOID_BUDGET, tokio::spawn(task)).await;
-    let why = match waited {
-        Ok(Ok(Ok(()))) => return Ok(accepted(id, PurchaseState::Queued)),
-        Ok(Ok(Err(error))) => error,
-        Ok(Err(error)) => error.to_string(),
-        Err(_) => "the broker did not acknowledge it in time".to_owned(),
-    };
-    *voided.lock().await = true;
-    match gateway.stock.void(&sku, id, gateway.now_ms()).await {
-        Ok(None) => {
-            if let Err(error) = gateway.board.forget(id).await {
-                tracing::warn!(%error, "could not take back the queued status");
-            }
-            Err(gateway.shed(
-                "broker",
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "temporarily-unavailable",
-                    format!(
-                        "the purchase queue did not take the purchase ({why}); it will not be \
-                         processed: retry (with the same Idempotency-Key)"
-                    ),
-                )
-                .retry_after(1),
-            ))
-        }
-        // It went through after all, and a shop-worker answered it.
-        Ok(Some(outcome)) => Ok(accepted(id, state_of(&outcome))),
-        Err(error) => {
-            tracing::error!(%error, "could not void a purchase the broker did not take; it may still be processed");
-            Err(gateway.shed("broker", unavailable("the purchase queue", why)))
-        }
-    }
-}
-
-fn sold_out(sku: &Sku) -> Problem {
-    Problem::new(
-        StatusCode::CONFLICT,
-        "sold-out",
-        format!(
-            "{sku} is sold out: its units are sold or held for buyers ahead in its line, \
-             who get any unit that comes back"
-        ),
-    )
-}
-
-/// Closed or over: final. (Before the opening a buyer takes a place in the
-/// line instead.)
-fn not_active(sku: &Sku) -> Problem {
-    Problem::new(
-        StatusCode::CONFLICT,
-        "sale-not-active",
-        format!("the sale of {sku} is closed or over"),
-    )
-}
-
-/// A refusal by a rate limit, with `Retry-After` and the `RateLimit-*`
-/// headers of the IETF draft (limit, remaining, seconds to reset).
-fn rate_limited(
-    status: StatusCode,
-    kind: &str,
-    detail: impl Into<String>,
-    denied: Denied,
-) -> Problem {
-    let wait = denied.retry_after_secs();
-    Problem::new(status, kind, detail)
-        .retry_after(wait)
-        .header("ratelimit-limit", denied.limit)
-        .header("ratelimit-remaining", 0)
-        .header("ratelimit-reset", wait)
-}
-
-/// A POST repeated with the same Idempotency-Key: the same purchase, if it
-/// asks for the same thing.
-fn repeat(earlier: PurchaseStatus, sku: &Sku, quantity: Quantity) -> Result<Response, Problem> {
-    if earlier.sku != sku.as_str() || earlier.quantity != quantity.get() {
-        return Err(invalid(
-            "idempotency-key-reused",
-            format!(
-                "this Idempotency-Key was used for {} x {}; a different purchase needs a new key",
-                earlier.quantity, earlier.sku
-            ),
-        ));
-    }
-    let id = RequestId::parse(&earlier.request_id)
-        .map_err(|e| invalid("invalid-request-id", e.to_string()))?;
-    Ok(accepted(id, earlier.status))
-}
-
-fn accepted(id: RequestId, status: PurchaseState) -> Response {
-    let status_url = format!("/v1/purchases/{id}");
-    (
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, status_url.clone())],
-        Json(Accepted {
-            request_id: id.to_string(),
-            status,
-            status_url,
-        }),
-    )
-        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -675,7 +142,7 @@ async fn get_purchase(
             .board
             .get(id)
             .await
-            .map_err(|e| unavailable("the status store", e))?
+            .map_err(|e| store_unavailable("the status store", e))?
         {
             Some(status) => Some(status),
             None => archived(&gateway, id).await?,
@@ -705,6 +172,12 @@ async fn get_purchase(
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }
+}
+
+/// `503` for a store a read cannot ask; the error is logged, not told.
+fn store_unavailable(what: &str, error: impl std::fmt::Display) -> Problem {
+    tracing::warn!(%error, "{what} unavailable");
+    refusal::unavailable(what)
 }
 
 /// Where a purchase not yet decided stands: for `queued`, how far its
@@ -782,10 +255,10 @@ async fn rejoin(gateway: &Shared, id: RequestId, status: &PurchaseStatus) {
             let request = PurchaseRequest::new(id, sku.clone(), user.clone(), quantity, at_ms);
             let traceparent = kafka::continue_trace(None, id);
             let deadline = tokio::time::Instant::now() + gateway.request_timeout;
-            if let Err(problem) =
+            if let Err(refusal) =
                 enqueue(gateway, request, traceparent, true, permit, deadline).await
             {
-                tracing::warn!(request_id = %id, ?problem, "could not queue a lost purchase again");
+                tracing::warn!(request_id = %id, ?refusal, "could not queue a lost purchase again");
             }
             return;
         }
@@ -825,7 +298,7 @@ async fn rejoin(gateway: &Shared, id: RequestId, status: &PurchaseStatus) {
 async fn archived(gateway: &Gateway, id: RequestId) -> Result<Option<PurchaseStatus>, Problem> {
     match gateway.orders.get(id).await {
         Ok(order) => Ok(order.map(|o| o.purchase_status())),
-        Err(DynamoError::Request(e)) => Err(unavailable("the order store", e)),
+        Err(DynamoError::Request(e)) => Err(store_unavailable("the order store", e)),
         // No table yet, or the like: nothing archived to find.
         Err(error) => {
             tracing::debug!(%error, "order lookup refused");
@@ -884,7 +357,7 @@ async fn get_sku(
         .stock
         .status(&sku, gateway.now_ms())
         .await
-        .map_err(|e| unavailable("the stock store", e))?
+        .map_err(|e| store_unavailable("the stock store", e))?
         .ok_or_else(|| {
             Problem::new(
                 StatusCode::NOT_FOUND,

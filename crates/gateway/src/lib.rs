@@ -10,13 +10,16 @@
 
 mod api;
 pub mod auth;
+pub mod decision;
 mod flags;
-mod limits;
+pub mod limits;
 mod metrics;
+mod purchase;
 mod queue;
+pub mod refusal;
 mod waiters;
 
-pub use api::PurchaseBody;
+pub use decision::PurchaseBody;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
