@@ -20,11 +20,13 @@ use flashsale_core::bus::kafka;
 use flashsale_core::bus::messages::PurchaseRequest;
 use flashsale_core::dynamo::DynamoError;
 use flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
+use flashsale_core::service::layers;
 use flashsale_core::service::problem::Problem;
 use flashsale_core::status::board::Subject;
 use flashsale_core::status::{PurchaseState, PurchaseStatus};
 use flashsale_core::stock::Admission;
 use serde::{Deserialize, Serialize};
+use tower::ServiceBuilder;
 
 use crate::Gateway;
 use crate::purchase::{create_purchase, enqueue};
@@ -51,11 +53,19 @@ pub fn router(gateway: Shared, max_body_bytes: usize) -> Router {
                 "this resource does not accept that method",
             )
         })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(middleware::from_fn_with_state(
-            gateway.clone(),
-            count_responses,
-        ))
+        // One layer call: each boxes every route once more (see
+        // `service::layers`). Panics are caught inside the counter, so
+        // that their answers are counted too; axum's body limit, not
+        // tower-http's, for a problem answer.
+        .layer(
+            ServiceBuilder::new()
+                .layer(middleware::from_fn_with_state(
+                    gateway.clone(),
+                    count_responses,
+                ))
+                .layer(layers::catch_panics())
+                .layer(DefaultBodyLimit::max(max_body_bytes)),
+        )
         .with_state(gateway)
 }
 

@@ -128,7 +128,7 @@ async fn find_out(
     slot: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<(), Refusal> {
     match question {
-        Question::UserRate => facts.user_rate = Some(gateway.users.check(purchase.user.as_str())),
+        Question::UserRate => facts.user_rate = Some(gateway.users.check(&purchase.user)),
         Question::Earlier => facts.earlier = Some(earlier_status(gateway, purchase.id).await?),
         Question::GlobalRate => facts.global_rate = Some(gateway.global.check()),
         Question::ProduceSlot => {

@@ -59,13 +59,14 @@ async fn metrics(State(ops): State<Ops>) -> Response {
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()
 }
 
-/// Serves `app` on `listener` until `shutdown`, letting requests in flight finish.
+/// Serves `app` on `listener` until `shutdown`, letting requests in flight
+/// finish, inside the layers every service has (`layers::standard`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
+    axum::serve(listener, crate::service::layers::standard(app))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

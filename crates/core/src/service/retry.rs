@@ -18,50 +18,46 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::consumer::Abandoned;
 
-const FIRST_DELAY: Duration = Duration::from_millis(50);
-const MAX_DELAY: Duration = Duration::from_secs(2);
+/// The first wait is 25 to 50 ms; each next one twice as long, up to 1 to
+/// 2 s.
+const FIRST_DELAY: Duration = Duration::from_millis(25);
+const MAX_DELAY: Duration = Duration::from_secs(1);
 /// How long an attempt made at (or past) its deadline may take.
 const LAST_ATTEMPT: Duration = Duration::from_secs(1);
 
-/// Capped exponential backoff with jitter: each wait is half the current
-/// delay plus a random part of the other half, so that workers that failed
+/// Capped exponential backoff with jitter (backon's): each wait is the
+/// current delay plus a random part of it, so that workers that failed
 /// together (a broker restart, a processor outage) do not retry together.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    delay: Duration,
-}
+///
+/// Only the delays are backon's. Its retry loop is not used: ours lets a
+/// shutdown end the wait but never an attempt in flight (a commit half
+/// made is worse than one made or not), shortens the last wait so that one
+/// attempt lands on the deadline itself, and bounds each attempt by the
+/// deadline; backon's `Retry` cancels whatever it is polling and stops at
+/// a total of delays instead.
+#[derive(Debug)]
+pub struct Backoff(backon::ExponentialBackoff);
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { delay: FIRST_DELAY }
+        use backon::BackoffBuilder;
+        Self(
+            backon::ExponentialBuilder::new()
+                .with_min_delay(FIRST_DELAY)
+                .with_max_delay(MAX_DELAY)
+                .with_jitter()
+                .without_max_times()
+                .build(),
+        )
     }
 }
 
 impl Backoff {
-    /// The next wait; the one after is twice as long, up to the cap.
+    /// The next wait; the one after is about twice as long, up to the cap.
     pub fn next_wait(&mut self) -> Duration {
-        let wait = self.delay / 2 + self.delay.mul_f64(random_fraction() / 2.0);
-        self.delay = (self.delay * 2).min(MAX_DELAY);
-        wait
+        // Without a limit on times or total, the sequence does not end.
+        self.0.next().unwrap_or(MAX_DELAY * 2)
     }
-}
-
-/// A number in [0, 1): SplitMix64 over a counter seeded by the clock. Good
-/// enough to spread retries; not for anything that must be unpredictable.
-fn random_fraction() -> f64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static STATE: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0);
-    let mut z = STATE
-        .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-        .wrapping_add(nanos);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Whether an error is worth another attempt.
@@ -251,13 +247,13 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_to_its_cap_with_jitter_in_the_upper_half() {
+    fn backoff_doubles_to_its_cap_with_jitter_up_to_as_much_again() {
         let mut backoff = Backoff::default();
         let waits: Vec<Duration> = (0..12).map(|_| backoff.next_wait()).collect();
         let mut delay = FIRST_DELAY;
         for wait in &waits {
             assert!(
-                *wait >= delay / 2 && *wait <= delay,
+                *wait >= delay && *wait <= delay * 2,
                 "{wait:?} for {delay:?}"
             );
             delay = (delay * 2).min(MAX_DELAY);
