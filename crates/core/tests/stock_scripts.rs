@@ -16,7 +16,7 @@ use flashsale_core::service::redis_conn::{self, RedisConn};
 use flashsale_core::service::settings::RedisSettings;
 use flashsale_core::stock::{
     Admission, CommitOutcome, FLAGS_CHANNEL, OpenOutcome, ReleaseOutcome, ReserveOutcome,
-    SaleRules, SkuFlags, SkuKeys, StockStore,
+    RestoredReservation, RestoredState, SaleRules, SkuFlags, SkuKeys, StockError, StockStore,
 };
 use futures::StreamExt;
 use redis::AsyncCommands;
@@ -1214,6 +1214,100 @@ async fn early_draw_and_patience(backend: Backend) {
     }
 }
 
+/// The recovery's restore writes the layout the scripts write: reserve,
+/// commit and release three purchases, unload the sku, restore it from
+/// what those purchases became, and every key a script reads is as the
+/// scripts had left it. A sku Redis still holds is never written over.
+async fn restore_rebuilds_what_the_scripts_wrote(backend: Backend) {
+    let sale = rules(10, 5, 60_000);
+    let f = Fixture::new(backend, "restore", sale.clone()).await;
+    let mut sale = sale;
+    sale.sale_id = f.levels().await.sale_id;
+    let (a, b, c) = (
+        f.request("alice", 2),
+        f.request("bob", 1),
+        f.request("carol", 3),
+    );
+    let ids = [a.request_id, b.request_id, c.request_id];
+    let mut deadlines = Vec::new();
+    for request in [&a, &b, &c] {
+        match f
+            .store
+            .reserve(request, 1_000, MAX_AGE)
+            .await
+            .unwrap()
+            .outcome
+        {
+            ReserveOutcome::Reserved { expires_at_ms, .. } => deadlines.push(expires_at_ms),
+            other => panic!("{other:?}"),
+        }
+    }
+    f.store.commit(&f.sku, a.request_id, 1_050).await.unwrap();
+    f.store
+        .release(&f.sku, b.request_id, "payment_declined", 0)
+        .await
+        .unwrap();
+    let before = f.levels().await;
+    // What a script reads; the line's own fields (its draw's salt, its
+    // sequence) are not restored, as the line is not; a buyer who holds
+    // nothing reads the same with a count of 0 or none.
+    let layout = |snapshot: BTreeMap<String, String>| -> BTreeMap<String, String> {
+        snapshot
+            .into_iter()
+            .filter(|(key, value)| {
+                let line = key.ends_with(".line_salt") || key.ends_with(".line_seq");
+                let reason = key.contains(":res:") && key.ends_with(".reason");
+                let none_held = key.contains(":users.") && value == "0";
+                !(line || reason || none_held)
+            })
+            .collect()
+    };
+    let written = layout(f.snapshot(&ids).await);
+
+    let restored = |request: &PurchaseRequest, expires_at_ms, state| RestoredReservation {
+        id: request.request_id,
+        user: request.user_id.clone(),
+        quantity: request.quantity,
+        amount_cents: u64::from(request.quantity.get()) * sale.price_cents,
+        expires_at_ms,
+        state,
+    };
+    let reservations = [
+        restored(&a, deadlines[0], RestoredState::Committed),
+        restored(
+            &b,
+            deadlines[1],
+            RestoredState::Released {
+                reason: "payment_declined".into(),
+            },
+        ),
+        restored(&c, deadlines[2], RestoredState::Reserved),
+    ];
+    let refused = f.store.restore(&f.sku, &sale, false, &reservations).await;
+    assert!(
+        matches!(refused, Err(StockError::Loaded(_))),
+        "a loaded sku was written over: {refused:?}"
+    );
+    f.store.unload(&f.sku).await.unwrap();
+    let levels = f
+        .store
+        .restore(&f.sku, &sale, false, &reservations)
+        .await
+        .unwrap();
+    assert_eq!(levels, before);
+    assert_eq!(layout(f.snapshot(&ids).await), written);
+    // And the scripts take it from there: the reservation left is sold.
+    assert_eq!(
+        f.store
+            .commit(&f.sku, c.request_id, 2_000)
+            .await
+            .unwrap()
+            .outcome,
+        CommitOutcome::Committed
+    );
+    assert_eq!(f.levels().await.sold, 5);
+}
+
 macro_rules! on_both {
     ($($name:ident => $body:expr;)*) => {
         mod single {
@@ -1242,4 +1336,5 @@ on_both! {
     one_user_with_a_limit_of_one_gets_exactly_one_of_a_hundred => one_user_hundred_requests;
     the_line_follows_the_stock_and_gives_units_back_to_its_head => admission_line;
     early_buyers_are_drawn_and_silent_ones_leave_the_line => early_draw_and_patience;
+    a_restore_writes_what_the_scripts_wrote_and_never_over_a_loaded_sku => restore_rebuilds_what_the_scripts_wrote;
 }

@@ -47,6 +47,9 @@ pub enum StockError {
     /// Scripts change nothing until `flashsale recover --sku` rebuilt it.
     #[error("Redis holds no stock for {0}: run `flashsale recover --sku {0}`")]
     Unloaded(Sku),
+    /// A restore of a sku Redis still holds: it is never written over.
+    #[error("Redis still holds the stock of {0}: unload it before restoring it")]
+    Loaded(Sku),
 }
 
 impl StockError {
@@ -55,7 +58,7 @@ impl StockError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Redis(e) => redis_is_transient(e),
-            Self::UnexpectedReply(_) => false,
+            Self::UnexpectedReply(_) | Self::Loaded(_) => false,
             Self::Unloaded(_) => true,
         }
     }

@@ -40,6 +40,7 @@ script!(SERVE, "lua/serve.lua", with line);
 script!(LINE_PLACE, "lua/line_place.lua", with line);
 script!(WITHDRAW, "lua/withdraw.lua");
 script!(VOID, "lua/void.lua", with line);
+script!(RESTORE, "lua/restore.lua", with line);
 
 /// How long a sweep remembers what it released, for a retry after a lost
 /// reply; sweeps are retried within seconds.
@@ -91,18 +92,9 @@ impl StockStore {
         // by the sweep, while stock without registration would never expire.
         conn.sadd::<_, _, ()>(&self.sales_key, sku.as_str()).await?;
         let keys = SkuKeys::new(sku);
-        let reply: Vec<String> = OPEN
-            .key(keys.stock())
-            .key(keys.users())
-            .key(keys.deadlines())
-            .arg(&rules.sale_id)
-            .arg(rules.total)
-            .arg(rules.per_user_limit)
-            .arg(rules.price_cents)
-            .arg(rules.reservation_ttl_ms)
-            .arg(rules.starts_at_ms)
-            .arg(rules.ends_at_ms)
-            .arg(rules.overbook)
+        let mut open = OPEN.key(keys.stock());
+        open.key(keys.users()).key(keys.deadlines());
+        let reply: Vec<String> = rule_args(&mut open, rules)
             // The draw among early buyers is fair only if nobody can
             // compute tickets: a random salt, never shown.
             .arg(uuid::Uuid::new_v4().simple().to_string())
@@ -519,10 +511,12 @@ impl StockStore {
         Ok(())
     }
 
-    /// Writes back a sku's state after Redis was lost: reservation records,
-    /// processed markers (so a redelivered request is not reserved again),
-    /// per-user counts and deadlines first, and the stock hash last, which
-    /// is what makes the sku usable again. Call `unload` first.
+    /// Writes back a sku's state after Redis was lost (`lua/restore.lua`,
+    /// so that the layout of a sku's keys has one author, the scripts):
+    /// reservation records, processed markers (so a redelivered request is
+    /// not reserved again), per-user counts and deadlines first, and the
+    /// stock hash last, which is what makes the sku usable again. Call
+    /// `unload` first: a sku Redis holds is never written over (`Loaded`).
     pub async fn restore(
         &self,
         sku: &Sku,
@@ -530,111 +524,85 @@ impl StockStore {
         closed: bool,
         reservations: &[RestoredReservation],
     ) -> Result<StockLevels, StockError> {
-        let keys = SkuKeys::new(sku);
+        let stock = SkuKeys::new(sku).stock();
         let mut conn = self.conn.clone();
-        let mut users: HashMap<&str, i64> = HashMap::new();
+        let loaded = |reply: &[String]| reply.first().is_some_and(|r| r == "loaded");
         let (mut reserved, mut sold) = (0i64, 0i64);
         let record_life = rules.reservation_ttl_ms + self.retention_ms;
         for chunk in reservations.chunks(500) {
-            let mut pipe = redis::pipe();
+            let mut call = RESTORE.key(&stock);
+            call.arg("reservations")
+                .arg(&rules.sale_id)
+                .arg(self.retention_ms)
+                .arg(record_life);
             for r in chunk {
                 let qty = i64::from(r.quantity.get());
                 let (state, reason) = match &r.state {
-                    RestoredState::Reserved => ("reserved", ""),
-                    RestoredState::Committed => ("committed", ""),
-                    RestoredState::Released { reason } => ("released", reason.as_str()),
-                };
-                match r.state {
                     RestoredState::Reserved => {
                         reserved += qty;
-                        pipe.zadd(keys.deadlines(), r.id.to_string(), r.expires_at_ms)
-                            .ignore();
+                        ("reserved", "")
                     }
-                    RestoredState::Committed => sold += qty,
-                    RestoredState::Released { .. } => {}
-                }
-                if !matches!(r.state, RestoredState::Released { .. }) {
-                    *users.entry(r.user.as_str()).or_default() += qty;
-                }
-                let record = keys.reservation(r.id);
-                pipe.hset_multiple(
-                    &record,
-                    &[
-                        ("user", r.user.to_string()),
-                        ("quantity", qty.to_string()),
-                        ("expires_at_ms", r.expires_at_ms.to_string()),
-                        ("state", state.to_owned()),
-                        ("sale_id", rules.sale_id.clone()),
-                        ("reason", reason.to_owned()),
-                    ],
-                )
-                .ignore();
-                pipe.pexpire(&record, record_life as i64).ignore();
-                let answer = serde_json::json!([
-                    "reserved",
-                    r.expires_at_ms.to_string(),
-                    r.amount_cents.to_string(),
-                    rules.sale_id
-                ]);
-                pipe.pset_ex(keys.processed(r.id), answer.to_string(), self.retention_ms)
-                    .ignore();
+                    RestoredState::Committed => {
+                        sold += qty;
+                        ("committed", "")
+                    }
+                    RestoredState::Released { reason } => ("released", reason.as_str()),
+                };
+                call.arg(r.id.to_string())
+                    .arg(r.user.as_str())
+                    .arg(qty)
+                    .arg(r.expires_at_ms)
+                    .arg(state)
+                    .arg(reason)
+                    .arg(r.amount_cents);
             }
-            pipe.query_async::<()>(&mut conn).await?;
-        }
-        if !users.is_empty() {
-            let held: Vec<(&str, i64)> = users.into_iter().collect();
-            conn.hset_multiple::<_, _, _, ()>(keys.users(), &held)
-                .await?;
+            let reply: Vec<String> = call.invoke_async(&mut conn).await?;
+            if loaded(&reply) {
+                return Err(StockError::Loaded(sku.clone()));
+            }
         }
         let total = rules.total as i64;
-        let available = total - reserved - sold;
-        let levels = StockLevels {
-            sale_id: rules.sale_id.clone(),
-            total,
-            available,
-            reserved,
-            sold,
-            sold_out: available <= 0,
+        let mut call = RESTORE.key(&stock);
+        call.arg("stock");
+        let reply: Vec<String> = rule_args(&mut call, rules)
+            .arg(reserved)
+            .arg(sold)
+            .arg(self.retention_ms)
+            .arg(if closed { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await?;
+        let levels = match reply.as_slice() {
+            [restored, available, sold_out, _] if restored == "restored" => StockLevels {
+                sale_id: rules.sale_id.clone(),
+                total,
+                available: available
+                    .parse()
+                    .map_err(|_| StockError::UnexpectedReply(reply.clone()))?,
+                reserved,
+                sold,
+                sold_out: sold_out == "1",
+            },
+            _ if loaded(&reply) => return Err(StockError::Loaded(sku.clone())),
+            _ => return unexpected(&reply),
         };
-        // The line is not restored (it lived only in Redis): the holders
-        // alone decide whether there is room.
-        let cap = ((available + reserved).max(0) as f64 * rules.overbook - 1e-9).ceil() as i64;
-        let holders = reservations
-            .iter()
-            .filter(|r| r.state == RestoredState::Reserved)
-            .count() as i64;
-        let line_full = holders >= cap;
-        conn.hset_multiple::<_, _, _, ()>(
-            keys.stock(),
-            &[
-                ("sale_id", rules.sale_id.clone()),
-                ("total", total.to_string()),
-                ("available", available.to_string()),
-                ("reserved", reserved.to_string()),
-                ("sold", sold.to_string()),
-                ("per_user_limit", rules.per_user_limit.to_string()),
-                ("price_cents", rules.price_cents.to_string()),
-                ("ttl_ms", rules.reservation_ttl_ms.to_string()),
-                ("starts_at_ms", rules.starts_at_ms.to_string()),
-                ("ends_at_ms", rules.ends_at_ms.to_string()),
-                ("overbook", rules.overbook.to_string()),
-                ("retention_ms", self.retention_ms.to_string()),
-                ("sold_out", if levels.sold_out { "1" } else { "0" }.into()),
-                ("closed", if closed { "1" } else { "0" }.into()),
-                ("line_full", if line_full { "1" } else { "0" }.into()),
-            ],
-        )
-        .await?;
-        // Gateways that still remember the sku learn its flags now.
-        let flags = format!(
-            "{sku} {} {} {} {}",
-            u8::from(levels.sold_out),
-            u8::from(closed),
-            u8::from(line_full),
-            rules.ends_at_ms
-        );
-        conn.publish::<_, _, ()>(FLAGS_CHANNEL, flags).await?;
         conn.sadd::<_, _, ()>(&self.sales_key, sku.as_str()).await?;
         Ok(levels)
     }
+}
+
+/// A sale's rules as `open.lua` and `restore.lua` take them, in this
+/// order: sale id, total, per-user limit, price, reservation TTL, start,
+/// end, overbook.
+fn rule_args<'a, 'b>(
+    call: &'b mut redis::ScriptInvocation<'a>,
+    rules: &SaleRules,
+) -> &'b mut redis::ScriptInvocation<'a> {
+    call.arg(&rules.sale_id)
+        .arg(rules.total)
+        .arg(rules.per_user_limit)
+        .arg(rules.price_cents)
+        .arg(rules.reservation_ttl_ms)
+        .arg(rules.starts_at_ms)
+        .arg(rules.ends_at_ms)
+        .arg(rules.overbook)
 }
