@@ -1,0 +1,134 @@
+//! Kafka plumbing: what every client shares (the cluster's settings, the
+//! topic and group names, the failures) and topic creation here; the
+//! producer every stage sends with (`producer`), the `traceparent` header
+//! a purchase carries through the pipeline (`trace`), and setting a
+//! message aside, to its dead-letter topic or parked at its topic's tail
+//! (`aside`).
+//!
+//! The producer is idempotent with `acks=all`: a send that returned `Ok`
+//! is durable on the broker, which is what the gateway's `202` and every
+//! worker's offset commit rely on.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage, ToBytes};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::ids::RequestId;
+use crate::service::settings::KafkaSettings;
+
+mod aside;
+mod producer;
+mod trace;
+
+pub use aside::{Aside, dead_letter, dead_letter_error, park, parked_times, set_aside};
+pub use producer::{RenewableProducer, probe, producer, send};
+pub use trace::{
+    TRACEPARENT, continue_trace, header, headers_with_trace, trace_headers, traceparent,
+};
+
+/// Base names of the pipeline's topics; `KafkaSettings::topic` adds the prefix.
+pub mod topic {
+    pub const PURCHASE_REQUESTS: &str = "purchase-requests";
+    pub const RESERVATIONS: &str = "reservations";
+    pub const STOCK_RELEASES: &str = "stock-releases";
+    pub const ALL: [&str; 3] = [PURCHASE_REQUESTS, RESERVATIONS, STOCK_RELEASES];
+
+    pub fn dead_letter(topic: &str) -> String {
+        format!("{topic}.dlq")
+    }
+}
+
+/// Base names of the consumer groups; `KafkaSettings::group` adds the prefix.
+pub mod group {
+    pub const SHOP: &str = "flashsale-shop";
+    pub const ORDERS: &str = "flashsale-orders";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaFailure {
+    #[error("creating the Kafka client failed: {0}")]
+    Client(#[source] KafkaError),
+    #[error("creating topic {topic} failed: {code}")]
+    CreateTopic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+    #[error("the broker did not acknowledge the message: {0}")]
+    Produce(#[source] KafkaError),
+    #[error("Kafka is unreachable: {0}")]
+    Unreachable(#[source] KafkaError),
+}
+
+/// Options every client gets: where the cluster is, and no topic ever
+/// created behind our back by a metadata request.
+pub fn base_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.bootstrap)
+        .set("allow.auto.create.topics", "false")
+        .set("socket.keepalive.enable", "true");
+    config
+}
+
+/// Creates every topic of the pipeline and its dead-letter twin that does
+/// not exist yet. Safe to call from every service at start: once the topics
+/// exist it only reads metadata. Missing topics are created one request
+/// each, because tansu 0.6 stalled (admin timeouts) when many services sent
+/// multi-topic CreateTopics requests at the same moment.
+pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaFailure> {
+    let admin: AdminClient<DefaultClientContext> = base_config(settings)
+        .create()
+        .map_err(KafkaFailure::Client)?;
+    let wanted: Vec<String> = topic::ALL
+        .iter()
+        .flat_map(|base| {
+            let name = settings.topic(base);
+            [name.clone(), topic::dead_letter(&name)]
+        })
+        .collect();
+    // Asked topic by topic: tansu 0.6 drops the connection on a metadata
+    // request for all topics.
+    let existing: Vec<String> = {
+        let config = base_config(settings);
+        let names = wanted.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<String>, KafkaError> {
+            let client: BaseConsumer = config.create()?;
+            let mut existing = Vec::new();
+            for name in names {
+                let metadata = client.fetch_metadata(Some(&name), Duration::from_secs(10))?;
+                let found = metadata
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty());
+                if found {
+                    existing.push(name);
+                }
+            }
+            Ok(existing)
+        })
+        .await
+        .map_err(|_| KafkaFailure::Unreachable(KafkaError::Canceled))?
+        .map_err(KafkaFailure::Unreachable)?
+    };
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for name in wanted.iter().filter(|name| !existing.contains(name)) {
+        let new = NewTopic::new(name, settings.partitions, TopicReplication::Fixed(1));
+        let results = admin
+            .create_topics([&new], &options)
+            .await
+            .map_err(KafkaFailure::Unreachable)?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(KafkaFailure::CreateTopic { topic, code }),
+            }
+        }
+    }
+    Ok(())
+}
