@@ -3,11 +3,13 @@
 //! the very code an operator runs.
 
 pub mod audit;
+pub mod crowd;
 pub mod lag;
 pub mod order;
 pub mod recover;
 pub mod sale;
 pub mod surge;
+pub mod thresholds;
 
 use std::time::Duration;
 

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use flashsale_cli::crowd::{Arrival, Stages};
 use flashsale_cli::sale::{self, SaleSpec};
-use flashsale_cli::surge::{self, Arrival, SurgeOptions};
+use flashsale_cli::surge::{self, SurgeOptions};
+use flashsale_cli::thresholds::{self, Threshold};
 use flashsale_cli::{Config, Stores};
 use flashsale_core::ids::Sku;
 use flashsale_core::service::settings::Env;
@@ -49,7 +51,9 @@ enum Command {
         json: bool,
     },
     /// Send a crowd of buyers at the gateway, wait for every purchase to
-    /// settle, audit, and report.
+    /// settle, audit, and report. Exits 0 when all held, 1 when the audit
+    /// found violations or purchases did not settle, 3 when only a
+    /// --threshold failed, 2 on errors.
     Surge(SurgeArgs),
     /// How far the consumer groups are behind: per topic and partition the
     /// end offset, the committed offset, the lag in messages and in seconds
@@ -173,15 +177,32 @@ struct SurgeArgs {
     sku: String,
     #[arg(long, default_value_t = 500)]
     stock: u64,
-    /// Distinct buyers, one purchase of one unit each.
-    #[arg(long, default_value_t = 20_000)]
-    buyers: u64,
+    /// Distinct buyers, one purchase of one unit each (default 20000; with
+    /// --stages, as many as the stages bring, at most this many).
+    #[arg(long)]
+    buyers: Option<u64>,
     /// Arrivals per second (open model).
-    #[arg(long, conflicts_with = "burst")]
+    #[arg(long, conflicts_with_all = ["burst", "stages"])]
     rate: Option<f64>,
     /// Every buyer at once.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "stages")]
     burst: bool,
+    /// Arrivals along stages, as k6's ramping-arrival-rate:
+    /// `0:2000/s,5s:50000/s,30s:0/s` (the rate moves in a straight line
+    /// between stages; two at the same time make a step), or @FILE with
+    /// one stage per line.
+    #[arg(long)]
+    stages: Option<String>,
+    /// The sale opens this many seconds after the first buyer is due:
+    /// earlier buyers take a place in the line, drawn at the opening.
+    #[arg(long, default_value_t = 0.0)]
+    opens_in_secs: f64,
+    /// A criterion the report must meet, as k6's: `accept_p99_ms<500`,
+    /// `oversold==0`, `fairness.inversions<=10` (any figure of the JSON
+    /// report by its dotted path, or `<what>_<p50|p99|max>_ms` for a
+    /// latency). Repeatable. One that fails exits with 3.
+    #[arg(long = "threshold")]
+    thresholds: Vec<String>,
     #[arg(long, default_value_t = 0.1)]
     payment_decline_rate: f64,
     #[arg(long, default_value_t = 20)]
@@ -227,6 +248,10 @@ struct SurgeArgs {
     )]
     auth_audience: String,
 }
+
+/// `flashsale surge`'s exit when the pipeline held (clean audit, every
+/// purchase settled) but a `--threshold` did not.
+const THRESHOLDS_FAILED: u8 = 3;
 
 /// Exit 0 when it holds, 1 when it does not (2 is for errors).
 fn verdict(holds: bool) -> ExitCode {
@@ -391,14 +416,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(verdict(flashsale_cli::audit::all_clean(&reports)));
         }
         Command::Surge(args) => {
-            let arrival = match (args.burst, args.rate) {
-                (true, _) => Arrival::Burst,
-                (false, Some(rate)) if rate > 0.0 && rate.is_finite() => Arrival::Rate(rate),
-                (false, Some(rate)) => {
+            let arrival = match (args.burst, args.rate, &args.stages) {
+                (true, _, _) => Arrival::Burst,
+                (false, Some(rate), _) if rate > 0.0 && rate.is_finite() => Arrival::Rate(rate),
+                (false, Some(rate), _) => {
                     anyhow::bail!("--rate must be a positive number, got {rate}")
                 }
-                (false, None) => anyhow::bail!("give --rate R (arrivals per second) or --burst"),
+                (false, None, Some(raw)) => {
+                    let raw = match raw.strip_prefix('@') {
+                        Some(path) => std::fs::read_to_string(path)
+                            .with_context(|| format!("reading the stages in {path}"))?,
+                        None => raw.clone(),
+                    };
+                    Arrival::Stages(Stages::parse(&raw)?)
+                }
+                (false, None, None) => anyhow::bail!(
+                    "give --rate R (arrivals per second), --burst or --stages 0:R/s,T:R/s,..."
+                ),
             };
+            let buyers = match (&arrival, args.buyers) {
+                (_, Some(buyers)) => buyers,
+                (Arrival::Stages(_), None) => u64::MAX,
+                (_, None) => 20_000,
+            };
+            if !(args.opens_in_secs.is_finite() && args.opens_in_secs >= 0.0) {
+                anyhow::bail!("--opens-in-secs must be 0 or more");
+            }
+            let known = thresholds::figures(&surge::SurgeReport::default());
+            let thresholds = args
+                .thresholds
+                .iter()
+                .map(|raw| Threshold::parse(raw, &known))
+                .collect::<Result<Vec<_>, _>>()?;
             if !(0.0..=1.0).contains(&args.payment_decline_rate) {
                 anyhow::bail!("--payment-decline-rate must be between 0 and 1");
             }
@@ -407,8 +456,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 gateway_url: config.gateway_url.clone(),
                 sku: sku(&args.sku)?,
                 stock: args.stock,
-                buyers: args.buyers,
+                buyers,
                 arrival,
+                opens_in: Duration::from_secs_f64(args.opens_in_secs),
                 per_user_limit: args.per_user_limit,
                 overbook: args.overbook,
                 payment_decline_rate: args.payment_decline_rate,
@@ -421,6 +471,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     issuer: args.auth_issuer,
                     audience: args.auth_audience,
                 }),
+                thresholds,
             };
             let report = surge::run(&stores, &options).await?;
             print!("{}", report.human());
@@ -428,7 +479,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
-            return Ok(verdict(report.passed()));
+            if !report.passed() {
+                return Ok(verdict(false));
+            }
+            if !report.thresholds_held() {
+                return Ok(ExitCode::from(THRESHOLDS_FAILED));
+            }
+            return Ok(ExitCode::SUCCESS);
         }
     }
     Ok(ExitCode::SUCCESS)

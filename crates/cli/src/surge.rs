@@ -21,23 +21,22 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::Stores;
+pub use crate::crowd::Arrival;
 use crate::sale::{self, SaleSpec};
-
-#[derive(Debug, Clone, Copy)]
-pub enum Arrival {
-    /// Every buyer at the same instant.
-    Burst,
-    /// Buyers arrive evenly at this many per second.
-    Rate(f64),
-}
+use crate::thresholds::{self, Checked, Threshold};
 
 #[derive(Debug, Clone)]
 pub struct SurgeOptions {
     pub gateway_url: String,
     pub sku: Sku,
     pub stock: u64,
+    /// At most this many buyers (stages may bring fewer).
     pub buyers: u64,
     pub arrival: Arrival,
+    /// The sale opens this long after the first buyer is due: buyers who
+    /// come earlier take a place in the line, drawn at the opening, as on
+    /// a real sale's first second.
+    pub opens_in: Duration,
     pub per_user_limit: u64,
     /// The sale's overbook (`SaleRules::overbook`).
     pub overbook: f64,
@@ -54,6 +53,8 @@ pub struct SurgeOptions {
     /// Bearer tokens for a gateway that verifies them; None: buyers name
     /// themselves in the body.
     pub tokens: Option<TokenSigner>,
+    /// Criteria the report must meet (`thresholds`).
+    pub thresholds: Vec<Threshold>,
 }
 
 /// Signs each buyer an HS256 token with a test key, so that a load test
@@ -123,7 +124,7 @@ pub struct Fairness {
     pub passed_over: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct SurgeReport {
     pub buyers: u64,
     pub accepted: u64,
@@ -177,6 +178,35 @@ pub struct SurgeReport {
     /// Gateway answers of any kind per second while the crowd was arriving.
     pub answered_rps: f64,
     pub duration_s: f64,
+    /// The surge second by second, from the first intended arrival.
+    #[serde(default)]
+    pub timeline: Vec<Second>,
+    /// How each `--threshold` fared.
+    #[serde(default)]
+    pub thresholds: Vec<Checked>,
+}
+
+/// One second of a surge. Buyers count in the second their first request
+/// was due; answers and decisions in the second they came.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Second {
+    /// Seconds since the first intended arrival.
+    pub t: u64,
+    /// Buyers due to arrive.
+    pub due: u64,
+    /// Buyers whose last answer came in this second.
+    pub answered: u64,
+    /// Purchases accepted (`202`).
+    pub accepted: u64,
+    /// Buyers whose last answer was a refusal (sold out, limited,
+    /// overloaded, invalid).
+    pub shed: u64,
+    pub errors: u64,
+    /// Accepted purchases that reached a terminal state.
+    pub decided: u64,
+    pub confirmed: u64,
+    /// The accept latency of the buyers answered in this second.
+    pub accept_ms: Latency,
 }
 
 impl SurgeReport {
@@ -186,11 +216,16 @@ impl SurgeReport {
         self.audit_ok && self.unsettled == 0 && self.errors == 0
     }
 
+    /// Every `--threshold` held (true when none was given).
+    pub fn thresholds_held(&self) -> bool {
+        self.thresholds.iter().all(|c| c.held)
+    }
+
     pub fn human(&self) -> String {
-        let verdict = if self.audit_ok && self.unsettled == 0 && self.errors == 0 {
-            "PASS"
-        } else {
-            "FAIL"
+        let verdict = match (self.passed(), self.thresholds_held()) {
+            (true, true) => "PASS",
+            (true, false) => "FAIL (thresholds)",
+            (false, _) => "FAIL",
         };
         let mut out = format!(
             "surge: {} buyers for {} units in {:.1}s\n\
@@ -250,6 +285,16 @@ impl SurgeReport {
         );
         for violation in &self.violations {
             out.push_str(&format!("  - {violation}\n"));
+        }
+        for checked in &self.thresholds {
+            let actual = checked
+                .actual
+                .map_or_else(|| "none".to_owned(), |a| format!("{a}"));
+            let mark = if checked.held { "ok  " } else { "FAIL" };
+            out.push_str(&format!(
+                "threshold {mark} {} (was {actual})\n",
+                checked.threshold
+            ));
         }
         out.push_str(&format!("verdict: {verdict}\n"));
         out
@@ -380,7 +425,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             per_user_limit: options.per_user_limit,
             price_cents: 1999,
             reservation_ttl: Duration::from_secs(600),
-            starts_in: Duration::ZERO,
+            starts_in: options.opens_in,
             duration: Duration::from_secs(3600),
             overbook: options.overbook,
         },
@@ -398,13 +443,15 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     let run_id = &uuid::Uuid::now_v7().simple().to_string()[..12];
     let connections = Arc::new(Semaphore::new(options.connections.max(1)));
     let user = |i: u64| format!("surge-{run_id}-{i}");
+    let offsets = options.arrival.offsets(options.buyers);
+    let buyers = offsets.len() as u64;
     // Signed before the crowd starts: signing is the issuer's work, not the
     // gateway's, and must not delay arrivals.
     let mut authorizations = match &options.tokens {
-        Some(signer) => (0..options.buyers)
+        Some(signer) => (0..buyers)
             .map(|i| Ok(Some(format!("Bearer {}", signer.sign(&user(i))?))))
             .collect::<anyhow::Result<Vec<_>>>()?,
-        None => vec![None; options.buyers as usize],
+        None => vec![None; offsets.len()],
     }
     .into_iter();
     // A short lead so spawning the crowd does not eat into the first arrivals.
@@ -412,12 +459,8 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     let start = Instant::now() + lead;
     let start_unix_ms = clock::now_ms() + lead.as_millis() as u64;
 
-    let mut tasks = Vec::with_capacity(options.buyers as usize);
-    for i in 0..options.buyers {
-        let offset = match options.arrival {
-            Arrival::Burst => Duration::ZERO,
-            Arrival::Rate(rate) => Duration::from_secs_f64(i as f64 / rate),
-        };
+    let mut tasks = Vec::with_capacity(offsets.len());
+    for (i, offset) in (0..buyers).zip(offsets.iter().copied()) {
         let (http, url, connections) = (http.clone(), url.clone(), connections.clone());
         let purchase = Purchase {
             key: user(i),
@@ -472,8 +515,17 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     let mut last_answer = start;
     // (sent, buyer index, accepted purchase) of every buyer.
     let mut fates: Vec<(Instant, u64, Option<RequestId>)> = Vec::new();
+    let mut timeline = Timeline::default();
+    for offset in &offsets {
+        timeline.at(offset.as_secs()).due += 1;
+    }
     for task in tasks {
         let buyer = task.await?;
+        timeline.answered(
+            buyer.answered_at.saturating_duration_since(start).as_secs(),
+            &buyer.answer,
+            micros(buyer.last_answer),
+        );
         retries += u64::from(buyer.retries);
         let _ = accept_latency.record(micros(buyer.last_answer));
         let _ = first_answer.record(micros(buyer.first_answer));
@@ -515,6 +567,9 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             .max(1)
             * 1000;
         let _ = decision_latency.record(took);
+        let second = timeline.at(settled.decided_ms.saturating_sub(start_unix_ms) / 1000);
+        second.decided += 1;
+        second.confirmed += u64::from(settled.state == PurchaseState::Confirmed);
         let _ = final_answer.record(took);
         last_decided = last_decided.max(settled.decided_ms);
         match settled.state {
@@ -552,8 +607,8 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     let report = stores.audit(&options.sku, unsettled == 0).await?;
     let sold_out = report.sold >= options.stock as i64 && confirmed > 0;
     let duration_s = start.elapsed().as_secs_f64();
-    Ok(SurgeReport {
-        buyers: options.buyers,
+    let mut surge = SurgeReport {
+        buyers,
         accepted: accepted.len() as u64,
         shed,
         errors,
@@ -576,9 +631,55 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         fairness,
         retries,
         accept_rps: accepted.len() as f64 / send_phase,
-        answered_rps: options.buyers as f64 / send_phase,
+        answered_rps: buyers as f64 / send_phase,
         duration_s,
-    })
+        timeline: timeline.seconds(),
+        thresholds: Vec::new(),
+    };
+    surge.thresholds = thresholds::check(&options.thresholds, &thresholds::figures(&surge));
+    Ok(surge)
+}
+
+/// The timeline as it is filled in: a second for each second reached.
+#[derive(Default)]
+struct Timeline {
+    seconds: Vec<Second>,
+    accept: Vec<Histogram<u64>>,
+}
+
+impl Timeline {
+    fn at(&mut self, t: u64) -> &mut Second {
+        // A surge of hours is not what this is for; a wild clock must not
+        // allocate the machine away either.
+        let t = t.min(24 * 3600) as usize;
+        while self.seconds.len() <= t {
+            self.seconds.push(Second {
+                t: self.seconds.len() as u64,
+                ..Second::default()
+            });
+            self.accept.push(histogram());
+        }
+        &mut self.seconds[t]
+    }
+
+    fn answered(&mut self, t: u64, answer: &Answer, latency_us: u64) {
+        let second = self.at(t);
+        second.answered += 1;
+        match answer {
+            Answer::Accepted { .. } => second.accepted += 1,
+            Answer::Error => second.errors += 1,
+            _ => second.shed += 1,
+        }
+        let t = second.t as usize;
+        let _ = self.accept[t].record(latency_us);
+    }
+
+    fn seconds(mut self) -> Vec<Second> {
+        for (second, accept) in self.seconds.iter_mut().zip(&self.accept) {
+            second.accept_ms = latency(accept);
+        }
+        self.seconds
+    }
 }
 
 struct Buyer {

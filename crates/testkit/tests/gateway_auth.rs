@@ -392,6 +392,8 @@ async fn a_surge_with_tokens_goes_through_the_token_check() {
         max_retries: 0,
         settle_timeout: Duration::from_secs(120),
         tokens,
+        opens_in: Duration::ZERO,
+        thresholds: Vec::new(),
     };
     let signer = TokenSigner {
         secret: SECRET.into(),

@@ -91,7 +91,9 @@ async fn every_services_producer_that_fails_fatally_is_replaced() {
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use flashsale_testkit::flashsale_cli::crowd::Stages;
 use flashsale_testkit::flashsale_cli::surge::{self, Arrival, SurgeOptions};
+use flashsale_testkit::flashsale_cli::thresholds;
 use flashsale_testkit::flashsale_core::bus::kafka::{self, topic};
 use flashsale_testkit::flashsale_core::bus::messages::{
     self, PurchaseRequest, Reservation, SCHEMA_VERSION,
@@ -102,6 +104,65 @@ use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, UserId};
 use flashsale_testkit::flashsale_core::payment::ChargeStatus;
 use flashsale_testkit::flashsale_core::stock::ReserveOutcome;
 use rdkafka::message::{Headers, Message};
+
+/// A crowd along stages (100/s rising to 400/s over 2 s, then falling to
+/// 0 over 2 s: 900 buyers) arrives second by second as the stages draw it,
+/// the report's timeline accounts for every buyer, answer and decision,
+/// and the thresholds are judged: one that cannot hold fails the surge's
+/// thresholds while the pipeline's own verdict passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crowd_along_stages_is_timed_as_drawn_and_judged_by_its_thresholds() {
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let known = thresholds::figures(&surge::SurgeReport::default());
+    let threshold = |raw: &str| thresholds::Threshold::parse(raw, &known).expect("valid");
+    let options = SurgeOptions {
+        gateway_url: p.gateway_url.clone(),
+        sku: p.sku("stages"),
+        stock: 100,
+        buyers: u64::MAX,
+        arrival: Arrival::Stages(Stages::parse("0:100/s,2s:400/s,4s:0/s").expect("stages")),
+        per_user_limit: 1,
+        overbook: 1.5,
+        payment_decline_rate: 0.1,
+        payment_latency_ms: 5,
+        connections: 64,
+        max_retries: 0,
+        settle_timeout: Duration::from_secs(120),
+        tokens: None,
+        opens_in: Duration::ZERO,
+        thresholds: vec![
+            threshold("oversold==0"),
+            // No answer comes back within a microsecond.
+            threshold("accept_p99_ms<0.001"),
+            threshold("fairness.winners_among_first>=0"),
+        ],
+    };
+    let report = surge::run(&p.stores, &options).await.expect("surge runs");
+    println!("{}", report.human());
+
+    assert_eq!(report.buyers, 900);
+    let due: Vec<u64> = report.timeline.iter().map(|s| s.due).collect();
+    for (second, want) in [175u64, 325, 300, 100].into_iter().enumerate() {
+        let got = due.get(second).copied().unwrap_or_default();
+        assert!(
+            got.abs_diff(want) <= 1,
+            "second {second}: {got} due, not {want}: {due:?}"
+        );
+    }
+    let total = |f: fn(&surge::Second) -> u64| report.timeline.iter().map(f).sum::<u64>();
+    assert_eq!(total(|s| s.due), 900);
+    assert_eq!(total(|s| s.answered), 900);
+    assert_eq!(total(|s| s.accepted), report.accepted);
+    assert_eq!(total(|s| s.decided), report.accepted - report.unsettled);
+    assert_eq!(total(|s| s.confirmed), report.confirmed);
+    assert!(report.passed(), "{report:?}");
+    let held: Vec<bool> = report.thresholds.iter().map(|c| c.held).collect();
+    assert_eq!(held, [true, false, true], "{:?}", report.thresholds);
+    assert!(!report.thresholds_held());
+    assert!(report.human().contains("FAIL (thresholds)"));
+}
 
 /// 2,000 buyers at once for 50 units with 20% of payments declined, each
 /// asking once: no instant with more than 50 sold, every accepted purchase
@@ -126,6 +187,8 @@ async fn two_thousand_buyers_fifty_units_never_oversell() {
         max_retries: 0,
         settle_timeout: Duration::from_secs(120),
         tokens: None,
+        opens_in: Duration::ZERO,
+        thresholds: Vec::new(),
     };
 
     // Samples the counters while the crowd runs: each read of the stock
@@ -753,6 +816,8 @@ async fn workers_join_and_leave_while_the_sale_runs() {
         max_retries: 0,
         settle_timeout: Duration::from_secs(150),
         tokens: None,
+        opens_in: Duration::ZERO,
+        thresholds: Vec::new(),
     };
     let stores = p.stores.clone();
     let surge = tokio::spawn(async move { surge::run(&stores, &options).await });
