@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use flashsale_cli::crowd::{Arrival, Stages};
 use flashsale_cli::sale::{self, SaleSpec};
-use flashsale_cli::surge::{self, SurgeOptions};
+use flashsale_cli::surge::{self, SkuPlan, SurgeOptions};
 use flashsale_cli::thresholds::{self, Threshold};
 use flashsale_cli::{Config, Stores};
 use flashsale_core::ids::Sku;
@@ -54,7 +54,7 @@ enum Command {
     /// settle, audit, and report. Exits 0 when all held, 1 when the audit
     /// found violations or purchases did not settle, 3 when only a
     /// --threshold failed, 2 on errors.
-    Surge(SurgeArgs),
+    Surge(Box<SurgeArgs>),
     /// How far the consumer groups are behind: per topic and partition the
     /// end offset, the committed offset, the lag in messages and in seconds
     /// (age of the oldest record not consumed), and the member that owns
@@ -172,11 +172,21 @@ enum SaleCommand {
 
 #[derive(Args)]
 struct SurgeArgs {
-    /// The sku to sell; its sale is created, or reset, first.
+    /// The sku to sell; its sale is created, or reset, first. With
+    /// --skus N, the skus are SKU-1 .. SKU-N.
     #[arg(long, default_value = "surge-sku")]
     sku: String,
-    #[arg(long, default_value_t = 500)]
-    stock: u64,
+    /// Units on sale: one number for every sku, or one per sku
+    /// (`1000,200,50`).
+    #[arg(long, default_value = "500")]
+    stock: String,
+    /// How many skus are on sale at once, each with its own stock.
+    #[arg(long, default_value_t = 1)]
+    skus: usize,
+    /// How the crowd spreads over the skus: the k-th draws 1/k^S of it
+    /// (Zipf; 0: evenly, 1: the first twice the second).
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
     /// Distinct buyers, one purchase of one unit each (default 20000; with
     /// --stages, as many as the stages bring, at most this many).
     #[arg(long)]
@@ -260,6 +270,50 @@ fn verdict(holds: bool) -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// The skus of a surge: `base` alone, or `base-1` .. `base-n`, each with
+/// its stock (one for all, or one each) and its Zipf weight.
+fn surge_skus(base: &str, stock: &str, n: usize, zipf: f64) -> anyhow::Result<Vec<SkuPlan>> {
+    if n == 0 {
+        anyhow::bail!("--skus must be 1 or more");
+    }
+    if !(zipf.is_finite() && zipf >= 0.0) {
+        anyhow::bail!("--zipf must be 0 or more");
+    }
+    let stocks = stock
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<u64>()
+                .with_context(|| format!("--stock: {s:?} is not a number of units"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if stocks.len() != 1 && stocks.len() != n {
+        anyhow::bail!(
+            "--stock gives {} numbers for {n} skus: give one for all, or one each",
+            stocks.len()
+        );
+    }
+    surge::zipf(n, zipf)
+        .into_iter()
+        .enumerate()
+        .map(|(k, weight)| {
+            let name = match n {
+                1 => base.to_owned(),
+                _ => format!("{base}-{}", k + 1),
+            };
+            Ok(SkuPlan {
+                sku: sku(&name)?,
+                stock: stocks
+                    .get(k)
+                    .or(stocks.first())
+                    .copied()
+                    .unwrap_or_default(),
+                weight,
+            })
+        })
+        .collect()
 }
 
 fn sku(raw: &str) -> anyhow::Result<Sku> {
@@ -416,6 +470,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(verdict(flashsale_cli::audit::all_clean(&reports)));
         }
         Command::Surge(args) => {
+            let args = *args;
             let arrival = match (args.burst, args.rate, &args.stages) {
                 (true, _, _) => Arrival::Burst,
                 (false, Some(rate), _) if rate > 0.0 && rate.is_finite() => Arrival::Rate(rate),
@@ -451,11 +506,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !(0.0..=1.0).contains(&args.payment_decline_rate) {
                 anyhow::bail!("--payment-decline-rate must be between 0 and 1");
             }
+            let skus = surge_skus(&args.sku, &args.stock, args.skus, args.zipf)?;
             let stores = Stores::connect(&config).await?;
             let options = SurgeOptions {
                 gateway_url: config.gateway_url.clone(),
-                sku: sku(&args.sku)?,
-                stock: args.stock,
+                skus,
                 buyers,
                 arrival,
                 opens_in: Duration::from_secs_f64(args.opens_in_secs),

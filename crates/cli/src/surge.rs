@@ -28,8 +28,8 @@ use crate::thresholds::{self, Checked, Threshold};
 #[derive(Debug, Clone)]
 pub struct SurgeOptions {
     pub gateway_url: String,
-    pub sku: Sku,
-    pub stock: u64,
+    /// The skus on sale, each with its stock and popularity.
+    pub skus: Vec<SkuPlan>,
     /// At most this many buyers (stages may bring fewer).
     pub buyers: u64,
     pub arrival: Arrival,
@@ -181,9 +181,38 @@ pub struct SurgeReport {
     /// The surge second by second, from the first intended arrival.
     #[serde(default)]
     pub timeline: Vec<Second>,
+    /// Each sku's part of the surge (the totals above add them up).
+    #[serde(default)]
+    pub skus: Vec<SkuReport>,
     /// How each `--threshold` fared.
     #[serde(default)]
     pub thresholds: Vec<Checked>,
+}
+
+/// One sku's part of a surge: its buyers, their answers and outcomes, its
+/// audit, and how fair it was to its own crowd.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SkuReport {
+    pub sku: String,
+    pub stock: u64,
+    pub buyers: u64,
+    pub accepted: u64,
+    pub shed: Shed,
+    pub errors: u64,
+    pub confirmed: u64,
+    pub cancelled: u64,
+    pub rejected: u64,
+    pub unsettled: u64,
+    pub units_sold: i64,
+    pub oversold: i64,
+    pub audit_ok: bool,
+    pub accept_latency_ms: Latency,
+    pub decision_latency_ms: Latency,
+    pub final_answer_ms: Latency,
+    pub sold_out_after_s: Option<f64>,
+    pub all_decided_after_s: Option<f64>,
+    pub line: LineReport,
+    pub fairness: Fairness,
 }
 
 /// One second of a surge. Buyers count in the second their first request
@@ -214,6 +243,38 @@ impl SurgeReport {
     /// The surge's verdict: every purchase settled, no error, a clean audit.
     pub fn passed(&self) -> bool {
         self.audit_ok && self.unsettled == 0 && self.errors == 0
+    }
+
+    /// A line per sku, so that a small sale held up behind a big one shows.
+    fn per_sku_table(&self) -> String {
+        let mut out = format!(
+            "  {:<24} {:>7} {:>8} {:>8} {:>7} {:>10} {:>10} {:>12} {:>10}\n",
+            "sku",
+            "stock",
+            "buyers",
+            "accepted",
+            "sold",
+            "accept p99",
+            "decide p99",
+            "all decided",
+            "fairness"
+        );
+        for sku in &self.skus {
+            out.push_str(&format!(
+                "  {:<24} {:>7} {:>8} {:>8} {:>7} {:>7.1} ms {:>7.0} ms {:>12} {:>5}/{:<4}\n",
+                sku.sku,
+                sku.stock,
+                sku.buyers,
+                sku.accepted,
+                sku.units_sold,
+                sku.accept_latency_ms.p99,
+                sku.decision_latency_ms.p99,
+                seconds(sku.all_decided_after_s),
+                sku.fairness.winners_among_first,
+                sku.stock.min(sku.buyers),
+            ));
+        }
+        out
     }
 
     /// Every `--threshold` held (true when none was given).
@@ -283,6 +344,9 @@ impl SurgeReport {
             self.fairness.passed_over,
             if self.audit_ok { "clean" } else { "VIOLATIONS" },
         );
+        if self.skus.len() > 1 {
+            out.push_str(&self.per_sku_table());
+        }
         for violation in &self.violations {
             out.push_str(&format!("  - {violation}\n"));
         }
@@ -410,6 +474,7 @@ fn latency(h: &Histogram<u64>) -> Latency {
 }
 
 pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<SurgeReport> {
+    anyhow::ensure!(!options.skus.is_empty(), "a surge needs at least one sku");
     stores
         .payment
         .set_behaviour(&StubBehaviour::simple(
@@ -417,20 +482,22 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             options.payment_latency_ms,
         ))
         .await?;
-    sale::create(
-        stores,
-        &SaleSpec {
-            sku: options.sku.clone(),
-            stock: options.stock,
-            per_user_limit: options.per_user_limit,
-            price_cents: 1999,
-            reservation_ttl: Duration::from_secs(600),
-            starts_in: options.opens_in,
-            duration: Duration::from_secs(3600),
-            overbook: options.overbook,
-        },
-    )
-    .await?;
+    for plan in &options.skus {
+        sale::create(
+            stores,
+            &SaleSpec {
+                sku: plan.sku.clone(),
+                stock: plan.stock,
+                per_user_limit: options.per_user_limit,
+                price_cents: 1999,
+                reservation_ttl: Duration::from_secs(600),
+                starts_in: options.opens_in,
+                duration: Duration::from_secs(3600),
+                overbook: options.overbook,
+            },
+        )
+        .await?;
+    }
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(options.connections)
@@ -445,6 +512,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     let user = |i: u64| format!("surge-{run_id}-{i}");
     let offsets = options.arrival.offsets(options.buyers);
     let buyers = offsets.len() as u64;
+    let popularity = Popularity::new(options.skus.iter().map(|p| p.weight));
     // Signed before the crowd starts: signing is the issuer's work, not the
     // gateway's, and must not delay arrivals.
     let mut authorizations = match &options.tokens {
@@ -462,10 +530,11 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     let mut tasks = Vec::with_capacity(offsets.len());
     for (i, offset) in (0..buyers).zip(offsets.iter().copied()) {
         let (http, url, connections) = (http.clone(), url.clone(), connections.clone());
+        let sku = popularity.pick(i);
         let purchase = Purchase {
             key: user(i),
             body: serde_json::json!({
-                "sku": options.sku.as_str(),
+                "sku": options.skus[sku].sku.as_str(),
                 "user_id": user(i),
                 "quantity": 1,
             })
@@ -495,6 +564,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             };
             Buyer {
                 index: i,
+                sku,
                 answer,
                 retries,
                 first_answer: first_answer.unwrap_or_default(),
@@ -505,20 +575,13 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         }));
     }
 
-    let mut accept_latency = histogram();
-    let mut first_answer = histogram();
-    let mut final_answer = histogram();
-    let mut shed = Shed::default();
-    let mut errors = 0;
-    let mut retries = 0u64;
-    let mut accepted = Vec::new();
-    let mut last_answer = start;
-    // (sent, buyer index, accepted purchase) of every buyer.
-    let mut fates: Vec<(Instant, u64, Option<RequestId>)> = Vec::new();
     let mut timeline = Timeline::default();
     for offset in &offsets {
         timeline.at(offset.as_secs()).due += 1;
     }
+    let mut crowd = Vec::with_capacity(tasks.len());
+    let mut accepted = Vec::new();
+    let mut last_answer = start;
     for task in tasks {
         let buyer = task.await?;
         timeline.answered(
@@ -526,118 +589,300 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             &buyer.answer,
             micros(buyer.last_answer),
         );
-        retries += u64::from(buyer.retries);
-        let _ = accept_latency.record(micros(buyer.last_answer));
-        let _ = first_answer.record(micros(buyer.first_answer));
         last_answer = last_answer.max(buyer.answered_at);
-        let mut accepted_id = None;
-        match buyer.answer {
-            Answer::Accepted { id, due_unix_ms } => {
-                accepted.push((id, due_unix_ms));
-                accepted_id = Some(id);
-            }
-            Answer::SoldOut => shed.sold_out += 1,
-            Answer::RateLimited => shed.rate_limited += 1,
-            Answer::Overloaded => shed.overloaded += 1,
-            Answer::Invalid => shed.invalid += 1,
-            Answer::Error => errors += 1,
+        if let Answer::Accepted { id, due_unix_ms } = buyer.answer {
+            accepted.push((id, due_unix_ms));
         }
-        if accepted_id.is_none() {
-            // A refusal they keep is their final answer.
-            let _ = final_answer.record(micros(buyer.last_answer));
-        }
-        fates.push((buyer.sent, buyer.index, accepted_id));
+        crowd.push(buyer);
     }
     let send_phase = last_answer
         .saturating_duration_since(start)
         .as_secs_f64()
         .max(1e-3);
 
-    let settled = settle(stores, &accepted, options.settle_timeout).await?;
-    let mut decision_latency = histogram();
-    let mut line_wait = histogram();
-    let mut line = LineReport::default();
-    let (mut confirmed, mut cancelled, mut rejected) = (0, 0, 0);
-    let (mut last_decided, mut last_confirmed) = (start_unix_ms, start_unix_ms);
-    let mut won = std::collections::HashSet::new();
-    for settled in &settled {
-        let took = settled
-            .decided_ms
-            .saturating_sub(settled.due_unix_ms)
-            .max(1)
-            * 1000;
-        let _ = decision_latency.record(took);
-        let second = timeline.at(settled.decided_ms.saturating_sub(start_unix_ms) / 1000);
+    let settled: std::collections::HashMap<RequestId, Settled> =
+        settle(stores, &accepted, options.settle_timeout)
+            .await?
+            .into_iter()
+            .map(|s| (s.id, s))
+            .collect();
+    for s in settled.values() {
+        let second = timeline.at(s.decided_ms.saturating_sub(start_unix_ms) / 1000);
         second.decided += 1;
-        second.confirmed += u64::from(settled.state == PurchaseState::Confirmed);
-        let _ = final_answer.record(took);
-        last_decided = last_decided.max(settled.decided_ms);
-        match settled.state {
-            PurchaseState::Confirmed => {
-                confirmed += 1;
-                last_confirmed = last_confirmed.max(settled.decided_ms);
-                won.insert(settled.id);
-            }
-            PurchaseState::Cancelled => {
-                cancelled += 1;
-                won.insert(settled.id);
-            }
-            _ => rejected += 1,
-        }
-        if let Some(since) = settled.waiting_since_ms {
-            line.waited += 1;
-            if settled.state != PurchaseState::Rejected {
-                line.served += 1;
-            }
-            let _ = line_wait.record(settled.decided_ms.saturating_sub(since).max(1) * 1000);
-        }
+        second.confirmed += u64::from(s.state == PurchaseState::Confirmed);
     }
-    line.wait_ms = latency(&line_wait);
-    let unsettled = (accepted.len() - settled.len()) as u64;
-    fates.sort_by_key(|(sent, index, _)| (*sent, *index));
-    let fairness = fairness(
-        &fates
-            .iter()
-            .map(|(_, _, id)| id.is_some_and(|id| won.contains(&id)))
-            .collect::<Vec<_>>(),
-        options.stock,
-    );
-    let after_s = |unix_ms: u64| unix_ms.saturating_sub(start_unix_ms) as f64 / 1000.0;
+    let mut total = Tally::new(start_unix_ms);
+    let mut per_sku: Vec<Tally> = options
+        .skus
+        .iter()
+        .map(|_| Tally::new(start_unix_ms))
+        .collect();
+    for buyer in &crowd {
+        let outcome = match buyer.answer {
+            Answer::Accepted { id, .. } => settled.get(&id),
+            _ => None,
+        };
+        total.add(buyer, outcome);
+        per_sku[buyer.sku].add(buyer, outcome);
+    }
 
-    let report = stores.audit(&options.sku, unsettled == 0).await?;
-    let sold_out = report.sold >= options.stock as i64 && confirmed > 0;
+    let mut skus = Vec::with_capacity(options.skus.len());
+    let (mut violations, mut audit_ok, mut units_sold) = (Vec::new(), true, 0i64);
+    let mut fairness_total = Fairness::default();
+    for (plan, tally) in options.skus.iter().zip(per_sku) {
+        let audit = stores.audit(&plan.sku, tally.unsettled == 0).await?;
+        audit_ok &= audit.ok();
+        units_sold += audit.sold;
+        violations.extend(audit.violations.iter().map(|v| match options.skus.len() {
+            1 => v.clone(),
+            _ => format!("{}: {v}", plan.sku),
+        }));
+        let row = tally.report(&plan.sku, plan.stock, &audit);
+        fairness_total.winners += row.fairness.winners;
+        fairness_total.winners_among_first += row.fairness.winners_among_first;
+        fairness_total.inversions += row.fairness.inversions;
+        fairness_total.passed_over += row.fairness.passed_over;
+        skus.push(row);
+    }
+    let stock: u64 = options.skus.iter().map(|p| p.stock).sum();
+    let all_sold = skus.iter().all(|s| s.sold_out_after_s.is_some());
     let duration_s = start.elapsed().as_secs_f64();
+    let after_s = |unix_ms: u64| unix_ms.saturating_sub(start_unix_ms) as f64 / 1000.0;
     let mut surge = SurgeReport {
         buyers,
-        accepted: accepted.len() as u64,
-        shed,
-        errors,
-        confirmed,
-        cancelled,
-        rejected,
-        unsettled,
-        units_sold: report.sold,
-        stock: options.stock,
-        oversold: (report.sold - options.stock as i64).max(0),
-        audit_ok: report.ok(),
-        violations: report.violations,
-        accept_latency_ms: latency(&accept_latency),
-        decision_latency_ms: latency(&decision_latency),
-        first_answer_ms: latency(&first_answer),
-        final_answer_ms: latency(&final_answer),
-        sold_out_after_s: sold_out.then(|| after_s(last_confirmed)),
-        all_decided_after_s: (unsettled == 0).then(|| after_s(last_decided)),
-        line,
-        fairness,
-        retries,
-        accept_rps: accepted.len() as f64 / send_phase,
+        accepted: total.accepted,
+        shed: total.shed.clone(),
+        errors: total.errors,
+        confirmed: total.confirmed,
+        cancelled: total.cancelled,
+        rejected: total.rejected,
+        unsettled: total.unsettled,
+        units_sold,
+        stock,
+        oversold: skus.iter().map(|s| s.oversold).sum(),
+        audit_ok,
+        violations,
+        accept_latency_ms: latency(&total.accept),
+        decision_latency_ms: latency(&total.decision),
+        first_answer_ms: latency(&total.first),
+        final_answer_ms: latency(&total.final_answer),
+        sold_out_after_s: (all_sold && total.confirmed > 0).then(|| after_s(total.last_confirmed)),
+        all_decided_after_s: (total.unsettled == 0).then(|| after_s(total.last_decided)),
+        line: total.line(),
+        fairness: fairness_total,
+        retries: total.retries,
+        accept_rps: total.accepted as f64 / send_phase,
         answered_rps: buyers as f64 / send_phase,
         duration_s,
         timeline: timeline.seconds(),
+        skus,
         thresholds: Vec::new(),
     };
     surge.thresholds = thresholds::check(&options.thresholds, &thresholds::figures(&surge));
     Ok(surge)
+}
+
+/// A sku of the surge: its stock, and how popular it is (a share of the
+/// crowd proportional to `weight`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkuPlan {
+    pub sku: Sku,
+    pub stock: u64,
+    pub weight: f64,
+}
+
+impl SkuPlan {
+    /// The one sku of a single-sku surge.
+    pub fn only(sku: Sku, stock: u64) -> Vec<Self> {
+        vec![Self {
+            sku,
+            stock,
+            weight: 1.0,
+        }]
+    }
+}
+
+/// Zipf weights for `n` skus: the k-th most popular draws `1 / k^s` of
+/// the crowd (s = 0: all alike; s = 1: the first twice the second).
+pub fn zipf(n: usize, s: f64) -> Vec<f64> {
+    (1..=n).map(|k| 1.0 / (k as f64).powf(s)).collect()
+}
+
+/// Which sku each buyer asks for: drawn from the weights by the buyer's
+/// index, so the same crowd asks for the same skus every run.
+struct Popularity {
+    cumulative: Vec<f64>,
+}
+
+impl Popularity {
+    fn new(weights: impl Iterator<Item = f64>) -> Self {
+        let mut sum = 0.0;
+        let cumulative = weights
+            .map(|w| {
+                sum += w.max(0.0);
+                sum
+            })
+            .collect();
+        Self { cumulative }
+    }
+
+    fn pick(&self, buyer: u64) -> usize {
+        let total = self.cumulative.last().copied().unwrap_or(0.0);
+        if self.cumulative.len() <= 1 || total <= 0.0 {
+            return 0;
+        }
+        // SplitMix64 of the index: a fixed, well-spread draw in [0, 1).
+        let mut z = buyer.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let draw = (z >> 11) as f64 / (1u64 << 53) as f64 * total;
+        self.cumulative
+            .partition_point(|c| *c <= draw)
+            .min(self.cumulative.len() - 1)
+    }
+}
+
+/// A sku's part of a surge (or the whole crowd's), counted buyer by buyer.
+struct Tally {
+    start_unix_ms: u64,
+    buyers: u64,
+    accepted: u64,
+    retries: u64,
+    shed: Shed,
+    errors: u64,
+    confirmed: u64,
+    cancelled: u64,
+    rejected: u64,
+    unsettled: u64,
+    accept: Histogram<u64>,
+    first: Histogram<u64>,
+    final_answer: Histogram<u64>,
+    decision: Histogram<u64>,
+    line_wait: Histogram<u64>,
+    waited: u64,
+    served: u64,
+    last_decided: u64,
+    last_confirmed: u64,
+    /// (first request sent, buyer index, got a unit) of every buyer.
+    fates: Vec<(Instant, u64, bool)>,
+}
+
+impl Tally {
+    fn new(start_unix_ms: u64) -> Self {
+        Self {
+            start_unix_ms,
+            buyers: 0,
+            accepted: 0,
+            retries: 0,
+            shed: Shed::default(),
+            errors: 0,
+            confirmed: 0,
+            cancelled: 0,
+            rejected: 0,
+            unsettled: 0,
+            accept: histogram(),
+            first: histogram(),
+            final_answer: histogram(),
+            decision: histogram(),
+            line_wait: histogram(),
+            waited: 0,
+            served: 0,
+            last_decided: start_unix_ms,
+            last_confirmed: start_unix_ms,
+            fates: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, buyer: &Buyer, settled: Option<&Settled>) {
+        self.buyers += 1;
+        self.retries += u64::from(buyer.retries);
+        let _ = self.accept.record(micros(buyer.last_answer));
+        let _ = self.first.record(micros(buyer.first_answer));
+        match buyer.answer {
+            Answer::Accepted { .. } => self.accepted += 1,
+            Answer::SoldOut => self.shed.sold_out += 1,
+            Answer::RateLimited => self.shed.rate_limited += 1,
+            Answer::Overloaded => self.shed.overloaded += 1,
+            Answer::Invalid => self.shed.invalid += 1,
+            Answer::Error => self.errors += 1,
+        }
+        let mut won = false;
+        match (&buyer.answer, settled) {
+            // A refusal they keep is their final answer.
+            (Answer::Accepted { .. }, None) => self.unsettled += 1,
+            (_, None) => {
+                let _ = self.final_answer.record(micros(buyer.last_answer));
+            }
+            (_, Some(settled)) => {
+                let took = settled
+                    .decided_ms
+                    .saturating_sub(settled.due_unix_ms)
+                    .max(1)
+                    * 1000;
+                let _ = self.decision.record(took);
+                let _ = self.final_answer.record(took);
+                self.last_decided = self.last_decided.max(settled.decided_ms);
+                match settled.state {
+                    PurchaseState::Confirmed => {
+                        self.confirmed += 1;
+                        self.last_confirmed = self.last_confirmed.max(settled.decided_ms);
+                        won = true;
+                    }
+                    PurchaseState::Cancelled => {
+                        self.cancelled += 1;
+                        won = true;
+                    }
+                    _ => self.rejected += 1,
+                }
+                if let Some(since) = settled.waiting_since_ms {
+                    self.waited += 1;
+                    self.served += u64::from(settled.state != PurchaseState::Rejected);
+                    let waited = settled.decided_ms.saturating_sub(since).max(1) * 1000;
+                    let _ = self.line_wait.record(waited);
+                }
+            }
+        }
+        self.fates.push((buyer.sent, buyer.index, won));
+    }
+
+    fn line(&self) -> LineReport {
+        LineReport {
+            waited: self.waited,
+            served: self.served,
+            wait_ms: latency(&self.line_wait),
+        }
+    }
+
+    /// The sku's row of the report; `audit` is its audit at rest.
+    fn report(mut self, sku: &Sku, stock: u64, audit: &crate::audit::Report) -> SkuReport {
+        self.fates.sort_by_key(|(sent, index, _)| (*sent, *index));
+        let won: Vec<bool> = self.fates.iter().map(|(_, _, won)| *won).collect();
+        let after_s = |unix_ms: u64| unix_ms.saturating_sub(self.start_unix_ms) as f64 / 1000.0;
+        SkuReport {
+            sku: sku.to_string(),
+            stock,
+            buyers: self.buyers,
+            accepted: self.accepted,
+            shed: self.shed.clone(),
+            errors: self.errors,
+            confirmed: self.confirmed,
+            cancelled: self.cancelled,
+            rejected: self.rejected,
+            unsettled: self.unsettled,
+            units_sold: audit.sold,
+            oversold: (audit.sold - stock as i64).max(0),
+            audit_ok: audit.ok(),
+            accept_latency_ms: latency(&self.accept),
+            decision_latency_ms: latency(&self.decision),
+            final_answer_ms: latency(&self.final_answer),
+            sold_out_after_s: (audit.sold >= stock as i64 && self.confirmed > 0)
+                .then(|| after_s(self.last_confirmed)),
+            all_decided_after_s: (self.unsettled == 0).then(|| after_s(self.last_decided)),
+            line: self.line(),
+            fairness: fairness(&won, stock),
+        }
+    }
 }
 
 /// The timeline as it is filled in: a second for each second reached.
@@ -684,6 +929,8 @@ impl Timeline {
 
 struct Buyer {
     index: u64,
+    /// Which of the surge's skus it asks for.
+    sku: usize,
     answer: Answer,
     retries: u32,
     first_answer: Duration,
@@ -765,6 +1012,29 @@ async fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_crowd_spreads_over_skus_as_zipf_says_the_same_way_every_run() {
+        let weights = zipf(3, 1.0);
+        assert_eq!(weights, [1.0, 0.5, 1.0 / 3.0]);
+        let popularity = Popularity::new(weights.iter().copied());
+        let mut counts = [0u64; 3];
+        for buyer in 0..60_000 {
+            counts[popularity.pick(buyer)] += 1;
+        }
+        // Shares 6/11, 3/11, 2/11.
+        for (got, share) in counts.iter().zip([6.0, 3.0, 2.0]) {
+            let want = 60_000.0 * share / 11.0;
+            assert!((*got as f64 - want).abs() < want * 0.03, "{counts:?}");
+        }
+        let again: Vec<usize> = (0..100).map(|b| popularity.pick(b)).collect();
+        assert_eq!(
+            again,
+            (0..100).map(|b| popularity.pick(b)).collect::<Vec<_>>()
+        );
+        let one = Popularity::new([1.0].into_iter());
+        assert!((0..100).all(|b| one.pick(b) == 0));
+    }
 
     #[test]
     fn fairness_counts_who_was_passed_over() {

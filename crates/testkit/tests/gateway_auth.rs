@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use flashsale_testkit::flashsale_cli::surge::{self, Arrival, SurgeOptions, TokenSigner};
+use flashsale_testkit::flashsale_cli::surge::{self, Arrival, SkuPlan, SurgeOptions, TokenSigner};
 use flashsale_testkit::flashsale_core::bus::kafka::topic;
 use flashsale_testkit::flashsale_core::clock;
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
@@ -380,8 +380,7 @@ async fn a_surge_with_tokens_goes_through_the_token_check() {
     let (p, base) = pipeline_with_a_gateway_keyed_by_the_secret().await;
     let options = |sku, tokens| SurgeOptions {
         gateway_url: base.clone(),
-        sku,
-        stock: 20,
+        skus: SkuPlan::only(sku, 20),
         buyers: 200,
         arrival: Arrival::Burst,
         per_user_limit: 1,

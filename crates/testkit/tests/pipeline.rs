@@ -92,7 +92,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use flashsale_testkit::flashsale_cli::crowd::Stages;
-use flashsale_testkit::flashsale_cli::surge::{self, Arrival, SurgeOptions};
+use flashsale_testkit::flashsale_cli::surge::{self, Arrival, SkuPlan, SurgeOptions};
 use flashsale_testkit::flashsale_cli::thresholds;
 use flashsale_testkit::flashsale_core::bus::kafka::{self, topic};
 use flashsale_testkit::flashsale_core::bus::messages::{
@@ -119,8 +119,7 @@ async fn a_crowd_along_stages_is_timed_as_drawn_and_judged_by_its_thresholds() {
     let threshold = |raw: &str| thresholds::Threshold::parse(raw, &known).expect("valid");
     let options = SurgeOptions {
         gateway_url: p.gateway_url.clone(),
-        sku: p.sku("stages"),
-        stock: 100,
+        skus: SkuPlan::only(p.sku("stages"), 100),
         buyers: u64::MAX,
         arrival: Arrival::Stages(Stages::parse("0:100/s,2s:400/s,4s:0/s").expect("stages")),
         per_user_limit: 1,
@@ -164,6 +163,69 @@ async fn a_crowd_along_stages_is_timed_as_drawn_and_judged_by_its_thresholds() {
     assert!(report.human().contains("FAIL (thresholds)"));
 }
 
+/// Three skus on sale at once, 60, 20 and 5 units, the crowd spread over
+/// them by Zipf (shares 6/11, 3/11, 2/11): each sku is reported on its
+/// own, its buyers in proportion, every unit of each sold once and its
+/// audit clean, and the totals add the skus up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_of_three_skus_is_reported_sku_by_sku() {
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let skus: Vec<SkuPlan> = [60u64, 20, 5]
+        .into_iter()
+        .zip(surge::zipf(3, 1.0))
+        .enumerate()
+        .map(|(k, (stock, weight))| SkuPlan {
+            sku: p.sku(&format!("many-{k}")),
+            stock,
+            weight,
+        })
+        .collect();
+    let options = SurgeOptions {
+        gateway_url: p.gateway_url.clone(),
+        skus: skus.clone(),
+        buyers: 1_100,
+        arrival: Arrival::Rate(550.0),
+        opens_in: Duration::ZERO,
+        per_user_limit: 1,
+        overbook: 1.5,
+        payment_decline_rate: 0.1,
+        payment_latency_ms: 5,
+        connections: 64,
+        max_retries: 0,
+        settle_timeout: Duration::from_secs(120),
+        tokens: None,
+        thresholds: Vec::new(),
+    };
+    let report = surge::run(&p.stores, &options).await.expect("surge runs");
+    println!("{}", report.human());
+
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(report.skus.len(), 3);
+    for ((row, plan), share) in report.skus.iter().zip(&skus).zip([6.0, 3.0, 2.0]) {
+        assert_eq!(row.sku, plan.sku.as_str());
+        let want = 1_100.0 * share / 11.0;
+        assert!(
+            (row.buyers as f64 - want).abs() < want * 0.25,
+            "{}: {} buyers, about {want} expected",
+            row.sku,
+            row.buyers
+        );
+        assert_eq!(row.units_sold, plan.stock as i64, "{row:?}");
+        assert_eq!(row.oversold, 0);
+        assert!(row.audit_ok && row.unsettled == 0, "{row:?}");
+        assert_eq!(row.accepted, row.confirmed + row.cancelled + row.rejected);
+    }
+    let sum = |f: fn(&surge::SkuReport) -> u64| report.skus.iter().map(f).sum::<u64>();
+    assert_eq!(sum(|s| s.buyers), report.buyers);
+    assert_eq!(sum(|s| s.accepted), report.accepted);
+    assert_eq!(sum(|s| s.confirmed), report.confirmed);
+    assert_eq!(report.units_sold, 85);
+    assert_eq!(report.stock, 85);
+    assert!(report.human().contains("many-2"), "a line per sku");
+}
+
 /// 2,000 buyers at once for 50 units with 20% of payments declined, each
 /// asking once: no instant with more than 50 sold, every accepted purchase
 /// terminal, the three stores agree, and every unit sold.
@@ -175,8 +237,7 @@ async fn two_thousand_buyers_fifty_units_never_oversell() {
     let sku = p.sku("crowd");
     let options = SurgeOptions {
         gateway_url: p.gateway_url.clone(),
-        sku: sku.clone(),
-        stock: 50,
+        skus: SkuPlan::only(sku.clone(), 50),
         buyers: 2_000,
         arrival: Arrival::Burst,
         per_user_limit: 1,
@@ -802,10 +863,9 @@ async fn workers_join_and_leave_while_the_sale_runs() {
     let sku = p.sku("scaling");
     let options = SurgeOptions {
         gateway_url: p.gateway_url.clone(),
-        sku: sku.clone(),
         // More units than the crowd buys in its first seconds, so purchases
         // keep flowing while the groups change.
-        stock: 1_500,
+        skus: SkuPlan::only(sku.clone(), 1_500),
         buyers: 2_500,
         arrival: Arrival::Rate(500.0),
         per_user_limit: 1,
