@@ -4,7 +4,9 @@
 
 pub mod audit;
 pub mod crowd;
+pub mod histogram;
 pub mod lag;
+pub mod merge;
 pub mod order;
 pub mod recover;
 pub mod sale;

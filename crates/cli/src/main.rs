@@ -55,6 +55,9 @@ enum Command {
     /// found violations or purchases did not settle, 3 when only a
     /// --threshold failed, 2 on errors.
     Surge(Box<SurgeArgs>),
+    /// Work with saved surge reports (`surge --json`).
+    #[command(subcommand)]
+    Report(ReportCommand),
     /// How far the consumer groups are behind: per topic and partition the
     /// end offset, the committed offset, the lag in messages and in seconds
     /// (age of the oldest record not consumed), and the member that owns
@@ -170,6 +173,21 @@ enum SaleCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum ReportCommand {
+    /// Merge the reports of generators that sent one crowd between them
+    /// (`surge --shard i/n`): counts added, latencies from the merged
+    /// histograms, the timeline second by second. Exits as a surge would.
+    Merge {
+        /// The shards' JSON reports.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// Also write the merged report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
 #[derive(Args)]
 struct SurgeArgs {
     /// The sku to sell; its sale is created, or reset, first. With
@@ -213,6 +231,15 @@ struct SurgeArgs {
     /// latency). Repeatable. One that fails exits with 3.
     #[arg(long = "threshold")]
     thresholds: Vec<String>,
+    /// Send only this generator's share of the crowd, `i/n` (the buyers
+    /// whose index is i modulo n), for a crowd bigger than one machine
+    /// sends; the sales must exist (`sale create`), and every shard is
+    /// given the same --start-at-unix-ms. `report merge` joins the reports.
+    #[arg(long)]
+    shard: Option<String>,
+    /// When the first buyer is due, in unix milliseconds (default: now).
+    #[arg(long)]
+    start_at_unix_ms: Option<u64>,
     #[arg(long, default_value_t = 0.1)]
     payment_decline_rate: f64,
     #[arg(long, default_value_t = 20)]
@@ -262,6 +289,26 @@ struct SurgeArgs {
 /// `flashsale surge`'s exit when the pipeline held (clean audit, every
 /// purchase settled) but a `--threshold` did not.
 const THRESHOLDS_FAILED: u8 = 3;
+
+/// Prints a surge's report, saves it as JSON if asked, and exits with its
+/// verdict.
+fn surge_verdict(
+    report: &surge::SurgeReport,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    print!("{}", report.human());
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_vec_pretty(report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if !report.passed() {
+        verdict(false)
+    } else if !report.thresholds_held() {
+        ExitCode::from(THRESHOLDS_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
 
 /// Exit 0 when it holds, 1 when it does not (2 is for errors).
 fn verdict(holds: bool) -> ExitCode {
@@ -527,20 +574,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     audience: args.auth_audience,
                 }),
                 thresholds,
+                shard: args
+                    .shard
+                    .as_deref()
+                    .map(|raw| {
+                        surge::Shard::parse(raw)
+                            .with_context(|| format!("--shard {raw:?} is not i/n with i below n"))
+                    })
+                    .transpose()?,
+                start_at_unix_ms: args.start_at_unix_ms,
             };
             let report = surge::run(&stores, &options).await?;
-            print!("{}", report.human());
-            if let Some(path) = args.json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            if !report.passed() {
-                return Ok(verdict(false));
-            }
-            if !report.thresholds_held() {
-                return Ok(ExitCode::from(THRESHOLDS_FAILED));
-            }
-            return Ok(ExitCode::SUCCESS);
+            return surge_verdict(&report, args.json.as_deref());
+        }
+        Command::Report(ReportCommand::Merge { reports, json }) => {
+            let reports = reports
+                .iter()
+                .map(|path| {
+                    let text = std::fs::read(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    serde_json::from_slice(&text)
+                        .with_context(|| format!("{} is not a surge report", path.display()))
+                })
+                .collect::<anyhow::Result<Vec<surge::SurgeReport>>>()?;
+            let merged = flashsale_cli::merge::merge(&reports)?;
+            return surge_verdict(&merged, json.as_deref());
         }
     }
     Ok(ExitCode::SUCCESS)

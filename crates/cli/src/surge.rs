@@ -22,6 +22,8 @@ use tokio::time::Instant;
 
 use crate::Stores;
 pub use crate::crowd::Arrival;
+pub use crate::histogram::Latency;
+use crate::histogram::{self, encode, latency};
 use crate::sale::{self, SaleSpec};
 use crate::thresholds::{self, Checked, Threshold};
 
@@ -55,6 +57,34 @@ pub struct SurgeOptions {
     pub tokens: Option<TokenSigner>,
     /// Criteria the report must meet (`thresholds`).
     pub thresholds: Vec<Threshold>,
+    /// Send only this generator's share of the crowd (`--shard i/n`): the
+    /// buyers whose index is `i` modulo `n`, whole, so that a buyer's
+    /// retries and limits stay with one generator. The sales must exist:
+    /// a shard never creates or resets them.
+    pub shard: Option<Shard>,
+    /// When the first buyer is due (unix ms), so that generators on
+    /// several machines send one crowd; `None`: right away.
+    pub start_at_unix_ms: Option<u64>,
+}
+
+/// The `index`-th of `of` generators sending one crowd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u64,
+    pub of: u64,
+}
+
+impl Shard {
+    /// `i/n`, with `i` below `n`.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let (index, of) = raw.split_once('/')?;
+        let (index, of) = (index.trim().parse().ok()?, of.trim().parse().ok()?);
+        (index < of).then_some(Self { index, of })
+    }
+
+    fn sends(&self, buyer: u64) -> bool {
+        buyer % self.of == self.index
+    }
 }
 
 /// Signs each buyer an HS256 token with a test key, so that a load test
@@ -91,13 +121,6 @@ pub struct Shed {
     pub rate_limited: u64,
     pub overloaded: u64,
     pub invalid: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Latency {
-    pub p50: f64,
-    pub p99: f64,
-    pub max: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -184,9 +207,22 @@ pub struct SurgeReport {
     /// Each sku's part of the surge (the totals above add them up).
     #[serde(default)]
     pub skus: Vec<SkuReport>,
+    #[serde(default)]
+    pub histograms: Histograms,
     /// How each `--threshold` fared.
     #[serde(default)]
     pub thresholds: Vec<Checked>,
+}
+
+/// A report's latency histograms, encoded (`histogram::encode`), so that
+/// `flashsale report merge` adds them up exactly.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Histograms {
+    pub accept: String,
+    pub first_answer: String,
+    pub final_answer: String,
+    pub decision: String,
+    pub line_wait: String,
 }
 
 /// One sku's part of a surge: its buyers, their answers and outcomes, its
@@ -213,6 +249,8 @@ pub struct SkuReport {
     pub all_decided_after_s: Option<f64>,
     pub line: LineReport,
     pub fairness: Fairness,
+    #[serde(default)]
+    pub histograms: Histograms,
 }
 
 /// One second of a surge. Buyers count in the second their first request
@@ -236,6 +274,9 @@ pub struct Second {
     pub confirmed: u64,
     /// The accept latency of the buyers answered in this second.
     pub accept_ms: Latency,
+    /// Its histogram, encoded.
+    #[serde(default)]
+    pub accept_histogram: String,
 }
 
 impl SurgeReport {
@@ -452,27 +493,6 @@ struct AcceptedBody {
     request_id: String,
 }
 
-#[allow(
-    clippy::expect_used,
-    reason = "constant bounds within hdrhistogram's limits; every surge test builds one"
-)]
-fn histogram() -> Histogram<u64> {
-    // Microseconds, up to an hour, 3 significant digits.
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant bounds are valid")
-}
-
-fn latency(h: &Histogram<u64>) -> Latency {
-    let ms = |us: u64| us as f64 / 1000.0;
-    if h.is_empty() {
-        return Latency::default();
-    }
-    Latency {
-        p50: ms(h.value_at_quantile(0.50)),
-        p99: ms(h.value_at_quantile(0.99)),
-        max: ms(h.max()),
-    }
-}
-
 pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<SurgeReport> {
     anyhow::ensure!(!options.skus.is_empty(), "a surge needs at least one sku");
     stores
@@ -483,6 +503,15 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         ))
         .await?;
     for plan in &options.skus {
+        if options.shard.is_some() {
+            // Another generator may be selling already: never reset.
+            anyhow::ensure!(
+                stores.inventory.get(&plan.sku).await?.is_some(),
+                "a shard sends to sales that exist: create {} first (flashsale sale create)",
+                plan.sku
+            );
+            continue;
+        }
         sale::create(
             stores,
             &SaleSpec {
@@ -523,12 +552,22 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     }
     .into_iter();
     // A short lead so spawning the crowd does not eat into the first arrivals.
-    let lead = Duration::from_millis(100);
-    let start = Instant::now() + lead;
-    let start_unix_ms = clock::now_ms() + lead.as_millis() as u64;
+    let now_unix_ms = clock::now_ms();
+    let start_unix_ms = options.start_at_unix_ms.unwrap_or(now_unix_ms + 100);
+    anyhow::ensure!(
+        start_unix_ms + 1000 >= now_unix_ms,
+        "the surge was to start {} ms ago",
+        now_unix_ms - start_unix_ms
+    );
+    let start = Instant::now() + Duration::from_millis(start_unix_ms.saturating_sub(now_unix_ms));
+    let mine = |i: &u64| options.shard.is_none_or(|shard| shard.sends(*i));
 
     let mut tasks = Vec::with_capacity(offsets.len());
     for (i, offset) in (0..buyers).zip(offsets.iter().copied()) {
+        let authorization = authorizations.next().flatten();
+        if !mine(&i) {
+            continue;
+        }
         let (http, url, connections) = (http.clone(), url.clone(), connections.clone());
         let sku = popularity.pick(i);
         let purchase = Purchase {
@@ -539,7 +578,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
                 "quantity": 1,
             })
             .to_string(),
-            authorization: authorizations.next().flatten(),
+            authorization,
         };
         let max_retries = options.max_retries;
         tasks.push(tokio::spawn(async move {
@@ -576,8 +615,10 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     }
 
     let mut timeline = Timeline::default();
-    for offset in &offsets {
-        timeline.at(offset.as_secs()).due += 1;
+    for (i, offset) in (0..buyers).zip(&offsets) {
+        if mine(&i) {
+            timeline.at(offset.as_secs()).due += 1;
+        }
     }
     let mut crowd = Vec::with_capacity(tasks.len());
     let mut accepted = Vec::new();
@@ -630,7 +671,9 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     let (mut violations, mut audit_ok, mut units_sold) = (Vec::new(), true, 0i64);
     let mut fairness_total = Fairness::default();
     for (plan, tally) in options.skus.iter().zip(per_sku) {
-        let audit = stores.audit(&plan.sku, tally.unsettled == 0).await?;
+        // Other generators may still be selling: at rest only alone.
+        let at_rest = tally.unsettled == 0 && options.shard.is_none();
+        let audit = stores.audit(&plan.sku, at_rest).await?;
         audit_ok &= audit.ok();
         units_sold += audit.sold;
         violations.extend(audit.violations.iter().map(|v| match options.skus.len() {
@@ -649,7 +692,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     let duration_s = start.elapsed().as_secs_f64();
     let after_s = |unix_ms: u64| unix_ms.saturating_sub(start_unix_ms) as f64 / 1000.0;
     let mut surge = SurgeReport {
-        buyers,
+        buyers: total.buyers,
         accepted: total.accepted,
         shed: total.shed.clone(),
         errors: total.errors,
@@ -672,10 +715,11 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         fairness: fairness_total,
         retries: total.retries,
         accept_rps: total.accepted as f64 / send_phase,
-        answered_rps: buyers as f64 / send_phase,
+        answered_rps: total.buyers as f64 / send_phase,
         duration_s,
         timeline: timeline.seconds(),
         skus,
+        histograms: total.histograms(),
         thresholds: Vec::new(),
     };
     surge.thresholds = thresholds::check(&options.thresholds, &thresholds::figures(&surge));
@@ -781,11 +825,11 @@ impl Tally {
             cancelled: 0,
             rejected: 0,
             unsettled: 0,
-            accept: histogram(),
-            first: histogram(),
-            final_answer: histogram(),
-            decision: histogram(),
-            line_wait: histogram(),
+            accept: histogram::new(),
+            first: histogram::new(),
+            final_answer: histogram::new(),
+            decision: histogram::new(),
+            line_wait: histogram::new(),
             waited: 0,
             served: 0,
             last_decided: start_unix_ms,
@@ -846,6 +890,16 @@ impl Tally {
         self.fates.push((buyer.sent, buyer.index, won));
     }
 
+    fn histograms(&self) -> Histograms {
+        Histograms {
+            accept: encode(&self.accept),
+            first_answer: encode(&self.first),
+            final_answer: encode(&self.final_answer),
+            decision: encode(&self.decision),
+            line_wait: encode(&self.line_wait),
+        }
+    }
+
     fn line(&self) -> LineReport {
         LineReport {
             waited: self.waited,
@@ -881,6 +935,7 @@ impl Tally {
             all_decided_after_s: (self.unsettled == 0).then(|| after_s(self.last_decided)),
             line: self.line(),
             fairness: fairness(&won, stock),
+            histograms: self.histograms(),
         }
     }
 }
@@ -902,7 +957,7 @@ impl Timeline {
                 t: self.seconds.len() as u64,
                 ..Second::default()
             });
-            self.accept.push(histogram());
+            self.accept.push(histogram::new());
         }
         &mut self.seconds[t]
     }
@@ -922,6 +977,7 @@ impl Timeline {
     fn seconds(mut self) -> Vec<Second> {
         for (second, accept) in self.seconds.iter_mut().zip(&self.accept) {
             second.accept_ms = latency(accept);
+            second.accept_histogram = encode(accept);
         }
         self.seconds
     }

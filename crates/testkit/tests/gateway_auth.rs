@@ -393,6 +393,8 @@ async fn a_surge_with_tokens_goes_through_the_token_check() {
         tokens,
         opens_in: Duration::ZERO,
         thresholds: Vec::new(),
+        shard: None,
+        start_at_unix_ms: None,
     };
     let signer = TokenSigner {
         secret: SECRET.into(),

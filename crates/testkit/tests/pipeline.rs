@@ -137,6 +137,8 @@ async fn a_crowd_along_stages_is_timed_as_drawn_and_judged_by_its_thresholds() {
             threshold("accept_p99_ms<0.001"),
             threshold("fairness.winners_among_first>=0"),
         ],
+        shard: None,
+        start_at_unix_ms: None,
     };
     let report = surge::run(&p.stores, &options).await.expect("surge runs");
     println!("{}", report.human());
@@ -197,6 +199,8 @@ async fn a_sale_of_three_skus_is_reported_sku_by_sku() {
         settle_timeout: Duration::from_secs(120),
         tokens: None,
         thresholds: Vec::new(),
+        shard: None,
+        start_at_unix_ms: None,
     };
     let report = surge::run(&p.stores, &options).await.expect("surge runs");
     println!("{}", report.human());
@@ -226,6 +230,87 @@ async fn a_sale_of_three_skus_is_reported_sku_by_sku() {
     assert!(report.human().contains("many-2"), "a line per sku");
 }
 
+/// One crowd sent by two generators (`--shard 0/2` and `1/2`, one start
+/// instant): each sends its half, buyers whole, and the merged report is
+/// the crowd's: every buyer and answer counted once, the timeline added
+/// up second by second, the sale sold out once and clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_shards_send_one_crowd_and_their_reports_merge_into_its_report() {
+    let p = Pipeline::start(PipelineOptions::default())
+        .await
+        .expect("pipeline starts");
+    let sku = p.sku("shards");
+    flashsale_testkit::flashsale_cli::sale::create(
+        &p.stores,
+        &flashsale_testkit::flashsale_cli::sale::SaleSpec {
+            sku: sku.clone(),
+            stock: 40,
+            per_user_limit: 1,
+            price_cents: 1999,
+            reservation_ttl: Duration::from_secs(600),
+            starts_in: Duration::ZERO,
+            duration: Duration::from_secs(3600),
+            overbook: 1.5,
+        },
+    )
+    .await
+    .expect("sale created");
+    let start_at = clock::now_ms() + 1_500;
+    let shard = |index| SurgeOptions {
+        gateway_url: p.gateway_url.clone(),
+        skus: SkuPlan::only(sku.clone(), 40),
+        buyers: 800,
+        arrival: Arrival::Rate(400.0),
+        opens_in: Duration::ZERO,
+        per_user_limit: 1,
+        overbook: 1.5,
+        payment_decline_rate: 0.1,
+        payment_latency_ms: 5,
+        connections: 32,
+        max_retries: 0,
+        settle_timeout: Duration::from_secs(120),
+        tokens: None,
+        thresholds: Vec::new(),
+        shard: Some(surge::Shard { index, of: 2 }),
+        start_at_unix_ms: Some(start_at),
+    };
+    let (a, b) = (shard(0), shard(1));
+    let (a, b) = tokio::join!(surge::run(&p.stores, &a), surge::run(&p.stores, &b));
+    let (a, b) = (a.expect("shard 0 runs"), b.expect("shard 1 runs"));
+    assert_eq!((a.buyers, b.buyers), (400, 400));
+    let merged = flashsale_testkit::flashsale_cli::merge::merge(&[a.clone(), b.clone()])
+        .expect("the reports merge");
+    println!("{}", merged.human());
+
+    assert_eq!(merged.buyers, 800);
+    assert_eq!(merged.accepted, a.accepted + b.accepted);
+    assert_eq!(merged.unsettled, 0);
+    assert_eq!(
+        merged.accepted,
+        merged.confirmed + merged.cancelled + merged.rejected
+    );
+    let due: u64 = merged.timeline.iter().map(|s| s.due).sum();
+    let decided: u64 = merged.timeline.iter().map(|s| s.decided).sum();
+    assert_eq!(due, 800);
+    assert_eq!(decided, merged.accepted);
+    // Both halves arrive over the same two seconds.
+    assert!(
+        merged
+            .timeline
+            .first()
+            .is_some_and(|s| s.due.abs_diff(400) <= 2),
+        "{:?}",
+        merged.timeline
+    );
+    let final_audit = p.stores.audit(&sku, true).await.expect("audit");
+    assert!(final_audit.ok(), "{:?}", final_audit.violations);
+    assert_eq!(final_audit.sold, 40);
+    assert_eq!(merged.confirmed, 40);
+    assert!(
+        merged.accept_latency_ms.max >= a.accept_latency_ms.max.max(b.accept_latency_ms.max) - 0.01
+    );
+}
+
 /// 2,000 buyers at once for 50 units with 20% of payments declined, each
 /// asking once: no instant with more than 50 sold, every accepted purchase
 /// terminal, the three stores agree, and every unit sold.
@@ -250,6 +335,8 @@ async fn two_thousand_buyers_fifty_units_never_oversell() {
         tokens: None,
         opens_in: Duration::ZERO,
         thresholds: Vec::new(),
+        shard: None,
+        start_at_unix_ms: None,
     };
 
     // Samples the counters while the crowd runs: each read of the stock
@@ -878,6 +965,8 @@ async fn workers_join_and_leave_while_the_sale_runs() {
         tokens: None,
         opens_in: Duration::ZERO,
         thresholds: Vec::new(),
+        shard: None,
+        start_at_unix_ms: None,
     };
     let stores = p.stores.clone();
     let surge = tokio::spawn(async move { surge::run(&stores, &options).await });
