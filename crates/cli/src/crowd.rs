@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use flashsale_core::arrival_trace::TraceLine;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Arrival {
     /// Every buyer at the same instant.
@@ -17,6 +19,17 @@ pub enum Arrival {
     Rate(f64),
     /// Buyers arrive along the rate these stages draw.
     Stages(Stages),
+    /// A recorded crowd sent again: each arrival of the trace, its sku,
+    /// buyer and quantity, at its offset divided by `speed`.
+    Replay(Replay),
+}
+
+/// A trace the gateway recorded (`arrival_trace`), and how much faster
+/// than recorded to send it (2.0: twice as fast).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replay {
+    pub lines: Vec<TraceLine>,
+    pub speed: f64,
 }
 
 /// The rate (buyers per second) at points in time, in order.
@@ -119,6 +132,12 @@ impl Arrival {
                 .map(|i| Duration::from_secs_f64(i as f64 / rate))
                 .collect(),
             Self::Stages(stages) => stages.arrivals(buyers),
+            Self::Replay(replay) => replay
+                .lines
+                .iter()
+                .take(usize::try_from(buyers).unwrap_or(usize::MAX))
+                .map(|line| Duration::from_secs_f64(line.offset_ms / 1000.0 / replay.speed))
+                .collect(),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use flashsale_cli::crowd::{Arrival, Stages};
+use flashsale_cli::crowd::{Arrival, Replay, Stages};
 use flashsale_cli::sale::{self, SaleSpec};
 use flashsale_cli::surge::{self, SkuPlan, SurgeOptions};
 use flashsale_cli::thresholds::{self, Threshold};
@@ -221,6 +221,15 @@ struct SurgeArgs {
     /// one stage per line.
     #[arg(long)]
     stages: Option<String>,
+    /// Send a trace the gateway recorded (FLASHSALE_GATEWAY_RECORD_FILE)
+    /// again: each arrival at its offset, with its sku, buyer and quantity.
+    /// The trace's skus are put on sale (--stock: one for all, or one each
+    /// in the order they first appear).
+    #[arg(long, conflicts_with_all = ["rate", "burst", "stages"])]
+    replay: Option<PathBuf>,
+    /// With --replay, how much faster than recorded to send it.
+    #[arg(long, default_value_t = 1.0, requires = "replay")]
+    speed: f64,
     /// The sale opens this many seconds after the first buyer is due:
     /// earlier buyers take a place in the line, drawn at the opening.
     #[arg(long, default_value_t = 0.0)]
@@ -328,7 +337,28 @@ fn surge_skus(base: &str, stock: &str, n: usize, zipf: f64) -> anyhow::Result<Ve
     if !(zipf.is_finite() && zipf >= 0.0) {
         anyhow::bail!("--zipf must be 0 or more");
     }
-    let stocks = stock
+    let stocks = stocks(stock, n)?;
+    surge::zipf(n, zipf)
+        .into_iter()
+        .zip(stocks)
+        .enumerate()
+        .map(|(k, (weight, stock))| {
+            let name = match n {
+                1 => base.to_owned(),
+                _ => format!("{base}-{}", k + 1),
+            };
+            Ok(SkuPlan {
+                sku: sku(&name)?,
+                stock,
+                weight,
+            })
+        })
+        .collect()
+}
+
+/// `--stock` for `n` skus: one number for all, or one each.
+fn stocks(raw: &str, n: usize) -> anyhow::Result<Vec<u64>> {
+    let stocks = raw
         .split(',')
         .map(|s| {
             s.trim()
@@ -336,31 +366,14 @@ fn surge_skus(base: &str, stock: &str, n: usize, zipf: f64) -> anyhow::Result<Ve
                 .with_context(|| format!("--stock: {s:?} is not a number of units"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    if stocks.len() != 1 && stocks.len() != n {
-        anyhow::bail!(
+    match stocks.as_slice() {
+        [one] => Ok(vec![*one; n]),
+        each if each.len() == n => Ok(stocks),
+        _ => anyhow::bail!(
             "--stock gives {} numbers for {n} skus: give one for all, or one each",
             stocks.len()
-        );
+        ),
     }
-    surge::zipf(n, zipf)
-        .into_iter()
-        .enumerate()
-        .map(|(k, weight)| {
-            let name = match n {
-                1 => base.to_owned(),
-                _ => format!("{base}-{}", k + 1),
-            };
-            Ok(SkuPlan {
-                sku: sku(&name)?,
-                stock: stocks
-                    .get(k)
-                    .or(stocks.first())
-                    .copied()
-                    .unwrap_or_default(),
-                weight,
-            })
-        })
-        .collect()
 }
 
 fn sku(raw: &str) -> anyhow::Result<Sku> {
@@ -518,13 +531,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Surge(args) => {
             let args = *args;
-            let arrival = match (args.burst, args.rate, &args.stages) {
-                (true, _, _) => Arrival::Burst,
-                (false, Some(rate), _) if rate > 0.0 && rate.is_finite() => Arrival::Rate(rate),
-                (false, Some(rate), _) => {
+            let replay = match &args.replay {
+                Some(path) => {
+                    if !(args.speed.is_finite() && args.speed > 0.0) {
+                        anyhow::bail!("--speed must be a positive number");
+                    }
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading the trace {}", path.display()))?;
+                    let lines = flashsale_core::arrival_trace::parse(&text)
+                        .with_context(|| format!("the trace {}", path.display()))?;
+                    anyhow::ensure!(!lines.is_empty(), "the trace {} is empty", path.display());
+                    Some(Replay {
+                        lines,
+                        speed: args.speed,
+                    })
+                }
+                None => None,
+            };
+            let arrival = match (replay.clone(), args.burst, args.rate, &args.stages) {
+                (Some(replay), ..) => Arrival::Replay(replay),
+                (None, true, _, _) => Arrival::Burst,
+                (None, false, Some(rate), _) if rate > 0.0 && rate.is_finite() => {
+                    Arrival::Rate(rate)
+                }
+                (None, false, Some(rate), _) => {
                     anyhow::bail!("--rate must be a positive number, got {rate}")
                 }
-                (false, None, Some(raw)) => {
+                (None, false, None, Some(raw)) => {
                     let raw = match raw.strip_prefix('@') {
                         Some(path) => std::fs::read_to_string(path)
                             .with_context(|| format!("reading the stages in {path}"))?,
@@ -532,13 +565,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     };
                     Arrival::Stages(Stages::parse(&raw)?)
                 }
-                (false, None, None) => anyhow::bail!(
+                (None, false, None, None) => anyhow::bail!(
                     "give --rate R (arrivals per second), --burst or --stages 0:R/s,T:R/s,..."
                 ),
             };
             let buyers = match (&arrival, args.buyers) {
                 (_, Some(buyers)) => buyers,
-                (Arrival::Stages(_), None) => u64::MAX,
+                (Arrival::Stages(_) | Arrival::Replay(_), None) => u64::MAX,
                 (_, None) => 20_000,
             };
             if !(args.opens_in_secs.is_finite() && args.opens_in_secs >= 0.0) {
@@ -553,7 +586,30 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !(0.0..=1.0).contains(&args.payment_decline_rate) {
                 anyhow::bail!("--payment-decline-rate must be between 0 and 1");
             }
-            let skus = surge_skus(&args.sku, &args.stock, args.skus, args.zipf)?;
+            let skus = match &replay {
+                // The trace's skus, in the order they first appear.
+                Some(replay) => {
+                    let mut names: Vec<&str> = Vec::new();
+                    for line in &replay.lines {
+                        if !names.contains(&line.sku.as_str()) {
+                            names.push(&line.sku);
+                        }
+                    }
+                    let stocks = stocks(&args.stock, names.len())?;
+                    names
+                        .iter()
+                        .zip(stocks)
+                        .map(|(name, stock)| {
+                            Ok(SkuPlan {
+                                sku: sku(name)?,
+                                stock,
+                                weight: 1.0,
+                            })
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?
+                }
+                None => surge_skus(&args.sku, &args.stock, args.skus, args.zipf)?,
+            };
             let stores = Stores::connect(&config).await?;
             let options = SurgeOptions {
                 gateway_url: config.gateway_url.clone(),

@@ -67,6 +67,33 @@ pub struct SurgeOptions {
     pub start_at_unix_ms: Option<u64>,
 }
 
+impl SurgeOptions {
+    /// A surge of `skus` arriving as `arrival`, with the command's defaults
+    /// for the rest: one unit each, at most 20,000 buyers, overbook 1.5,
+    /// no declines, 5 ms payments, 64 connections, no retries, two
+    /// minutes to settle, buyers named in the body, no thresholds, alone.
+    pub fn new(gateway_url: String, skus: Vec<SkuPlan>, arrival: Arrival) -> Self {
+        Self {
+            gateway_url,
+            skus,
+            buyers: 20_000,
+            arrival,
+            opens_in: Duration::ZERO,
+            per_user_limit: 1,
+            overbook: 1.5,
+            payment_decline_rate: 0.0,
+            payment_latency_ms: 5,
+            connections: 64,
+            max_retries: 0,
+            settle_timeout: Duration::from_secs(120),
+            tokens: None,
+            thresholds: Vec::new(),
+            shard: None,
+            start_at_unix_ms: None,
+        }
+    }
+}
+
 /// The `index`-th of `of` generators sending one crowd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
@@ -421,7 +448,8 @@ enum Answer {
 
 /// What one buyer sends, every time it asks.
 struct Purchase {
-    key: String,
+    /// The `Idempotency-Key`, if the buyer sends one.
+    key: Option<String>,
     body: String,
     /// `Bearer <token>`, for a gateway that verifies tokens.
     authorization: Option<String>,
@@ -446,9 +474,11 @@ async fn ask(
     // measures, so every microsecond it spends is one the gateway lacks.
     let mut request = http
         .post(url.clone())
-        .header("Idempotency-Key", &purchase.key)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(purchase.body.clone());
+    if let Some(key) = &purchase.key {
+        request = request.header("Idempotency-Key", key);
+    }
     if let Some(authorization) = &purchase.authorization {
         request = request.header(reqwest::header::AUTHORIZATION, authorization);
     }
@@ -538,17 +568,17 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     ))?;
     let run_id = &uuid::Uuid::now_v7().simple().to_string()[..12];
     let connections = Arc::new(Semaphore::new(options.connections.max(1)));
-    let user = |i: u64| format!("surge-{run_id}-{i}");
-    let offsets = options.arrival.offsets(options.buyers);
-    let buyers = offsets.len() as u64;
-    let popularity = Popularity::new(options.skus.iter().map(|p| p.weight));
+    let visits = visits(options, run_id)?;
+    let offsets: Vec<Duration> = visits.iter().map(|v| v.offset).collect();
+    let buyers = visits.len() as u64;
     // Signed before the crowd starts: signing is the issuer's work, not the
     // gateway's, and must not delay arrivals.
     let mut authorizations = match &options.tokens {
-        Some(signer) => (0..buyers)
-            .map(|i| Ok(Some(format!("Bearer {}", signer.sign(&user(i))?))))
+        Some(signer) => visits
+            .iter()
+            .map(|v| Ok(Some(format!("Bearer {}", signer.sign(&v.user)?))))
             .collect::<anyhow::Result<Vec<_>>>()?,
-        None => vec![None; offsets.len()],
+        None => vec![None; visits.len()],
     }
     .into_iter();
     // A short lead so spawning the crowd does not eat into the first arrivals.
@@ -563,21 +593,21 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     let mine = |i: &u64| options.shard.is_none_or(|shard| shard.sends(*i));
 
     let mut tasks = Vec::with_capacity(offsets.len());
-    for (i, offset) in (0..buyers).zip(offsets.iter().copied()) {
+    for (i, visit) in (0..buyers).zip(visits) {
         let authorization = authorizations.next().flatten();
         if !mine(&i) {
             continue;
         }
         let (http, url, connections) = (http.clone(), url.clone(), connections.clone());
-        let sku = popularity.pick(i);
+        let (sku, offset) = (visit.sku, visit.offset);
         let purchase = Purchase {
-            key: user(i),
             body: serde_json::json!({
                 "sku": options.skus[sku].sku.as_str(),
-                "user_id": user(i),
-                "quantity": 1,
+                "user_id": visit.user,
+                "quantity": visit.quantity,
             })
             .to_string(),
+            key: visit.key,
             authorization,
         };
         let max_retries = options.max_retries;
@@ -724,6 +754,65 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     };
     surge.thresholds = thresholds::check(&options.thresholds, &thresholds::figures(&surge));
     Ok(surge)
+}
+
+/// One buyer of the crowd: when it is due, which sku it asks for, who it
+/// is, how many units, and the `Idempotency-Key` it sends, if any.
+struct Visit {
+    offset: Duration,
+    sku: usize,
+    user: String,
+    quantity: u32,
+    key: Option<String>,
+}
+
+/// The crowd of a surge: made up (buyer i is `surge-<run>-i`, asks for
+/// one unit of a sku drawn by popularity, with a key), or replayed from a
+/// trace (its skus, buyers and quantities; a key of this run where the
+/// recorded buyer sent one, so a replay is never answered from the
+/// recording's purchases).
+fn visits(options: &SurgeOptions, run_id: &str) -> anyhow::Result<Vec<Visit>> {
+    let offsets = options.arrival.offsets(options.buyers);
+    if let Arrival::Replay(replay) = &options.arrival {
+        let index: std::collections::HashMap<&str, usize> = options
+            .skus
+            .iter()
+            .enumerate()
+            .map(|(i, plan)| (plan.sku.as_str(), i))
+            .collect();
+        return replay
+            .lines
+            .iter()
+            .zip(offsets)
+            .enumerate()
+            .map(|(i, (line, offset))| {
+                let sku = *index.get(line.sku.as_str()).ok_or_else(|| {
+                    anyhow::anyhow!("the trace's sku {:?} is not one of the surge's", line.sku)
+                })?;
+                Ok(Visit {
+                    offset,
+                    sku,
+                    user: line.user.clone(),
+                    quantity: line.quantity,
+                    key: line.keyed.then(|| format!("replay-{run_id}-{i}")),
+                })
+            })
+            .collect();
+    }
+    let popularity = Popularity::new(options.skus.iter().map(|p| p.weight));
+    Ok((0u64..)
+        .zip(offsets)
+        .map(|(i, offset)| {
+            let user = format!("surge-{run_id}-{i}");
+            Visit {
+                offset,
+                sku: popularity.pick(i),
+                key: Some(user.clone()),
+                user,
+                quantity: 1,
+            }
+        })
+        .collect())
 }
 
 /// A sku of the surge: its stock, and how popular it is (a share of the

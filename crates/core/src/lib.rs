@@ -10,6 +10,8 @@
 //!   records on the topics, reading a topic as data, group lag and health;
 //! * `status`: the purchase state machine and the board buyers read;
 //! * `payment`: the payment service's API and client;
+//! * `arrival_trace`: the trace of a surge's arrivals the gateway records
+//!   and `flashsale surge --replay` sends again;
 //! * `service`: what every service is built on: settings, the Redis
 //!   connection, health and metrics endpoints, retries, problem answers,
 //!   the start-up skeleton.
@@ -17,6 +19,7 @@
 //! The audit and the rebuild after a lost Redis, which only people run,
 //! live with the `flashsale` command (`crates/cli`).
 
+pub mod arrival_trace;
 pub mod bus;
 pub mod clock;
 pub mod dynamo;

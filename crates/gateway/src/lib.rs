@@ -16,12 +16,14 @@ pub mod limits;
 mod metrics;
 mod purchase;
 mod queue;
+pub mod recorder;
 pub mod refusal;
 mod waiters;
 
 pub use decision::PurchaseBody;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +93,10 @@ pub struct Config {
     pub clock_offset_ms: i64,
     /// `FLASHSALE_GATEWAY_AUTH_*`: who is buying (see `auth`).
     pub auth: auth::AuthSettings,
+    /// `FLASHSALE_GATEWAY_RECORD_FILE`: record every arrival to this trace
+    /// file (JSON lines, appended), for `flashsale surge --replay`; unset:
+    /// nothing is recorded.
+    pub record_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -122,6 +128,9 @@ impl Config {
             max_waiters: env.get("GATEWAY_MAX_WAITERS", 10_000)?,
             clock_offset_ms: env.get("GATEWAY_CLOCK_OFFSET_MS", 0)?,
             auth: auth::AuthSettings::from_env(env)?,
+            record_file: Some(env.string("GATEWAY_RECORD_FILE", ""))
+                .filter(|path| !path.is_empty())
+                .map(PathBuf::from),
         })
     }
 }
@@ -153,6 +162,8 @@ pub(crate) struct Gateway {
     pub clock_offset_ms: i64,
     /// None: the body's `user_id` is the buyer (authentication is off).
     pub auth: Option<auth::Authenticator>,
+    /// Where arrivals are recorded, if they are (`recorder`).
+    pub recorder: Option<recorder::Recorder>,
 }
 
 impl Gateway {
@@ -215,7 +226,19 @@ pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::R
         metrics.clone(),
         shutdown.clone(),
     ));
+    let recorder = match &config.record_file {
+        Some(path) => Some(
+            recorder::Recorder::open(path, metrics.trace_dropped.clone()).map_err(|e| {
+                StartError::Setup(format!("opening the trace file {}: {e}", path.display()))
+            })?,
+        ),
+        None => None,
+    };
+    if let Some(recorder) = &recorder {
+        recorder.flush_on(shutdown.clone());
+    }
     let gateway = Arc::new(Gateway {
+        recorder,
         stock,
         board: StatusBoard::new(conn, &config.redis),
         orders: OrderStore::new(dynamo.clone(), &tables),

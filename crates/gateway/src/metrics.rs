@@ -21,6 +21,8 @@ pub struct Metrics {
     pub long_polls: IntGauge,
     /// Producers replaced after a fatal error.
     pub producer_renewals: IntGauge,
+    /// Arrivals the trace recorder could not keep up with.
+    pub trace_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -79,6 +81,10 @@ impl Metrics {
             producer_renewals: make.gauge(
                 "gateway_producer_renewals",
                 "Kafka producers replaced after a fatal error (an alert should fire on any)",
+            )?,
+            trace_dropped: make.counter(
+                "gateway_trace_dropped_total",
+                "Arrivals not recorded to the trace file: its writer fell behind",
             )?,
         })
     }

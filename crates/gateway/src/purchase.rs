@@ -67,6 +67,9 @@ async fn purchase(
 ) -> Result<Response, Refusal> {
     let body = body.map(|Json(body)| body).map_err(Refusal::body);
     let purchase = decision::read(body, headers, gateway.auth.as_ref(), RequestId::fresh)?;
+    if let Some(recorder) = &gateway.recorder {
+        recorder.arrived(&purchase);
+    }
     let rules = Rules {
         abandoned_after_ms: gateway.abandoned_after_ms,
     };

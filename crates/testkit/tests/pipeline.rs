@@ -91,9 +91,10 @@ async fn every_services_producer_that_fails_fatally_is_replaced() {
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use flashsale_testkit::flashsale_cli::crowd::Stages;
+use flashsale_testkit::flashsale_cli::crowd::{Replay, Stages};
 use flashsale_testkit::flashsale_cli::surge::{self, Arrival, SkuPlan, SurgeOptions};
 use flashsale_testkit::flashsale_cli::thresholds;
+use flashsale_testkit::flashsale_core::arrival_trace;
 use flashsale_testkit::flashsale_core::bus::kafka::{self, topic};
 use flashsale_testkit::flashsale_core::bus::messages::{
     self, PurchaseRequest, Reservation, SCHEMA_VERSION,
@@ -117,28 +118,21 @@ async fn a_crowd_along_stages_is_timed_as_drawn_and_judged_by_its_thresholds() {
         .expect("pipeline starts");
     let known = thresholds::figures(&surge::SurgeReport::default());
     let threshold = |raw: &str| thresholds::Threshold::parse(raw, &known).expect("valid");
+    let stages = Stages::parse("0:100/s,2s:400/s,4s:0/s").expect("stages");
     let options = SurgeOptions {
-        gateway_url: p.gateway_url.clone(),
-        skus: SkuPlan::only(p.sku("stages"), 100),
         buyers: u64::MAX,
-        arrival: Arrival::Stages(Stages::parse("0:100/s,2s:400/s,4s:0/s").expect("stages")),
-        per_user_limit: 1,
-        overbook: 1.5,
         payment_decline_rate: 0.1,
-        payment_latency_ms: 5,
-        connections: 64,
-        max_retries: 0,
-        settle_timeout: Duration::from_secs(120),
-        tokens: None,
-        opens_in: Duration::ZERO,
         thresholds: vec![
             threshold("oversold==0"),
             // No answer comes back within a microsecond.
             threshold("accept_p99_ms<0.001"),
             threshold("fairness.winners_among_first>=0"),
         ],
-        shard: None,
-        start_at_unix_ms: None,
+        ..SurgeOptions::new(
+            p.gateway_url.clone(),
+            SkuPlan::only(p.sku("stages"), 100),
+            Arrival::Stages(stages),
+        )
     };
     let report = surge::run(&p.stores, &options).await.expect("surge runs");
     println!("{}", report.human());
@@ -185,22 +179,9 @@ async fn a_sale_of_three_skus_is_reported_sku_by_sku() {
         })
         .collect();
     let options = SurgeOptions {
-        gateway_url: p.gateway_url.clone(),
-        skus: skus.clone(),
         buyers: 1_100,
-        arrival: Arrival::Rate(550.0),
-        opens_in: Duration::ZERO,
-        per_user_limit: 1,
-        overbook: 1.5,
         payment_decline_rate: 0.1,
-        payment_latency_ms: 5,
-        connections: 64,
-        max_retries: 0,
-        settle_timeout: Duration::from_secs(120),
-        tokens: None,
-        thresholds: Vec::new(),
-        shard: None,
-        start_at_unix_ms: None,
+        ..SurgeOptions::new(p.gateway_url.clone(), skus.clone(), Arrival::Rate(550.0))
     };
     let report = surge::run(&p.stores, &options).await.expect("surge runs");
     println!("{}", report.human());
@@ -257,22 +238,16 @@ async fn two_shards_send_one_crowd_and_their_reports_merge_into_its_report() {
     .expect("sale created");
     let start_at = clock::now_ms() + 1_500;
     let shard = |index| SurgeOptions {
-        gateway_url: p.gateway_url.clone(),
-        skus: SkuPlan::only(sku.clone(), 40),
         buyers: 800,
-        arrival: Arrival::Rate(400.0),
-        opens_in: Duration::ZERO,
-        per_user_limit: 1,
-        overbook: 1.5,
         payment_decline_rate: 0.1,
-        payment_latency_ms: 5,
         connections: 32,
-        max_retries: 0,
-        settle_timeout: Duration::from_secs(120),
-        tokens: None,
-        thresholds: Vec::new(),
         shard: Some(surge::Shard { index, of: 2 }),
         start_at_unix_ms: Some(start_at),
+        ..SurgeOptions::new(
+            p.gateway_url.clone(),
+            SkuPlan::only(sku.clone(), 40),
+            Arrival::Rate(400.0),
+        )
     };
     let (a, b) = (shard(0), shard(1));
     let (a, b) = tokio::join!(surge::run(&p.stores, &a), surge::run(&p.stores, &b));
@@ -309,6 +284,84 @@ async fn two_shards_send_one_crowd_and_their_reports_merge_into_its_report() {
     assert!(
         merged.accept_latency_ms.max >= a.accept_latency_ms.max.max(b.accept_latency_ms.max) - 0.01
     );
+}
+
+/// A surge recorded by the gateway (`FLASHSALE_GATEWAY_RECORD_FILE`) and
+/// replayed at speed 1 arrives at the gateway along the same curve: the
+/// two halves of the trace (the surge's arrivals, then the replay's), each
+/// from its first arrival, differ by at most 3% of the crowd at any
+/// instant, and the replay sends each recorded buyer once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recorded_surge_replayed_at_speed_one_arrives_along_the_same_curve() {
+    let dir = std::path::PathBuf::from(
+        std::env::var("FLASHSALE_STATE_DIR").unwrap_or_else(|_| "/tmp".into()),
+    );
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join(format!("trace-{}.jsonl", uuid::Uuid::now_v7().simple()));
+    let p = Pipeline::start(PipelineOptions {
+        env: vec![("FLASHSALE_GATEWAY_RECORD_FILE", trace.display().to_string())],
+        ..Default::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("replay");
+    let options = |arrival| SurgeOptions {
+        buyers: u64::MAX,
+        ..SurgeOptions::new(
+            p.gateway_url.clone(),
+            SkuPlan::only(sku.clone(), 30),
+            arrival,
+        )
+    };
+    // 600 + 600 + 150 buyers: a ramp up, one down, a tail.
+    let stages = Stages::parse("0:300/s,1s:900/s,2s:300/s,3s:0/s").expect("stages");
+    let recorded = surge::run(&p.stores, &options(Arrival::Stages(stages)))
+        .await
+        .expect("the surge runs");
+    assert_eq!(recorded.buyers, 1_350);
+    let read = |want: usize| {
+        let trace = trace.clone();
+        async move {
+            let text = std::fs::read_to_string(&trace).unwrap_or_default();
+            let lines = arrival_trace::parse(&text).expect("the trace reads");
+            (lines.len() == want).then_some(lines)
+        }
+    };
+    let lines = eventually("the surge recorded", SETTLE, || read(1_350)).await;
+    let replay = Replay { lines, speed: 1.0 };
+    let replayed = surge::run(&p.stores, &options(Arrival::Replay(replay)))
+        .await
+        .expect("the replay runs");
+    assert_eq!(replayed.buyers, 1_350);
+    assert!(replayed.passed(), "{replayed:?}");
+    let both = eventually("the replay recorded", SETTLE, || read(2_700)).await;
+    let (first, second) = both.split_at(1_350);
+    let users = |half: &[arrival_trace::TraceLine]| {
+        let mut users: Vec<String> = half.iter().map(|l| l.user.clone()).collect();
+        users.sort();
+        users
+    };
+    assert_eq!(users(first), users(second), "each recorded buyer once");
+    // The arrival curves: the share of each half arrived by instant t.
+    let offsets = |half: &[arrival_trace::TraceLine]| -> Vec<f64> {
+        let t0 = half[0].offset_ms;
+        half.iter().map(|l| l.offset_ms - t0).collect()
+    };
+    let (a, b) = (offsets(first), offsets(second));
+    let share = |offsets: &[f64], t: f64| {
+        offsets.iter().filter(|o| **o <= t).count() as f64 / offsets.len() as f64
+    };
+    let worst = (0..=60)
+        .map(|k| f64::from(k) * 50.0)
+        .map(|t| (share(&a, t) - share(&b, t)).abs())
+        .fold(0.0, f64::max);
+    println!(
+        "recorded over {:.0} ms, replayed over {:.0} ms; largest gap between the curves {:.1}% of the crowd",
+        a.last().copied().unwrap_or_default(),
+        b.last().copied().unwrap_or_default(),
+        worst * 100.0
+    );
+    assert!(worst <= 0.03, "the curves differ by {:.1}%", worst * 100.0);
 }
 
 /// 2,000 buyers at once for 50 units with 20% of payments declined, each
