@@ -3,7 +3,9 @@
 # redis-server (Debian), a Java runtime (Debian), tansu (cargo), and
 # DynamoDB Local (from the npm package amplify-dynamodb-simulator); and wrk
 # (Debian), the HTTP load generator of scripts/bench-gateway; sqlite3
-# (Debian), for the broker database's upkeep (infra/local/kafka-db.sh).
+# (Debian), for the broker database's upkeep (infra/local/kafka-db.sh);
+# chromium (Debian), the headless browser the test of the surge's HTML
+# report opens it in.
 # Safe to run again: each step checks first.
 set -euo pipefail
 # cargo install puts tansu here; a fresh shell may not have it on PATH.
@@ -35,6 +37,11 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
   log "installing redis-server from Debian"
   apt_install redis-server redis-tools
   # Debian starts its own Redis on 6379; the project never uses it.
+fi
+
+if ! command -v chromium >/dev/null; then
+  log "installing chromium from Debian (the HTML report's render test)"
+  apt_install chromium
 fi
 
 if ! command -v sqlite3 >/dev/null; then

@@ -5,11 +5,13 @@
 pub mod audit;
 pub mod crowd;
 pub mod histogram;
+pub mod html;
 pub mod lag;
 pub mod merge;
 pub mod order;
 pub mod recover;
 pub mod sale;
+pub mod sampler;
 pub mod surge;
 pub mod thresholds;
 

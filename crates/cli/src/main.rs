@@ -185,6 +185,21 @@ enum ReportCommand {
         /// Also write the merged report as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Also write it as a self-contained HTML page to this file.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+    /// Render a saved report as one self-contained HTML page with its
+    /// plots (no network needed to open it).
+    Html {
+        /// The surge's JSON report.
+        report: PathBuf,
+        /// Where to write the page.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// An earlier run's JSON report: each figure is shown next to it.
+        #[arg(long)]
+        compare: Option<PathBuf>,
     },
 }
 
@@ -271,6 +286,13 @@ struct SurgeArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also write the report as one self-contained HTML page with plots.
+    #[arg(long)]
+    html: Option<PathBuf>,
+    /// An earlier run's JSON report, to show each figure of this one next
+    /// to it in the HTML page.
+    #[arg(long, requires = "html")]
+    compare: Option<PathBuf>,
     /// Sign each buyer a bearer token (HS256) with this secret, for a
     /// gateway that verifies them; the gateway's own setting by default.
     #[arg(
@@ -298,6 +320,21 @@ struct SurgeArgs {
 /// `flashsale surge`'s exit when the pipeline held (clean audit, every
 /// purchase settled) but a `--threshold` did not.
 const THRESHOLDS_FAILED: u8 = 3;
+
+fn read_report(path: &std::path::Path) -> anyhow::Result<surge::SurgeReport> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a surge report", path.display()))
+}
+
+fn write_html(
+    report: &surge::SurgeReport,
+    earlier: Option<&surge::SurgeReport>,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let page = flashsale_cli::html::render(report, earlier)?;
+    std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))
+}
 
 /// Prints a surge's report, saves it as JSON if asked, and exits with its
 /// verdict.
@@ -639,22 +676,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     })
                     .transpose()?,
                 start_at_unix_ms: args.start_at_unix_ms,
+                lag_from: Some(config.kafka.clone()),
             };
+            // Read before the crowd: a wrong path must not waste a surge.
+            let earlier = args.compare.as_deref().map(read_report).transpose()?;
             let report = surge::run(&stores, &options).await?;
+            if let Some(path) = &args.html {
+                write_html(&report, earlier.as_ref(), path)?;
+            }
             return surge_verdict(&report, args.json.as_deref());
         }
-        Command::Report(ReportCommand::Merge { reports, json }) => {
+        Command::Report(ReportCommand::Merge {
+            reports,
+            json,
+            html,
+        }) => {
             let reports = reports
                 .iter()
-                .map(|path| {
-                    let text = std::fs::read(path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    serde_json::from_slice(&text)
-                        .with_context(|| format!("{} is not a surge report", path.display()))
-                })
-                .collect::<anyhow::Result<Vec<surge::SurgeReport>>>()?;
+                .map(|path| read_report(path))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let merged = flashsale_cli::merge::merge(&reports)?;
+            if let Some(path) = &html {
+                write_html(&merged, None, path)?;
+            }
             return surge_verdict(&merged, json.as_deref());
+        }
+        Command::Report(ReportCommand::Html {
+            report,
+            out,
+            compare,
+        }) => {
+            let report = read_report(&report)?;
+            let earlier = compare.as_deref().map(read_report).transpose()?;
+            write_html(&report, earlier.as_ref(), &out)?;
+            println!("wrote {}", out.display());
         }
     }
     Ok(ExitCode::SUCCESS)

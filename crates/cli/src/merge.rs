@@ -88,6 +88,8 @@ pub fn merge(reports: &[SurgeReport]) -> Result<SurgeReport, MergeError> {
         timeline: merge_timeline(reports)?,
         skus,
         histograms: hists.encoded(),
+        // Every shard watched the same stock and groups: the first's view.
+        samples: first.samples.clone(),
         thresholds: Vec::new(),
     })
 }

@@ -25,6 +25,7 @@ pub use crate::crowd::Arrival;
 pub use crate::histogram::Latency;
 use crate::histogram::{self, encode, latency};
 use crate::sale::{self, SaleSpec};
+use crate::sampler::{self, Samples};
 use crate::thresholds::{self, Checked, Threshold};
 
 #[derive(Debug, Clone)]
@@ -65,6 +66,9 @@ pub struct SurgeOptions {
     /// When the first buyer is due (unix ms), so that generators on
     /// several machines send one crowd; `None`: right away.
     pub start_at_unix_ms: Option<u64>,
+    /// Where to read the consumer groups' lag from while the surge runs,
+    /// for the report's plots; `None`: not sampled.
+    pub lag_from: Option<flashsale_core::service::settings::KafkaSettings>,
 }
 
 impl SurgeOptions {
@@ -90,6 +94,7 @@ impl SurgeOptions {
             thresholds: Vec::new(),
             shard: None,
             start_at_unix_ms: None,
+            lag_from: None,
         }
     }
 }
@@ -234,6 +239,9 @@ pub struct SurgeReport {
     /// Each sku's part of the surge (the totals above add them up).
     #[serde(default)]
     pub skus: Vec<SkuReport>,
+    /// Each sku's stock and the groups' lag, sampled while it ran.
+    #[serde(default)]
+    pub samples: Samples,
     #[serde(default)]
     pub histograms: Histograms,
     /// How each `--threshold` fared.
@@ -591,6 +599,14 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     );
     let start = Instant::now() + Duration::from_millis(start_unix_ms.saturating_sub(now_unix_ms));
     let mine = |i: &u64| options.shard.is_none_or(|shard| shard.sends(*i));
+    let stop_sampling = tokio_util::sync::CancellationToken::new();
+    let sampling = tokio::spawn(sampler::watch(
+        stores.stock.clone(),
+        options.skus.iter().map(|p| p.sku.clone()).collect(),
+        options.lag_from.clone(),
+        start,
+        stop_sampling.clone(),
+    ));
 
     let mut tasks = Vec::with_capacity(offsets.len());
     for (i, visit) in (0..buyers).zip(visits) {
@@ -677,6 +693,10 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             .into_iter()
             .map(|s| (s.id, s))
             .collect();
+    // A last look once everything settled, then the plots have their data.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stop_sampling.cancel();
+    let samples = sampling.await.unwrap_or_default();
     for s in settled.values() {
         let second = timeline.at(s.decided_ms.saturating_sub(start_unix_ms) / 1000);
         second.decided += 1;
@@ -750,6 +770,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         timeline: timeline.seconds(),
         skus,
         histograms: total.histograms(),
+        samples,
         thresholds: Vec::new(),
     };
     surge.thresholds = thresholds::check(&options.thresholds, &thresholds::figures(&surge));

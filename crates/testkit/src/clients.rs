@@ -207,3 +207,28 @@ impl Pipeline {
         self.topic(topic::PURCHASE_REQUESTS)
     }
 }
+
+/// What headless Chromium (installed by `infra/local/install.sh`) made of
+/// an HTML page once its scripts ran: the DOM as the browser holds it.
+pub fn dom_in_chromium(page: &std::path::Path) -> anyhow::Result<String> {
+    let page = page.canonicalize()?;
+    let output = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            // Offline: a report must need no network.
+            "--proxy-server=127.0.0.1:9",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("file://{}", page.display()))
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}

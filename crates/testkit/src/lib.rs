@@ -31,7 +31,7 @@ mod clients;
 mod stack;
 
 pub use asserts::eventually;
-pub use clients::Answer;
+pub use clients::{Answer, dom_in_chromium};
 use stack::any_port;
 pub use stack::{OwnKafka, OwnRedis, ServiceProcess, env_with, env_with_more, service_binary};
 

@@ -395,6 +395,7 @@ async fn a_surge_with_tokens_goes_through_the_token_check() {
         thresholds: Vec::new(),
         shard: None,
         start_at_unix_ms: None,
+        lag_from: None,
     };
     let signer = TokenSigner {
         secret: SECRET.into(),

@@ -181,6 +181,7 @@ async fn a_sale_of_three_skus_is_reported_sku_by_sku() {
     let options = SurgeOptions {
         buyers: 1_100,
         payment_decline_rate: 0.1,
+        lag_from: Some(p.kafka.clone()),
         ..SurgeOptions::new(p.gateway_url.clone(), skus.clone(), Arrival::Rate(550.0))
     };
     let report = surge::run(&p.stores, &options).await.expect("surge runs");
@@ -209,6 +210,40 @@ async fn a_sale_of_three_skus_is_reported_sku_by_sku() {
     assert_eq!(report.units_sold, 85);
     assert_eq!(report.stock, 85);
     assert!(report.human().contains("many-2"), "a line per sku");
+
+    // Watched while it ran: each sku's stock, and the groups' lag.
+    for plan in &skus {
+        let seen: Vec<_> = report
+            .samples
+            .stock
+            .iter()
+            .filter(|s| s.sku == plan.sku.as_str())
+            .collect();
+        assert!(seen.len() >= 3, "{} sampled {} times", plan.sku, seen.len());
+        assert!(
+            seen.iter()
+                .all(|s| s.available + s.reserved + s.sold == plan.stock as i64)
+        );
+        assert_eq!(seen.last().map(|s| s.sold), Some(plan.stock as i64));
+    }
+    assert!(!report.samples.lag.is_empty(), "lag sampled");
+
+    // The HTML report, opened in headless Chromium: every plot laid out.
+    let page = std::path::PathBuf::from(
+        std::env::var("FLASHSALE_STATE_DIR").unwrap_or_else(|_| "/tmp".into()),
+    )
+    .join(format!("{}-report.html", p.prefix));
+    let html = flashsale_testkit::flashsale_cli::html::render(&report, None).expect("renders");
+    std::fs::write(&page, html).unwrap();
+    let dom = flashsale_testkit::dom_in_chromium(&page).expect("chromium opens the report");
+    // Buyers, latency, three skus' stock, lag, outcomes, fairness.
+    assert_eq!(dom.matches("<figure class=\"plot\"").count(), 8);
+    assert_eq!(
+        dom.matches("data-rendered=\"yes\"").count(),
+        8,
+        "every plot drawn"
+    );
+    assert!(dom.contains("data-plots-rendered=\"8\""));
 }
 
 /// One crowd sent by two generators (`--shard 0/2` and `1/2`, one start
@@ -390,6 +425,7 @@ async fn two_thousand_buyers_fifty_units_never_oversell() {
         thresholds: Vec::new(),
         shard: None,
         start_at_unix_ms: None,
+        lag_from: None,
     };
 
     // Samples the counters while the crowd runs: each read of the stock
@@ -1020,6 +1056,7 @@ async fn workers_join_and_leave_while_the_sale_runs() {
         thresholds: Vec::new(),
         shard: None,
         start_at_unix_ms: None,
+        lag_from: None,
     };
     let stores = p.stores.clone();
     let surge = tokio::spawn(async move { surge::run(&stores, &options).await });
