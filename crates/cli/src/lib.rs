@@ -9,6 +9,7 @@ pub mod html;
 pub mod lag;
 pub mod merge;
 pub mod order;
+pub mod progress;
 pub mod recover;
 pub mod sale;
 pub mod sampler;

@@ -286,6 +286,9 @@ struct SurgeArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// No progress display while the surge runs.
+    #[arg(long)]
+    quiet: bool,
     /// Also write the report as one self-contained HTML page with plots.
     #[arg(long)]
     html: Option<PathBuf>,
@@ -677,6 +680,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .transpose()?,
                 start_at_unix_ms: args.start_at_unix_ms,
                 lag_from: Some(config.kafka.clone()),
+                progress: !args.quiet,
             };
             // Read before the crowd: a wrong path must not waste a surge.
             let earlier = args.compare.as_deref().map(read_report).transpose()?;

@@ -24,6 +24,7 @@ use crate::Stores;
 pub use crate::crowd::Arrival;
 pub use crate::histogram::Latency;
 use crate::histogram::{self, encode, latency};
+use crate::progress::{self, Counts};
 use crate::sale::{self, SaleSpec};
 use crate::sampler::{self, Samples};
 use crate::thresholds::{self, Checked, Threshold};
@@ -69,6 +70,8 @@ pub struct SurgeOptions {
     /// Where to read the consumer groups' lag from while the surge runs,
     /// for the report's plots; `None`: not sampled.
     pub lag_from: Option<flashsale_core::service::settings::KafkaSettings>,
+    /// Show the surge's progress on stderr while it runs.
+    pub progress: bool,
 }
 
 impl SurgeOptions {
@@ -95,6 +98,7 @@ impl SurgeOptions {
             shard: None,
             start_at_unix_ms: None,
             lag_from: None,
+            progress: false,
         }
     }
 }
@@ -599,7 +603,12 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     );
     let start = Instant::now() + Duration::from_millis(start_unix_ms.saturating_sub(now_unix_ms));
     let mine = |i: &u64| options.shard.is_none_or(|shard| shard.sends(*i));
+    let counts = Arc::new(Counts::default());
     let stop_sampling = tokio_util::sync::CancellationToken::new();
+    let showing = options.progress.then(|| {
+        let mine = (0..buyers).filter(|i| mine(i)).count() as u64;
+        progress::show(counts.clone(), mine, stop_sampling.clone())
+    });
     let sampling = tokio::spawn(sampler::watch(
         stores.stock.clone(),
         options.skus.iter().map(|p| p.sku.clone()).collect(),
@@ -627,6 +636,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             authorization,
         };
         let max_retries = options.max_retries;
+        let counts = counts.clone();
         tasks.push(tokio::spawn(async move {
             let due = start + offset;
             tokio::time::sleep_until(due).await;
@@ -636,6 +646,9 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             let mut first_answer = None;
             let answer = loop {
                 let asked = ask(&http, &url, &connections, &purchase, due_unix_ms, &mut sent).await;
+                if first_answer.is_none() {
+                    Counts::bump(&counts.sent);
+                }
                 first_answer.get_or_insert_with(|| due.elapsed());
                 match asked {
                     (Answer::RateLimited | Answer::Overloaded, Some(wait))
@@ -647,6 +660,12 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
                     (answer, _) => break answer,
                 }
             };
+            Counts::bump(&counts.answered);
+            match answer {
+                Answer::Accepted { .. } => Counts::bump(&counts.accepted),
+                Answer::Error => {}
+                _ => Counts::bump(&counts.shed),
+            }
             Buyer {
                 index: i,
                 sku,
@@ -688,7 +707,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         .max(1e-3);
 
     let settled: std::collections::HashMap<RequestId, Settled> =
-        settle(stores, &accepted, options.settle_timeout)
+        settle(stores, &accepted, options.settle_timeout, &counts)
             .await?
             .into_iter()
             .map(|s| (s.id, s))
@@ -697,6 +716,9 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     tokio::time::sleep(Duration::from_millis(600)).await;
     stop_sampling.cancel();
     let samples = sampling.await.unwrap_or_default();
+    if let Some(showing) = showing {
+        let _ = showing.await;
+    }
     for s in settled.values() {
         let second = timeline.at(s.decided_ms.saturating_sub(start_unix_ms) / 1000);
         second.decided += 1;
@@ -1145,6 +1167,7 @@ async fn settle(
     stores: &Stores,
     accepted: &[(RequestId, u64)],
     timeout: Duration,
+    counts: &Counts,
 ) -> anyhow::Result<Vec<Settled>> {
     let deadline = Instant::now() + timeout;
     let mut open: Vec<(RequestId, u64)> = accepted.to_vec();
@@ -1156,13 +1179,16 @@ async fn settle(
             let statuses = stores.board.get_many(&ids).await?;
             for ((id, due), status) in chunk.iter().zip(statuses) {
                 match status {
-                    Some(s) if s.status.is_terminal() => done.push(Settled {
-                        id: *id,
-                        due_unix_ms: *due,
-                        state: s.status,
-                        decided_ms: s.updated_at_ms,
-                        waiting_since_ms: s.waiting_since_ms,
-                    }),
+                    Some(s) if s.status.is_terminal() => {
+                        Counts::bump(&counts.decided);
+                        done.push(Settled {
+                            id: *id,
+                            due_unix_ms: *due,
+                            state: s.status,
+                            decided_ms: s.updated_at_ms,
+                            waiting_since_ms: s.waiting_since_ms,
+                        });
+                    }
                     _ => still_open.push((*id, *due)),
                 }
             }

@@ -396,6 +396,7 @@ async fn a_surge_with_tokens_goes_through_the_token_check() {
         shard: None,
         start_at_unix_ms: None,
         lag_from: None,
+        progress: false,
     };
     let signer = TokenSigner {
         secret: SECRET.into(),

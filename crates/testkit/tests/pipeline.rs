@@ -122,6 +122,9 @@ async fn a_crowd_along_stages_is_timed_as_drawn_and_judged_by_its_thresholds() {
     let options = SurgeOptions {
         buyers: u64::MAX,
         payment_decline_rate: 0.1,
+        // Not a terminal here: plain progress lines, and they must not hold
+        // the surge up.
+        progress: true,
         thresholds: vec![
             threshold("oversold==0"),
             // No answer comes back within a microsecond.
@@ -426,6 +429,7 @@ async fn two_thousand_buyers_fifty_units_never_oversell() {
         shard: None,
         start_at_unix_ms: None,
         lag_from: None,
+        progress: false,
     };
 
     // Samples the counters while the crowd runs: each read of the stock
@@ -1057,6 +1061,7 @@ async fn workers_join_and_leave_while_the_sale_runs() {
         shard: None,
         start_at_unix_ms: None,
         lag_from: None,
+        progress: false,
     };
     let stores = p.stores.clone();
     let surge = tokio::spawn(async move { surge::run(&stores, &options).await });
