@@ -286,6 +286,18 @@ struct SurgeArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// The share of buyers who retry a 429 or 503 (after its Retry-After,
+    /// up to --max-retries times); the others give up at once.
+    #[arg(long, default_value_t = 1.0)]
+    retry_share: f64,
+    /// The share of accepted buyers who then watch their purchase, as a
+    /// shop's page would: GET /v1/purchases/{id}?wait= until it ends.
+    #[arg(long, default_value_t = 0.0)]
+    poll_share: f64,
+    /// The share of accepted buyers who then try to buy the same sku again
+    /// (a new purchase): the per-user limit at work.
+    #[arg(long, default_value_t = 0.0)]
+    twice_share: f64,
     /// No progress display while the surge runs.
     #[arg(long)]
     quiet: bool,
@@ -614,6 +626,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (Arrival::Stages(_) | Arrival::Replay(_), None) => u64::MAX,
                 (_, None) => 20_000,
             };
+            for (name, share) in [
+                ("--retry-share", args.retry_share),
+                ("--poll-share", args.poll_share),
+                ("--twice-share", args.twice_share),
+            ] {
+                if !(0.0..=1.0).contains(&share) {
+                    anyhow::bail!("{name} must be between 0 and 1");
+                }
+            }
             if !(args.opens_in_secs.is_finite() && args.opens_in_secs >= 0.0) {
                 anyhow::bail!("--opens-in-secs must be 0 or more");
             }
@@ -681,6 +702,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 start_at_unix_ms: args.start_at_unix_ms,
                 lag_from: Some(config.kafka.clone()),
                 progress: !args.quiet,
+                behaviour: surge::Behaviour {
+                    retry_share: args.retry_share,
+                    poll_share: args.poll_share,
+                    twice_share: args.twice_share,
+                },
             };
             // Read before the crowd: a wrong path must not waste a surge.
             let earlier = args.compare.as_deref().map(read_report).transpose()?;

@@ -88,6 +88,7 @@ pub fn merge(reports: &[SurgeReport]) -> Result<SurgeReport, MergeError> {
         timeline: merge_timeline(reports)?,
         skus,
         histograms: hists.encoded(),
+        behaviour: add_behaviour(reports)?,
         // Every shard watched the same stock and groups: the first's view.
         samples: first.samples.clone(),
         thresholds: Vec::new(),
@@ -157,6 +158,29 @@ fn merge_timeline(reports: &[SurgeReport]) -> Result<Vec<Second>, MergeError> {
 /// stayed unsold or undecided).
 fn latest(mut times: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     times.try_fold(0.0, |acc: f64, t| Some(acc.max(t?)))
+}
+
+/// Counts added; the poll latency from the merged histograms.
+fn add_behaviour(reports: &[SurgeReport]) -> Result<crate::surge::BehaviourReport, MergeError> {
+    let sum = |f: fn(&crate::surge::BehaviourReport) -> u64| {
+        reports.iter().map(|r| f(&r.behaviour)).sum::<u64>()
+    };
+    let mut seen = histogram::new();
+    for report in reports {
+        add(&mut seen, &report.behaviour.poll_terminal_histogram)?;
+    }
+    Ok(crate::surge::BehaviourReport {
+        gave_up: sum(|b| b.gave_up),
+        pollers: sum(|b| b.pollers),
+        polls: sum(|b| b.polls),
+        polls_saw_terminal: sum(|b| b.polls_saw_terminal),
+        poll_terminal_ms: latency(&seen),
+        poll_terminal_histogram: encode(&seen),
+        second_tries: sum(|b| b.second_tries),
+        second_accepted: sum(|b| b.second_accepted),
+        second_got_a_unit: sum(|b| b.second_got_a_unit),
+        over_limit: sum(|b| b.over_limit),
+    })
 }
 
 fn add_shed<'a>(sheds: impl Iterator<Item = &'a Shed>) -> Shed {

@@ -72,6 +72,57 @@ pub struct SurgeOptions {
     pub lag_from: Option<flashsale_core::service::settings::KafkaSettings>,
     /// Show the surge's progress on stderr while it runs.
     pub progress: bool,
+    /// How buyers behave beyond their first purchase (`Behaviour`).
+    pub behaviour: Behaviour,
+}
+
+/// The shares of the crowd that behave one way or another, each buyer
+/// drawn by its index (the same buyers every run).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Behaviour {
+    /// Buyers who, answered `429` or `503`, wait the `Retry-After` and ask
+    /// again (up to `max_retries` times); the others give up at once.
+    pub retry_share: f64,
+    /// Accepted buyers who then watch their purchase as a shop's page
+    /// would: `GET /v1/purchases/{id}?wait=` until it is terminal.
+    pub poll_share: f64,
+    /// Accepted buyers who then try to buy the same sku again (a new
+    /// purchase, a new key): what the per-user limit is for.
+    pub twice_share: f64,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            retry_share: 1.0,
+            poll_share: 0.0,
+            twice_share: 0.0,
+        }
+    }
+}
+
+/// How the buyers with a behaviour fared.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BehaviourReport {
+    /// Buyers who gave up at a `429` or `503` they could have retried.
+    pub gave_up: u64,
+    /// Buyers who watched their purchase, the long-polls they sent, how
+    /// many saw it terminal, and when (from their intended send).
+    pub pollers: u64,
+    pub polls: u64,
+    pub polls_saw_terminal: u64,
+    pub poll_terminal_ms: Latency,
+    /// Its histogram, encoded (`histogram::encode`).
+    #[serde(default)]
+    pub poll_terminal_histogram: String,
+    /// Buyers who tried a second time, how many of those were accepted,
+    /// and how many of those got a unit too (reserved, then confirmed or
+    /// cancelled).
+    pub second_tries: u64,
+    pub second_accepted: u64,
+    pub second_got_a_unit: u64,
+    /// Buyers confirmed more units than the per-user limit (should be 0).
+    pub over_limit: u64,
 }
 
 impl SurgeOptions {
@@ -99,6 +150,7 @@ impl SurgeOptions {
             start_at_unix_ms: None,
             lag_from: None,
             progress: false,
+            behaviour: Behaviour::default(),
         }
     }
 }
@@ -246,6 +298,10 @@ pub struct SurgeReport {
     /// Each sku's stock and the groups' lag, sampled while it ran.
     #[serde(default)]
     pub samples: Samples,
+    /// How the buyers with a behaviour (`--retry-share`, `--poll-share`,
+    /// `--twice-share`) fared.
+    #[serde(default)]
+    pub behaviour: BehaviourReport,
     #[serde(default)]
     pub histograms: Histograms,
     /// How each `--threshold` fared.
@@ -424,6 +480,23 @@ impl SurgeReport {
             self.fairness.passed_over,
             if self.audit_ok { "clean" } else { "VIOLATIONS" },
         );
+        let b = &self.behaviour;
+        if b.gave_up + b.pollers + b.second_tries > 0 {
+            out.push_str(&format!(
+                "  behaviour: {} gave up at a 429/503; {} watched their purchase ({} long-polls, \
+                 {} saw it end, p99 {:.0} ms); {} tried twice ({} accepted, {} got a unit too); \
+                 over the per-user limit: {}\n",
+                b.gave_up,
+                b.pollers,
+                b.polls,
+                b.polls_saw_terminal,
+                b.poll_terminal_ms.p99,
+                b.second_tries,
+                b.second_accepted,
+                b.second_got_a_unit,
+                b.over_limit,
+            ));
+        }
         if self.skus.len() > 1 {
             out.push_str(&self.per_sku_table());
         }
@@ -574,10 +647,8 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         .pool_max_idle_per_host(options.connections)
         .timeout(Duration::from_secs(30))
         .build()?;
-    let url = reqwest::Url::parse(&format!(
-        "{}/v1/purchases",
-        options.gateway_url.trim_end_matches('/')
-    ))?;
+    let base = options.gateway_url.trim_end_matches('/').to_owned();
+    let url = reqwest::Url::parse(&format!("{base}/v1/purchases"))?;
     let run_id = &uuid::Uuid::now_v7().simple().to_string()[..12];
     let connections = Arc::new(Semaphore::new(options.connections.max(1)));
     let visits = visits(options, run_id)?;
@@ -624,7 +695,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             continue;
         }
         let (http, url, connections) = (http.clone(), url.clone(), connections.clone());
-        let (sku, offset) = (visit.sku, visit.offset);
+        let (sku, offset, quantity) = (visit.sku, visit.offset, visit.quantity);
         let purchase = Purchase {
             body: serde_json::json!({
                 "sku": options.skus[sku].sku.as_str(),
@@ -635,7 +706,19 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
             key: visit.key,
             authorization,
         };
-        let max_retries = options.max_retries;
+        let behaviour = options.behaviour;
+        let max_retries = if draw(i, RETRY_SALT) < behaviour.retry_share {
+            options.max_retries
+        } else {
+            0
+        };
+        let polls = draw(i, POLL_SALT) < behaviour.poll_share;
+        let again = (draw(i, TWICE_SALT) < behaviour.twice_share).then(|| Purchase {
+            key: purchase.key.as_ref().map(|k| format!("{k}-again")),
+            body: purchase.body.clone(),
+            authorization: purchase.authorization.clone(),
+        });
+        let (poll_url, poll_wait) = (base.clone(), options.settle_timeout);
         let counts = counts.clone();
         tasks.push(tokio::spawn(async move {
             let due = start + offset;
@@ -660,21 +743,43 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
                     (answer, _) => break answer,
                 }
             };
+            let (last_answer, answered_at) = (due.elapsed(), Instant::now());
             Counts::bump(&counts.answered);
             match answer {
                 Answer::Accepted { .. } => Counts::bump(&counts.accepted),
                 Answer::Error => {}
                 _ => Counts::bump(&counts.shed),
             }
+            let mut after = AfterAnswer {
+                gave_up: max_retries == 0
+                    && retries == 0
+                    && matches!(answer, Answer::RateLimited | Answer::Overloaded),
+                ..AfterAnswer::default()
+            };
+            if let Answer::Accepted { id, .. } = answer {
+                if let Some(again) = &again {
+                    let mut unused = None;
+                    let (second, _) =
+                        ask(&http, &url, &connections, again, due_unix_ms, &mut unused).await;
+                    after.second = Some(second);
+                }
+                if polls {
+                    let watched = watch(&http, &poll_url, id, poll_wait).await;
+                    after.polls = Some(watched.0);
+                    after.saw_terminal = watched.1.map(|_| due.elapsed());
+                }
+            }
             Buyer {
                 index: i,
                 sku,
+                quantity,
                 answer,
                 retries,
                 first_answer: first_answer.unwrap_or_default(),
-                last_answer: due.elapsed(),
-                answered_at: Instant::now(),
+                last_answer,
+                answered_at,
                 sent: sent.unwrap_or(due),
+                after,
             }
         }));
     }
@@ -686,6 +791,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         }
     }
     let mut crowd = Vec::with_capacity(tasks.len());
+    let mut seconds = std::collections::HashSet::new();
     let mut accepted = Vec::new();
     let mut last_answer = start;
     for task in tasks {
@@ -698,6 +804,12 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
         last_answer = last_answer.max(buyer.answered_at);
         if let Answer::Accepted { id, due_unix_ms } = buyer.answer {
             accepted.push((id, due_unix_ms));
+        }
+        // A second purchase settles and is audited like any, but is told
+        // apart: the crowd's figures are of first purchases.
+        if let Some(Answer::Accepted { id, due_unix_ms }) = buyer.after.second {
+            accepted.push((id, due_unix_ms));
+            seconds.insert(id);
         }
         crowd.push(buyer);
     }
@@ -719,7 +831,7 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     if let Some(showing) = showing {
         let _ = showing.await;
     }
-    for s in settled.values() {
+    for s in settled.values().filter(|s| !seconds.contains(&s.id)) {
         let second = timeline.at(s.decided_ms.saturating_sub(start_unix_ms) / 1000);
         second.decided += 1;
         second.confirmed += u64::from(s.state == PurchaseState::Confirmed);
@@ -763,7 +875,9 @@ pub async fn run(stores: &Stores, options: &SurgeOptions) -> anyhow::Result<Surg
     let all_sold = skus.iter().all(|s| s.sold_out_after_s.is_some());
     let duration_s = start.elapsed().as_secs_f64();
     let after_s = |unix_ms: u64| unix_ms.saturating_sub(start_unix_ms) as f64 / 1000.0;
+    let behaviour = behaviour_report(&crowd, &settled, options.per_user_limit);
     let mut surge = SurgeReport {
+        behaviour,
         buyers: total.buyers,
         accepted: total.accepted,
         shed: total.shed.clone(),
@@ -907,12 +1021,7 @@ impl Popularity {
         if self.cumulative.len() <= 1 || total <= 0.0 {
             return 0;
         }
-        // SplitMix64 of the index: a fixed, well-spread draw in [0, 1).
-        let mut z = buyer.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let draw = (z >> 11) as f64 / (1u64 << 53) as f64 * total;
+        let draw = draw(buyer, 0) * total;
         self.cumulative
             .partition_point(|c| *c <= draw)
             .min(self.cumulative.len() - 1)
@@ -1117,8 +1226,9 @@ impl Timeline {
 
 struct Buyer {
     index: u64,
-    /// Which of the surge's skus it asks for.
+    /// Which of the surge's skus it asks for, and how many units.
     sku: usize,
+    quantity: u32,
     answer: Answer,
     retries: u32,
     first_answer: Duration,
@@ -1126,6 +1236,117 @@ struct Buyer {
     answered_at: Instant,
     /// When their first request left (after waiting for a connection).
     sent: Instant,
+    after: AfterAnswer,
+}
+
+/// How the buyers with a behaviour fared, once their purchases settled.
+fn behaviour_report(
+    crowd: &[Buyer],
+    settled: &std::collections::HashMap<RequestId, Settled>,
+    per_user_limit: u64,
+) -> BehaviourReport {
+    let mut report = BehaviourReport::default();
+    let mut seen = histogram::new();
+    let state = |answer: &Answer| match answer {
+        Answer::Accepted { id, .. } => settled.get(id).map(|s| s.state),
+        _ => None,
+    };
+    let held = |s: Option<PurchaseState>| {
+        matches!(s, Some(PurchaseState::Confirmed | PurchaseState::Cancelled))
+    };
+    for buyer in crowd {
+        let after = &buyer.after;
+        report.gave_up += u64::from(after.gave_up);
+        if let Some(polls) = after.polls {
+            report.pollers += 1;
+            report.polls += u64::from(polls);
+        }
+        if let Some(at) = after.saw_terminal {
+            report.polls_saw_terminal += 1;
+            let _ = seen.record(micros(at));
+        }
+        let Some(second) = &after.second else {
+            continue;
+        };
+        report.second_tries += 1;
+        report.second_accepted += u64::from(matches!(second, Answer::Accepted { .. }));
+        report.second_got_a_unit += u64::from(held(state(second)));
+        let confirmed = [state(&buyer.answer), state(second)]
+            .iter()
+            .filter(|s| **s == Some(PurchaseState::Confirmed))
+            .count() as u64
+            * u64::from(buyer.quantity);
+        report.over_limit += u64::from(confirmed > per_user_limit);
+    }
+    report.poll_terminal_ms = latency(&seen);
+    report.poll_terminal_histogram = encode(&seen);
+    report
+}
+
+/// What a buyer with a behaviour did after its first purchase's answer.
+#[derive(Default)]
+struct AfterAnswer {
+    /// Refused with a `429` or `503` it did not retry.
+    gave_up: bool,
+    /// Its second purchase's answer.
+    second: Option<Answer>,
+    /// Long-polls sent while watching its purchase.
+    polls: Option<u32>,
+    /// When (from its intended send) a poll showed the purchase terminal.
+    saw_terminal: Option<Duration>,
+}
+
+const RETRY_SALT: u64 = 0x5EED_0001;
+const POLL_SALT: u64 = 0x5EED_0002;
+const TWICE_SALT: u64 = 0x5EED_0003;
+
+/// A buyer's fixed draw in [0, 1) for one question (`salt`): SplitMix64 of
+/// its index, so the same buyers behave the same way every run.
+fn draw(buyer: u64, salt: u64) -> f64 {
+    let mut z = buyer
+        .wrapping_add(1)
+        .wrapping_add(salt)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Long-polls a purchase until it is terminal or `wait` has passed, as a
+/// shop's page would: the polls sent, and the terminal state if seen.
+async fn watch(
+    http: &reqwest::Client,
+    base: &str,
+    id: RequestId,
+    wait: Duration,
+) -> (u32, Option<PurchaseState>) {
+    let deadline = Instant::now() + wait;
+    let url = format!("{base}/v1/purchases/{id}?wait=30");
+    let mut polls = 0;
+    while Instant::now() < deadline {
+        polls += 1;
+        let status = match http.get(&url).send().await {
+            Ok(response) if response.status().is_success() => {
+                response.json::<StatusBody>().await.ok().map(|b| b.status)
+            }
+            // Refused (a 429 for too many long-polls) or unreachable: a
+            // page asks again a moment later.
+            _ => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            }
+        };
+        if let Some(state) = status.filter(|s| s.is_terminal()) {
+            return (polls, Some(state));
+        }
+    }
+    (polls, None)
+}
+
+#[derive(Deserialize)]
+struct StatusBody {
+    status: PurchaseState,
 }
 
 fn micros(d: Duration) -> u64 {

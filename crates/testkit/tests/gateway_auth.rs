@@ -397,6 +397,7 @@ async fn a_surge_with_tokens_goes_through_the_token_check() {
         start_at_unix_ms: None,
         lag_from: None,
         progress: false,
+        behaviour: surge::Behaviour::default(),
     };
     let signer = TokenSigner {
         secret: SECRET.into(),

@@ -402,6 +402,76 @@ async fn a_recorded_surge_replayed_at_speed_one_arrives_along_the_same_curve() {
     assert!(worst <= 0.03, "the curves differ by {:.1}%", worst * 100.0);
 }
 
+/// Buyers who behave: behind a gateway that takes 300 purchases a second,
+/// half the buyers answered `503` retry and the others give up; half the
+/// accepted watch their purchase by long-poll until it ends; a third try
+/// to buy again. With a per-user limit of one and no declines, a second
+/// purchase is let in but never gets a unit, and nobody is confirmed two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn buyers_who_retry_give_up_watch_or_try_twice_are_each_counted() {
+    let p = Pipeline::start(PipelineOptions {
+        env: vec![
+            ("FLASHSALE_GATEWAY_MAX_RPS", "300".into()),
+            ("FLASHSALE_GATEWAY_BURST", "100".into()),
+        ],
+        ..Default::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let options = SurgeOptions {
+        buyers: 600,
+        max_retries: 3,
+        behaviour: surge::Behaviour {
+            retry_share: 0.5,
+            poll_share: 0.5,
+            twice_share: 0.3,
+        },
+        ..SurgeOptions::new(
+            p.gateway_url.clone(),
+            // More units than buyers: the rate, not the stock, refuses.
+            SkuPlan::only(p.sku("behave"), 1_000),
+            Arrival::Burst,
+        )
+    };
+    let report = surge::run(&p.stores, &options).await.expect("surge runs");
+    println!("{}", report.human());
+    let b = &report.behaviour;
+
+    assert!(report.passed(), "{report:?}");
+    assert!(report.retries > 0, "some buyers retried");
+    assert!(b.gave_up > 0, "some gave up");
+    assert!(
+        b.gave_up <= report.shed.overloaded + report.shed.rate_limited,
+        "{b:?}"
+    );
+    let want_pollers = report.accepted as f64 * 0.5;
+    assert!(
+        (b.pollers as f64 - want_pollers).abs() <= want_pollers * 0.5 + 3.0,
+        "{} of {} accepted watched",
+        b.pollers,
+        report.accepted
+    );
+    assert_eq!(b.polls_saw_terminal, b.pollers, "every watcher saw the end");
+    assert!(b.polls >= b.pollers);
+    assert!(b.second_tries > 0);
+    assert_eq!(b.second_got_a_unit, 0, "the per-user limit held");
+    assert_eq!(b.over_limit, 0);
+    let audit = p
+        .stores
+        .audit(&options.skus[0].sku, true)
+        .await
+        .expect("audit");
+    assert!(
+        b.second_accepted > 0,
+        "second purchases reached the shop-workers"
+    );
+    assert!(audit.ok(), "{:?}", audit.violations);
+    assert_eq!(
+        audit.sold, report.confirmed as i64,
+        "no second purchase sold"
+    );
+}
+
 /// 2,000 buyers at once for 50 units with 20% of payments declined, each
 /// asking once: no instant with more than 50 sold, every accepted purchase
 /// terminal, the three stores agree, and every unit sold.
@@ -430,6 +500,7 @@ async fn two_thousand_buyers_fifty_units_never_oversell() {
         start_at_unix_ms: None,
         lag_from: None,
         progress: false,
+        behaviour: surge::Behaviour::default(),
     };
 
     // Samples the counters while the crowd runs: each read of the stock
@@ -1062,6 +1133,7 @@ async fn workers_join_and_leave_while_the_sale_runs() {
         start_at_unix_ms: None,
         lag_from: None,
         progress: false,
+        behaviour: surge::Behaviour::default(),
     };
     let stores = p.stores.clone();
     let surge = tokio::spawn(async move { surge::run(&stores, &options).await });
