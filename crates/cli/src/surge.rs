@@ -14,7 +14,7 @@ use std::time::Duration;
 use flashsale_core::clock;
 use flashsale_core::ids::{RequestId, Sku};
 use flashsale_core::payment::StubBehaviour;
-use flashsale_core::status::PurchaseState;
+use flashsale_core::status::{PurchaseState, reason};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -229,9 +229,13 @@ pub struct Fairness {
     /// Of the first `stock` arrivals, how many got a unit.
     pub winners_among_first: u64,
     /// Pairs (earlier, later) where the later arrival got a unit and the
-    /// earlier one was refused or rejected without ever holding one.
+    /// earlier one was refused for lack of stock (answered `409 sold-out`,
+    /// or rejected `sold_out`), without ever holding one. A buyer refused
+    /// by a rate limit, their own per-user limit or a stale wait is not
+    /// passed over; one who declined payment held a unit.
     pub inversions: u64,
-    /// Buyers refused while someone who arrived after them got a unit.
+    /// Buyers refused for lack of stock while someone who arrived after
+    /// them got a unit.
     pub passed_over: u64,
 }
 
@@ -1050,7 +1054,7 @@ struct Tally {
     last_decided: u64,
     last_confirmed: u64,
     /// (first request sent, buyer index, got a unit) of every buyer.
-    fates: Vec<(Instant, u64, bool)>,
+    fates: Vec<(Instant, u64, Fate)>,
 }
 
 impl Tally {
@@ -1092,7 +1096,10 @@ impl Tally {
             Answer::Invalid => self.shed.invalid += 1,
             Answer::Error => self.errors += 1,
         }
-        let mut won = false;
+        let mut fate = match buyer.answer {
+            Answer::SoldOut => Fate::OutOfStock,
+            _ => Fate::Other,
+        };
         match (&buyer.answer, settled) {
             // A refusal they keep is their final answer.
             (Answer::Accepted { .. }, None) => self.unsettled += 1,
@@ -1112,13 +1119,18 @@ impl Tally {
                     PurchaseState::Confirmed => {
                         self.confirmed += 1;
                         self.last_confirmed = self.last_confirmed.max(settled.decided_ms);
-                        won = true;
+                        fate = Fate::Won;
                     }
                     PurchaseState::Cancelled => {
                         self.cancelled += 1;
-                        won = true;
+                        fate = Fate::Won;
                     }
-                    _ => self.rejected += 1,
+                    _ => {
+                        self.rejected += 1;
+                        if settled.reason.as_deref() == Some(reason::SOLD_OUT) {
+                            fate = Fate::OutOfStock;
+                        }
+                    }
                 }
                 if let Some(since) = settled.waiting_since_ms {
                     self.waited += 1;
@@ -1128,7 +1140,7 @@ impl Tally {
                 }
             }
         }
-        self.fates.push((buyer.sent, buyer.index, won));
+        self.fates.push((buyer.sent, buyer.index, fate));
     }
 
     fn histograms(&self) -> Histograms {
@@ -1152,7 +1164,7 @@ impl Tally {
     /// The sku's row of the report; `audit` is its audit at rest.
     fn report(mut self, sku: &Sku, stock: u64, audit: &crate::audit::Report) -> SkuReport {
         self.fates.sort_by_key(|(sent, index, _)| (*sent, *index));
-        let won: Vec<bool> = self.fates.iter().map(|(_, _, won)| *won).collect();
+        let fates: Vec<Fate> = self.fates.iter().map(|(_, _, fate)| *fate).collect();
         let after_s = |unix_ms: u64| unix_ms.saturating_sub(self.start_unix_ms) as f64 / 1000.0;
         SkuReport {
             sku: sku.to_string(),
@@ -1175,7 +1187,7 @@ impl Tally {
                 .then(|| after_s(self.last_confirmed)),
             all_decided_after_s: (self.unsettled == 0).then(|| after_s(self.last_decided)),
             line: self.line(),
-            fairness: fairness(&won, stock),
+            fairness: fairness(&fates, stock),
             histograms: self.histograms(),
         }
     }
@@ -1353,22 +1365,37 @@ fn micros(d: Duration) -> u64 {
     d.as_micros().max(1) as u64
 }
 
-/// `won[i]`: whether the i-th arrival got a unit.
-fn fairness(won: &[bool], stock: u64) -> Fairness {
+/// How a buyer's first purchase ended, for fairness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Held a unit: confirmed, or cancelled after a decline or an expiry.
+    Won,
+    /// Refused for lack of stock, never holding one.
+    OutOfStock,
+    /// Anything else: a rate limit, the per-user limit, a stale wait, an
+    /// error, not settled.
+    Other,
+}
+
+/// `fates[i]`: how the i-th arrival fared.
+fn fairness(fates: &[Fate], stock: u64) -> Fairness {
+    let won = |f: &&Fate| **f == Fate::Won;
     let mut report = Fairness {
-        winners: won.iter().filter(|w| **w).count() as u64,
-        winners_among_first: won.iter().take(stock as usize).filter(|w| **w).count() as u64,
+        winners: fates.iter().filter(won).count() as u64,
+        winners_among_first: fates.iter().take(stock as usize).filter(won).count() as u64,
         ..Fairness::default()
     };
-    // From the last arrival back: every buyer who got nothing is passed
-    // over by each winner who arrived after them.
+    // From the last arrival back: every buyer refused for lack of stock is
+    // passed over by each winner who arrived after them.
     let mut later_winners = 0u64;
-    for won in won.iter().rev() {
-        if *won {
-            later_winners += 1;
-        } else if later_winners > 0 {
-            report.inversions += later_winners;
-            report.passed_over += 1;
+    for fate in fates.iter().rev() {
+        match fate {
+            Fate::Won => later_winners += 1,
+            Fate::OutOfStock if later_winners > 0 => {
+                report.inversions += later_winners;
+                report.passed_over += 1;
+            }
+            _ => {}
         }
     }
     report
@@ -1378,6 +1405,7 @@ struct Settled {
     id: RequestId,
     due_unix_ms: u64,
     state: PurchaseState,
+    reason: Option<String>,
     decided_ms: u64,
     waiting_since_ms: Option<u64>,
 }
@@ -1406,6 +1434,7 @@ async fn settle(
                             id: *id,
                             due_unix_ms: *due,
                             state: s.status,
+                            reason: s.reason.clone(),
                             decided_ms: s.updated_at_ms,
                             waiting_since_ms: s.waiting_since_ms,
                         });
@@ -1450,19 +1479,21 @@ mod tests {
     }
 
     #[test]
-    fn fairness_counts_who_was_passed_over() {
-        // Arrivals in order: won, lost, won, lost, lost, won.
-        let report = fairness(&[true, false, true, false, false, true], 2);
+    fn fairness_counts_who_was_passed_over_for_lack_of_stock_only() {
+        use Fate::{Other, OutOfStock, Won};
+        // Arrivals in order: won, out of stock, won, out of stock, limited, won.
+        let report = fairness(&[Won, OutOfStock, Won, OutOfStock, Other, Won], 2);
         assert_eq!(
             report,
             Fairness {
                 winners: 3,
                 winners_among_first: 1,
-                // The 2nd is passed by the 3rd and 6th; the 4th and 5th by the 6th.
-                inversions: 4,
-                passed_over: 3,
+                // The 2nd is passed by the 3rd and 6th; the 4th by the
+                // 6th; the 5th was refused by a limit, not for stock.
+                inversions: 3,
+                passed_over: 2,
             }
         );
-        assert_eq!(fairness(&[true, true, false], 2).inversions, 0);
+        assert_eq!(fairness(&[Won, Won, OutOfStock], 2).inversions, 0);
     }
 }
