@@ -220,6 +220,10 @@ struct SurgeArgs {
     /// (Zipf; 0: evenly, 1: the first twice the second).
     #[arg(long, default_value_t = 1.0)]
     zipf: f64,
+    /// The skus from a file instead, one per line: `<sku> <stock>
+    /// <weight>` (the crowd spread in proportion to the weights).
+    #[arg(long, conflicts_with_all = ["skus", "replay"])]
+    skus_file: Option<PathBuf>,
     /// Distinct buyers, one purchase of one unit each (default 20000; with
     /// --stages, as many as the stages bring, at most this many).
     #[arg(long)]
@@ -669,7 +673,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?
                 }
-                None => surge_skus(&args.sku, &args.stock, args.skus, args.zipf)?,
+                None => match &args.skus_file {
+                    Some(path) => {
+                        let text = std::fs::read_to_string(path)
+                            .with_context(|| format!("reading {}", path.display()))?;
+                        SkuPlan::parse_file(&text)
+                            .map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))?
+                    }
+                    None => surge_skus(&args.sku, &args.stock, args.skus, args.zipf)?,
+                },
             };
             let stores = Stores::connect(&config).await?;
             let options = SurgeOptions {

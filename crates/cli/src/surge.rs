@@ -996,6 +996,42 @@ impl SkuPlan {
     }
 }
 
+impl SkuPlan {
+    /// A sale's skus from a file: one per line, `<sku> <stock> <weight>`
+    /// (the crowd's share is in proportion to the weight); blank lines and
+    /// `#` comments are skipped.
+    pub fn parse_file(text: &str) -> Result<Vec<Self>, String> {
+        let plans = text
+            .lines()
+            .enumerate()
+            .map(|(i, line)| (i + 1, line.split('#').next().unwrap_or_default().trim()))
+            .filter(|(_, line)| !line.is_empty())
+            .map(|(n, line)| {
+                let bad = |why: &str| format!("line {n} ({line:?}): {why}");
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let [sku, stock, weight] = fields.as_slice() else {
+                    return Err(bad("give `<sku> <stock> <weight>`"));
+                };
+                Ok(Self {
+                    sku: Sku::parse(sku).map_err(|e| bad(&e.to_string()))?,
+                    stock: stock
+                        .parse()
+                        .map_err(|_| bad("the stock is not a number of units"))?,
+                    weight: weight
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|w| w.is_finite() && *w >= 0.0)
+                        .ok_or_else(|| bad("the weight is not a number, 0 or more"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if plans.iter().all(|p| p.weight == 0.0) {
+            return Err("no sku has a weight above 0: the crowd would ask for none".into());
+        }
+        Ok(plans)
+    }
+}
+
 /// Zipf weights for `n` skus: the k-th most popular draws `1 / k^s` of
 /// the crowd (s = 0: all alike; s = 1: the first twice the second).
 pub fn zipf(n: usize, s: f64) -> Vec<f64> {
@@ -1476,6 +1512,25 @@ mod tests {
         );
         let one = Popularity::new([1.0].into_iter());
         assert!((0..100).all(|b| one.pick(b) == 0));
+    }
+
+    #[test]
+    fn skus_come_from_a_file_with_their_stock_and_weight() {
+        let plans =
+            SkuPlan::parse_file("# sale of the day\ntv 1000 5\n\nmug 50 1  # a small one\n")
+                .expect("valid");
+        assert_eq!(plans.len(), 2);
+        assert_eq!(
+            (plans[1].sku.as_str(), plans[1].stock, plans[1].weight),
+            ("mug", 50, 1.0)
+        );
+        assert!(
+            SkuPlan::parse_file("tv 1000")
+                .expect_err("no weight")
+                .contains("line 1")
+        );
+        assert!(SkuPlan::parse_file("tv lots 1").is_err());
+        assert!(SkuPlan::parse_file("tv 10 0").is_err(), "nobody would ask");
     }
 
     #[test]
