@@ -257,7 +257,7 @@ fn bars(title: &str, y: &str, values: &[(&str, u64)]) -> Result<String, PlotErro
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(
-                (0..values.len().max(1)).into_segmented(),
+                (0..values.len().saturating_sub(1)).into_segmented(),
                 0u64..top + top / 10 + 1,
             )
             .map_err(|e| fail(&e))?;
