@@ -255,6 +255,15 @@ impl Pipeline {
         start_shop_worker(&self.env, &self.shutdown).await
     }
 
+    /// Another shop-worker, with `overrides` on the pipeline's settings
+    /// (a store reached through a fault proxy, say).
+    pub async fn add_shop_worker_with(
+        &self,
+        overrides: &[(&str, String)],
+    ) -> anyhow::Result<Worker> {
+        start_shop_worker(&env_with_more(&self.env, overrides), &self.shutdown).await
+    }
+
     /// Another order-worker in this pipeline's consumer group.
     pub async fn add_order_worker(&self) -> anyhow::Result<Worker> {
         start_order_worker(&self.env, &self.shutdown).await

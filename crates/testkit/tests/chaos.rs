@@ -1,0 +1,110 @@
+//! Network faults between a worker and a store, through the fault proxy
+//! (`crates/fault-proxy`): the first tests of issue 18's campaign. Each
+//! puts the proxy between one service and one store, injects a fault for
+//! a while, heals it, and checks that nothing was lost.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failure here is the test's answer
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flashsale_fault_proxy::{Fault, FaultProxy};
+use flashsale_testkit::{Pipeline, PipelineOptions};
+
+/// Where the pipeline's Redis listens.
+fn redis_addr(p: &Pipeline) -> SocketAddr {
+    let url = p.cli.redis.url.clone();
+    let host_port = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    host_port.parse().expect("a host:port")
+}
+
+/// How long each fault lasts: the schedule of the round, not a wait for
+/// a condition.
+const FAULT: Duration = Duration::from_secs(3);
+
+/// The shop-worker reaches Redis through the proxy; purchases keep coming
+/// (the gateway reaches Redis directly) while its Redis traffic suffers
+/// each of `faults` for a few seconds, healed in between. Every purchase
+/// still ends once, the sale's books agree and the audit at rest is clean.
+async fn shop_worker_through_faulty_redis(faults: &[Fault]) {
+    let p = Pipeline::start(PipelineOptions {
+        shop_workers: 0,
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), redis_addr(&p))
+        .await
+        .unwrap();
+    let _shop = p
+        .add_shop_worker_with(&[(
+            "FLASHSALE_REDIS_URL",
+            format!("redis://{}", proxy.local_addr()),
+        )])
+        .await
+        .unwrap();
+    let sku = p.sku("chaos-redis");
+    p.create_sale(&sku, 40, 1).await.unwrap();
+    let buy = |round: String, n: usize| {
+        let (p, sku) = (&p, sku.clone());
+        async move {
+            let mut got = Vec::new();
+            for i in 0..n {
+                let user = format!("{}-{round}-{i}", p.prefix);
+                let (status, body) = p.buy(sku.as_str(), &user, Some(&user)).await;
+                assert_eq!(status, 202, "{body}");
+                got.push(body["request_id"].as_str().unwrap().to_owned());
+            }
+            got
+        }
+    };
+    let mut ids = buy("before".into(), 5).await;
+    for fault in faults {
+        proxy.set(*fault);
+        ids.extend(buy(format!("{fault:?}"), 5).await);
+        tokio::time::sleep(FAULT).await;
+        proxy.set(Fault::None);
+    }
+    ids.extend(buy("after".into(), 5).await);
+    for id in &ids {
+        let told = p.terminal(id).await;
+        assert!(told.status.is_terminal(), "{told:?}");
+    }
+    let by_status = p.money_adds_up(&sku).await;
+    assert_eq!(
+        by_status.values().sum::<usize>(),
+        ids.len(),
+        "{by_status:?}"
+    );
+    let audit = p.stores.audit(&sku, true).await.unwrap();
+    assert!(audit.ok(), "{:?}", audit.violations);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shop_worker_whose_redis_is_slow_or_black_holed_loses_nothing() {
+    shop_worker_through_faulty_redis(&[
+        Fault::Latency(Duration::from_millis(200)),
+        Fault::BlackHole,
+    ])
+    .await;
+}
+
+/// Found with the proxy: after its Redis connections are cut for 3 s and
+/// healed, the shop-worker never recovers: every reserve hangs until its
+/// 30 s deadline and is parked, again and again, though each Redis call
+/// should fail within its 5 s response timeout. Not yet diagnosed; the
+/// suspect is redis-rs's ConnectionManager after a reconnect that failed
+/// (redis-rs issue 1556, pull request 1717).
+/// Kept as the failing reproduction for issue 18; run it with
+/// `cargo test -p flashsale-testkit --test chaos -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "known defect (issue 18): a shop-worker does not recover from cut Redis connections"]
+async fn a_shop_worker_whose_redis_connections_are_cut_loses_nothing() {
+    shop_worker_through_faulty_redis(&[Fault::Cut]).await;
+}
