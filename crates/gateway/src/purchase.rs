@@ -73,11 +73,15 @@ async fn purchase(
     let rules = Rules {
         abandoned_after_ms: gateway.abandoned_after_ms,
     };
+    let flags = gateway.flags.get(&purchase.sku);
     let mut facts = Facts {
         now_ms: gateway.now_ms(),
-        flags: gateway.flags.get(&purchase.sku),
+        // Asked only where the decision reads it (a keyed purchase of a
+        // sku with flags), as before the split: it takes the copy's lock.
         may_be_admitted: purchase.keyed
+            && flags.is_some()
             && gateway.flags.may_be_admitted(&purchase.sku, purchase.id),
+        flags,
         ..Facts::default()
     };
     // Decided once before anything else is built for it (trace, span): in
