@@ -28,6 +28,9 @@ root="$(cd "$here/../.." && pwd)"
 state="${FLASHSALE_STATE_DIR:-$root/.flashsale/demo}"
 tools="${FLASHSALE_TOOLS_DIR:-$root/.flashsale/tools}"
 kafka_port="${FLASHSALE_KAFKA_PORT:-19092}"
+# The port the broker names in its metadata, where clients then connect:
+# another one only when a proxy stands in front of the broker (scripts/chaos).
+kafka_advertised_port="${FLASHSALE_KAFKA_ADVERTISED_PORT:-$kafka_port}"
 redis_port="${FLASHSALE_REDIS_PORT:-16379}"
 ddb_port="${FLASHSALE_DYNAMODB_PORT:-18000}"
 trim_records="${FLASHSALE_KAFKA_TRIM_RECORDS:-100000}"
@@ -60,7 +63,7 @@ start_kafka() {
   log_size >"$state/kafka.log-start"
   # The sqlite path is relative to the working directory, the state dir.
   start_one kafka "$kafka_port" tansu broker --listener-url "tcp://127.0.0.1:$kafka_port" \
-    --advertised-listener-url "tcp://127.0.0.1:$kafka_port" --storage-engine "sqlite://./kafka.db"
+    --advertised-listener-url "tcp://127.0.0.1:$kafka_advertised_port" --storage-engine "sqlite://./kafka.db"
   wait_for kafka 30 port_open "$kafka_port"
   # A new database: tansu made its schema before it listened, and no client
   # has connected yet, so the (empty) index is made before any record.

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use flashsale_core::dynamo::inventory::{InventoryStore, Sale};
 use flashsale_core::dynamo::orders::{Order, OrderStatus, OrderStore};
@@ -33,6 +33,49 @@ pub struct Report {
     pub cancelled_orders: usize,
     pub open_orders: usize,
     pub violations: Vec<String>,
+    /// What each violation breaks, in the same order.
+    pub breaches: Vec<Breach>,
+}
+
+/// Which promise a violation breaks, for reports that count them by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Breach {
+    /// More units sold than the sale had.
+    Oversold,
+    /// A purchase charged more than once.
+    DoubleCharged,
+    /// A charge kept on an order that is not confirmed.
+    Unrefunded,
+    /// A confirmed order without its charge, or with it refunded.
+    WrongMoney,
+    /// Units still reserved, or an order half-way, at rest.
+    Unsettled,
+    /// The stores disagree on the books (totals, sold counts, sale ids).
+    Books,
+}
+
+impl Breach {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Oversold => "oversold",
+            Self::DoubleCharged => "double-charged",
+            Self::Unrefunded => "unrefunded",
+            Self::WrongMoney => "wrong-money",
+            Self::Unsettled => "unsettled",
+            Self::Books => "books",
+        }
+    }
+}
+
+/// The violations found so far, each with the promise it breaks.
+#[derive(Default)]
+struct Found(Vec<(Breach, String)>);
+
+impl Found {
+    fn push(&mut self, breach: Breach, text: String) {
+        self.0.push((breach, text));
+    }
 }
 
 impl Report {
@@ -69,7 +112,7 @@ pub fn all_clean(reports: &[Report]) -> bool {
 /// Checks every invariant. `at_rest` adds the ones that hold only once the
 /// sale has settled: nothing reserved, no order half-way.
 pub fn check(evidence: &Evidence, at_rest: bool) -> Report {
-    let mut v = Vec::new();
+    let mut v = Found::default();
     let sku = evidence.sku.as_str();
     let zero = StockLevels {
         sale_id: String::new(),
@@ -87,7 +130,7 @@ pub fn check(evidence: &Evidence, at_rest: bool) -> Report {
             .filter(|o| o.status == status)
             .count()
     };
-    let report = |violations| Report {
+    let report = |found: Found| Report {
         sku: sku.to_owned(),
         total: redis.total,
         available: redis.available,
@@ -96,23 +139,30 @@ pub fn check(evidence: &Evidence, at_rest: bool) -> Report {
         confirmed_orders: count(OrderStatus::Confirmed),
         cancelled_orders: count(OrderStatus::Cancelled),
         open_orders: count(OrderStatus::Pending),
-        violations,
+        violations: found.0.iter().map(|(_, text)| text.clone()).collect(),
+        breaches: found.0.iter().map(|(breach, _)| *breach).collect(),
     };
     let (Some(_), Some(sale)) = (&evidence.redis, &evidence.sale) else {
         if evidence.redis.is_none() {
-            v.push(format!("{sku}: no stock in Redis"));
+            v.push(Breach::Books, format!("{sku}: no stock in Redis"));
         }
         if evidence.sale.is_none() {
-            v.push(format!("{sku}: no sale in the DynamoDB inventory table"));
+            v.push(
+                Breach::Books,
+                format!("{sku}: no sale in the DynamoDB inventory table"),
+            );
         }
         return report(v);
     };
 
     if redis.sale_id != sale.rules.sale_id {
-        v.push(format!(
-            "{sku}: Redis holds sale {} but DynamoDB holds sale {}",
-            redis.sale_id, sale.rules.sale_id
-        ));
+        v.push(
+            Breach::Books,
+            format!(
+                "{sku}: Redis holds sale {} but DynamoDB holds sale {}",
+                redis.sale_id, sale.rules.sale_id
+            ),
+        );
     }
     for (name, value) in [
         ("available", redis.available),
@@ -120,26 +170,38 @@ pub fn check(evidence: &Evidence, at_rest: bool) -> Report {
         ("sold", redis.sold),
     ] {
         if value < 0 {
-            v.push(format!("{sku}: Redis {name} is negative ({value})"));
+            v.push(
+                Breach::Books,
+                format!("{sku}: Redis {name} is negative ({value})"),
+            );
         }
     }
     if redis.available + redis.reserved + redis.sold != redis.total {
-        v.push(format!(
-            "{sku}: available {} + reserved {} + sold {} != total {} in Redis",
-            redis.available, redis.reserved, redis.sold, redis.total
-        ));
+        v.push(
+            Breach::Books,
+            format!(
+                "{sku}: available {} + reserved {} + sold {} != total {} in Redis",
+                redis.available, redis.reserved, redis.sold, redis.total
+            ),
+        );
     }
     if redis.total != sale.rules.total as i64 {
-        v.push(format!(
-            "{sku}: total is {} in Redis but {} in DynamoDB",
-            redis.total, sale.rules.total
-        ));
+        v.push(
+            Breach::Books,
+            format!(
+                "{sku}: total is {} in Redis but {} in DynamoDB",
+                redis.total, sale.rules.total
+            ),
+        );
     }
     if redis.sold > redis.total || sale.sold > sale.rules.total {
-        v.push(format!(
-            "{sku}: OVERSOLD: sold {} (Redis) / {} (DynamoDB) of {}",
-            redis.sold, sale.sold, sale.rules.total
-        ));
+        v.push(
+            Breach::Oversold,
+            format!(
+                "{sku}: OVERSOLD: sold {} (Redis) / {} (DynamoDB) of {}",
+                redis.sold, sale.sold, sale.rules.total
+            ),
+        );
     }
     let confirmed_units: u64 = evidence
         .orders
@@ -148,34 +210,37 @@ pub fn check(evidence: &Evidence, at_rest: bool) -> Report {
         .map(|o| u64::from(o.quantity.get()))
         .sum();
     if !(redis.sold as u64 == sale.sold && sale.sold == confirmed_units) {
-        v.push(format!(
-            "{sku}: sold differs: Redis {}, DynamoDB inventory {}, confirmed orders {}",
-            redis.sold, sale.sold, confirmed_units
-        ));
+        v.push(
+            Breach::Books,
+            format!(
+                "{sku}: sold differs: Redis {}, DynamoDB inventory {}, confirmed orders {}",
+                redis.sold, sale.sold, confirmed_units
+            ),
+        );
     }
 
     check_charges(evidence, &mut v);
 
     if at_rest {
         if redis.reserved != 0 {
-            v.push(format!(
-                "{sku}: {} units still reserved at rest",
-                redis.reserved
-            ));
+            v.push(
+                Breach::Unsettled,
+                format!("{sku}: {} units still reserved at rest", redis.reserved),
+            );
         }
         for order in &evidence.orders {
             if !order.status.is_terminal() {
-                v.push(format!(
-                    "order {}: still {} at rest",
-                    order.order_id, order.status
-                ));
+                v.push(
+                    Breach::Unsettled,
+                    format!("order {}: still {} at rest", order.order_id, order.status),
+                );
             }
         }
     }
     report(v)
 }
 
-fn check_charges(evidence: &Evidence, v: &mut Vec<String>) {
+fn check_charges(evidence: &Evidence, v: &mut Found) {
     let orders: HashMap<String, &Order> = evidence
         .orders
         .iter()
@@ -192,23 +257,29 @@ fn check_charges(evidence: &Evidence, v: &mut Vec<String>) {
     }
     for (order_id, charges) in &successful {
         if charges.len() > 1 {
-            v.push(format!("order {order_id}: charged {} times", charges.len()));
+            v.push(
+                Breach::DoubleCharged,
+                format!("order {order_id}: charged {} times", charges.len()),
+            );
         }
         for charge in charges {
             let confirmed_here = orders.get(*order_id).is_some_and(|o| {
                 o.status == OrderStatus::Confirmed && o.payment_id.as_deref() == Some(&charge.id)
             });
             if !confirmed_here && !charge.refunded {
-                v.push(format!(
+                v.push(Breach::Unrefunded, format!(
                     "charge {} of order {order_id}: taken but the order is not confirmed, and not refunded",
                     charge.id
                 ));
             }
             if confirmed_here && charge.refunded {
-                v.push(format!(
-                    "charge {} of order {order_id}: refunded although the order is confirmed",
-                    charge.id
-                ));
+                v.push(
+                    Breach::WrongMoney,
+                    format!(
+                        "charge {} of order {order_id}: refunded although the order is confirmed",
+                        charge.id
+                    ),
+                );
             }
         }
     }
@@ -223,10 +294,13 @@ fn check_charges(evidence: &Evidence, v: &mut Vec<String>) {
                 .any(|c| !c.refunded && c.amount_cents == order.amount_cents)
         });
         if !paid {
-            v.push(format!(
-                "order {id}: confirmed without a successful charge of {} cents",
-                order.amount_cents
-            ));
+            v.push(
+                Breach::WrongMoney,
+                format!(
+                    "order {id}: confirmed without a successful charge of {} cents",
+                    order.amount_cents
+                ),
+            );
         }
     }
 }

@@ -161,8 +161,15 @@ where
         return Ok(());
     }
     init_tracing();
-    let config = config(&crate::service::settings::Env::process())?;
+    let env = crate::service::settings::Env::process();
+    let config = config(&env)?;
     tracing::info!(?config, "starting {name}");
+    // `FLASHSALE_CLOCK_OFFSET_MS`: a skewed clock, for fault campaigns.
+    let offset_ms: i64 = env.get("CLOCK_OFFSET_MS", 0)?;
+    if offset_ms != 0 {
+        tracing::warn!(offset_ms, "this process's clock is skewed");
+        crate::clock::skew(offset_ms);
+    }
     run(config, shutdown_on_signal()).await
 }
 
