@@ -54,8 +54,11 @@ pub struct Accepted {
 pub struct CrowdOutcome {
     pub buyers: u64,
     pub accepted: Vec<Accepted>,
-    /// Buyers refused for good (sold out, not active: a `409`).
+    /// Buyers refused for good (sold out, not active: a `409` without a
+    /// `Retry-After`).
     pub refused: u64,
+    /// Those buyers, and the refusal each was given (its problem type).
+    pub refused_buyers: Vec<(String, String)>,
     /// Buyers who gave up (no answer but `429`, `503` or none in time).
     pub gave_up: u64,
     /// Answers that are the pipeline's fault, not the buyer's: any `5xx`
@@ -68,7 +71,8 @@ pub struct CrowdOutcome {
 
 enum Answer {
     Accepted(Accepted),
-    Refused,
+    /// The buyer, and the problem's type.
+    Refused(String, String),
     GaveUp,
     Wrong(String),
 }
@@ -106,7 +110,10 @@ pub async fn run(
                 outcome.retries += retries;
                 match answer {
                     Answer::Accepted(a) => outcome.accepted.push(a),
-                    Answer::Refused => outcome.refused += 1,
+                    Answer::Refused(user, kind) => {
+                        outcome.refused += 1;
+                        outcome.refused_buyers.push((user, kind));
+                    }
                     Answer::GaveUp => outcome.gave_up += 1,
                     Answer::Wrong(w) => outcome.wrong_answers.push(w),
                 }
@@ -169,8 +176,17 @@ async fn buyer(
                             ),
                         };
                     }
-                    409 => return (Answer::Refused, retries),
-                    429 | 503 => {
+                    // A 409 with a Retry-After (`request-in-progress`: this
+                    // key's purchase is being queued) is read again; without
+                    // one (sold out, not active) it is final.
+                    409 if retry_after.is_none() => {
+                        let kind = serde_json::from_str::<serde_json::Value>(&text)
+                            .ok()
+                            .and_then(|v| v["type"].as_str().map(str::to_owned))
+                            .unwrap_or_else(|| "409".to_owned());
+                        return (Answer::Refused(user.to_owned(), kind), retries);
+                    }
+                    409 | 429 | 503 => {
                         Duration::from_secs(retry_after.unwrap_or(1)).min(Duration::from_secs(2))
                     }
                     other => {

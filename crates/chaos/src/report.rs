@@ -32,6 +32,10 @@ pub struct KindRow {
     pub recovery_max_s: Option<f64>,
     /// Rounds that did not recover within their settle time.
     pub not_recovered: u64,
+    /// Units left unsold at rest though buyers had been refused, over the
+    /// kind's rounds (measured, not a violation: see `RoundResult`).
+    #[serde(default)]
+    pub unsold_after_refusals: u64,
 }
 
 impl KindRow {
@@ -73,6 +77,7 @@ pub fn summarize(rounds: &[RoundResult]) -> Vec<KindRow> {
                     .copied(),
                 recovery_max_s: recoveries.last().copied(),
                 not_recovered: of_kind.iter().filter(|r| r.recovery_s.is_none()).count() as u64,
+                unsold_after_refusals: of_kind.iter().map(|r| r.unsold_after_refusals).sum(),
             })
         })
         .collect()
@@ -141,17 +146,21 @@ impl Campaign {
                 line.push_str(&format!(" {:>w$}", cell(row, column), w = width));
             }
             line.push_str(&format!(
-                " {:>9} {:>9}\n",
+                " {:>9} {:>9} {:>7}\n",
                 seconds(row.recovery_p50_s),
                 if row.not_recovered > 0 {
                     format!("{} never", row.not_recovered)
                 } else {
                     seconds(row.recovery_max_s)
-                }
+                },
+                row.unsold_after_refusals
             ));
             out.push_str(&line);
         }
         let failed: Vec<&RoundResult> = self.rounds.iter().filter(|r| !r.passed()).collect();
+        out.push_str(
+            "* units left unsold at rest though buyers had been refused (measured, not a violation)\n",
+        );
         out.push_str(&format!(
             "\n{} rounds, {} failed, seed {}, {:.0} s; replay with: {}\n",
             self.rounds.len(),
@@ -240,8 +249,9 @@ pub fn html(campaign: &Campaign) -> String {
              <td class=\"bar\"><svg width=\"240\" height=\"14\" role=\"img\" aria-label=\"recovery\">\
              <rect x=\"0\" y=\"2\" width=\"{wmax:.1}\" height=\"10\" fill=\"#c6dbef\"/>\
              <rect x=\"0\" y=\"2\" width=\"{wp50:.1}\" height=\"10\" fill=\"#3182bd\"/></svg> \
-             {p50} / {maxs}{never}</td></tr>\n",
+             {p50} / {maxs}{never}</td><td>{unsold}</td></tr>\n",
             kind = row.kind,
+            unsold = row.unsold_after_refusals,
             rounds = row.rounds,
             accepted = row.accepted,
             wmax = 240.0 * max / longest,
@@ -284,9 +294,11 @@ pub fn html(campaign: &Campaign) -> String {
          </head><body>\n<h1>Chaos campaign</h1>\n\
          <p>{n} rounds in {secs:.0} s, seed {seed}. Replay: <code>{replay}</code></p>\n{verdict}\n\
          <table id=\"summary\"><thead><tr><th>fault</th><th>rounds</th><th>accepted</th>{headers}\
-         <th>recovery p50 / max</th></tr></thead><tbody>\n{rows}</tbody></table>\n\
+         <th>recovery p50 / max</th><th>unsold*</th></tr></thead><tbody>\n{rows}</tbody></table>\n\
          <p>Recovery: from the fault's heal until every accepted purchase is terminal, \
-         the consumer groups have no lag and no unit is reserved.</p>\n{failures}</body></html>\n",
+         the consumer groups have no lag and no unit is reserved. \
+         Unsold*: units left unsold at rest though buyers had been refused \
+         (measured, not a violation).</p>\n{failures}</body></html>\n",
         seed = campaign.seed,
         n = campaign.rounds.len(),
         secs = campaign.duration_s,
