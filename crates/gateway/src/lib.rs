@@ -38,7 +38,7 @@ use flashsale_core::service::settings::{
     DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
 };
 pub use flashsale_core::service::start::StartError;
-use flashsale_core::service::start::bind;
+use flashsale_core::service::start::{bind, wait_for};
 use flashsale_core::status::board::StatusBoard;
 use flashsale_core::stock::{self, StockStore};
 use tokio::sync::Semaphore;
@@ -207,8 +207,11 @@ pub async fn app(config: &Config, shutdown: CancellationToken) -> Result<axum::R
     // First: a key that cannot be used stops the start before any connection.
     let auth = auth::Authenticator::from_settings(&config.auth)
         .map_err(|e| StartError::Setup(format!("buyers' tokens: {e}")))?;
-    kafka::ensure_topics(&config.kafka).await?;
-    let conn = stock::connect(&config.redis).await?;
+    wait_for("the topics", &shutdown, || {
+        kafka::ensure_topics(&config.kafka)
+    })
+    .await?;
+    let conn = wait_for("Redis", &shutdown, || stock::connect(&config.redis)).await?;
     let registry = prometheus::Registry::new();
     let purchase_topic = config.kafka.topic(topic::PURCHASE_REQUESTS);
     let metrics = metrics::Metrics::register(&registry)?;

@@ -26,7 +26,7 @@ use flashsale_core::service::retry::Stop;
 use flashsale_core::service::settings::{
     self, DynamoSettings, Env, KafkaSettings, RedisSettings, SettingError,
 };
-use flashsale_core::service::start::StartError;
+use flashsale_core::service::start::{StartError, wait_for};
 use flashsale_core::service::worker::{self, RunningWorker, WorkerParts};
 use flashsale_core::status::board::StatusBoard;
 use flashsale_core::stock::herald::Herald;
@@ -242,11 +242,17 @@ pub async fn start(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<RunningWorker, StartError> {
-    kafka::ensure_topics(&config.kafka).await?;
+    wait_for("the topics", &shutdown, || {
+        kafka::ensure_topics(&config.kafka)
+    })
+    .await?;
     let client = dynamo::client(&config.dynamo).await;
     let tables = Tables::new(&config.dynamo);
-    dynamo::ensure_tables(&client, &tables).await?;
-    let conn = stock::connect(&config.redis).await?;
+    wait_for("the tables", &shutdown, || {
+        dynamo::ensure_tables(&client, &tables)
+    })
+    .await?;
+    let conn = wait_for("Redis", &shutdown, || stock::connect(&config.redis)).await?;
     let registry = Registry::new();
     let metrics = Metrics::register(&registry)?;
     let stock = StockStore::new(conn.clone(), &config.redis);

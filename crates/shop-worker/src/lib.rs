@@ -17,7 +17,7 @@ use flashsale_core::bus::consumer_health::ConsumerHealth;
 use flashsale_core::bus::kafka::{self, topic};
 use flashsale_core::service::metrics::Registrar;
 use flashsale_core::service::settings::{Env, KafkaSettings, RedisSettings, SettingError};
-use flashsale_core::service::start::StartError;
+use flashsale_core::service::start::{StartError, wait_for};
 use flashsale_core::service::worker::{self, RunningWorker, WorkerParts};
 use flashsale_core::status::board::StatusBoard;
 use flashsale_core::stock::herald::Herald;
@@ -167,8 +167,11 @@ pub async fn start(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<RunningWorker, StartError> {
-    kafka::ensure_topics(&config.kafka).await?;
-    let conn = stock::connect(&config.redis).await?;
+    wait_for("the topics", &shutdown, || {
+        kafka::ensure_topics(&config.kafka)
+    })
+    .await?;
+    let conn = wait_for("Redis", &shutdown, || stock::connect(&config.redis)).await?;
     let producer = Arc::new(kafka::RenewableProducer::new(&config.kafka)?);
     let registry = Registry::new();
     let metrics = Metrics::register(&registry)?;

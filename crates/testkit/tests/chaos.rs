@@ -154,3 +154,41 @@ async fn a_redis_connection_answers_again_soon_after_a_cut_heals() {
     })
     .await;
 }
+
+/// Found by the chaos campaign (a round that killed the broker and an
+/// order-worker together): a worker started while the broker is down
+/// exited at once ("Kafka is unreachable"), leaving its restart to a
+/// supervisor. It now waits, not ready, until the broker answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_started_while_the_broker_is_down_waits_for_it() {
+    use flashsale_testkit::{OwnKafka, env_with};
+    let kafka = OwnKafka::start("start-down").await.unwrap();
+    kafka.stack(&["stop"]).await.unwrap();
+    let env = env_with(&[
+        ("FLASHSALE_KAFKA_BOOTSTRAP", kafka.bootstrap()),
+        ("FLASHSALE_SHOP_METRICS_ADDR", "127.0.0.1:0".into()),
+        (
+            "FLASHSALE_TOPIC_PREFIX",
+            format!("start-down-{}.", std::process::id()),
+        ),
+    ]);
+    let config = flashsale_shop_worker::Config::from_env(&env).unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let starting = tokio::spawn(flashsale_shop_worker::start(config, shutdown.clone()));
+    // The broker stays down this long, longer than one metadata request
+    // may wait (10 s): the schedule of the fault.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        !starting.is_finished(),
+        "the start gave up while the broker was down: {:?}",
+        starting.await.map(|r| r.map(|_| ()))
+    );
+    kafka.stack(&["start", "kafka"]).await.unwrap();
+    let started = tokio::time::timeout(Duration::from_secs(60), starting)
+        .await
+        .expect("started within a minute of the broker's return")
+        .unwrap()
+        .expect("started");
+    shutdown.cancel();
+    let _ = started.task.await;
+}
