@@ -40,6 +40,9 @@ pub struct CampaignOptions {
     pub settle_within: Duration,
     /// The command line that replays the campaign, for the report.
     pub replay: String,
+    /// Run only this round of the campaign (its own schedule, as in the
+    /// whole campaign): a failed round replayed alone.
+    pub only_round: Option<u64>,
 }
 
 /// The plan of round `index`: its sku, named by the seed and the round
@@ -74,7 +77,11 @@ pub async fn run(
     // sales of the run it replays.
     let run_id = format!("{:x}", flashsale_core::clock::now_ms() % 0xFFFFFF);
     let mut rounds = Vec::new();
-    for index in 0..options.rounds {
+    let indices = match options.only_round {
+        Some(index) => index..index + 1,
+        None => 0..options.rounds,
+    };
+    for index in indices {
         let plan = plan_round(options, index, &run_id);
         let result = match round::run(world, plan.clone()).await {
             Ok(result) => result,

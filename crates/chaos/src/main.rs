@@ -61,6 +61,10 @@ struct Cli {
     /// How long after the last heal a round must have settled.
     #[arg(long, default_value_t = 90.0)]
     settle_secs: f64,
+    /// Run only round N of the campaign these options describe (a failed
+    /// round replayed alone, with the schedule it had).
+    #[arg(long, value_name = "N")]
+    round: Option<u64>,
     /// Write the campaign as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -136,6 +140,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         crowd,
         settle_within: Duration::from_secs_f64(cli.settle_secs),
         replay,
+        only_round: cli.round,
     };
     eprintln!("chaos: seed {seed}, {rounds} rounds; starting the services");
     let world = World::start(WorldConfig::from_env(&Env::process())?).await?;

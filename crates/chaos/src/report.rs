@@ -179,8 +179,8 @@ impl Campaign {
 /// A failed round: its seed, its schedule, its violations, its logs.
 pub fn round_failure(round: &RoundResult) -> String {
     let mut out = format!(
-        "\nround {} FAILED (seed {}, sku {}):\n",
-        round.plan.index, round.plan.seed, round.plan.sku
+        "\nround {} FAILED (seed {}, sku {}; alone: add --round {}):\n",
+        round.plan.index, round.plan.seed, round.plan.sku, round.plan.index
     );
     for fault in &round.plan.faults {
         out.push_str(&format!("  fault: {}\n", fault.describe()));

@@ -27,6 +27,7 @@ fn options(kinds: Vec<FaultKind>) -> CampaignOptions {
         },
         settle_within: Duration::from_secs(30),
         replay: "scripts/chaos --short --seed 5".into(),
+        only_round: None,
     }
 }
 

@@ -744,6 +744,51 @@ async fn void_then_retry(backend: Backend) {
     assert_eq!(f.levels().await.reserved, 1);
 }
 
+/// Found by the chaos campaign (seed 7, rounds 43 and 51: buyers told
+/// "sold out" whose purchase was confirmed and charged): a retry whose
+/// produce failed too is voided a second time, and its record, arriving
+/// later, must not be processed either. The void's time is the last one.
+async fn voided_twice(backend: Backend) {
+    let f = Fixture::new(backend, "void2", rules(5, 1, 10_000)).await;
+    let id = f.request("twice", 1);
+    assert_eq!(
+        f.store.void(&f.sku, id.request_id, 2_000).await.unwrap(),
+        None
+    );
+    // The retry, accepted after the first void, failed as well.
+    assert_eq!(
+        f.store.void(&f.sku, id.request_id, 3_000).await.unwrap(),
+        None
+    );
+    let mut retry = id.clone();
+    retry.accepted_at_ms = 2_500;
+    let answered = f
+        .store
+        .reserve(&retry, 3_100, MAX_AGE)
+        .await
+        .unwrap()
+        .outcome;
+    assert_eq!(
+        answered,
+        ReserveOutcome::Voided,
+        "the retry's buyer was told it failed"
+    );
+    assert_eq!(f.levels().await.available, 5, "nothing reserved for it");
+    // A third try, accepted after the second void, is processed.
+    let mut third = id.clone();
+    third.accepted_at_ms = 3_500;
+    let answered = f
+        .store
+        .reserve(&third, 3_600, MAX_AGE)
+        .await
+        .unwrap()
+        .outcome;
+    assert!(
+        matches!(answered, ReserveOutcome::Reserved { .. }),
+        "{answered:?}"
+    );
+}
+
 async fn one_user_hundred_requests(backend: Backend) {
     let f = Arc::new(Fixture::new(backend, "limit", rules(50, 1, 60_000)).await);
     let mut calls = Vec::new();
@@ -1333,6 +1378,7 @@ on_both! {
     a_reservation_racing_expire_and_release_is_released_once => expire_and_release_race;
     a_commit_racing_a_withdrawal_decides_the_purchase_once => commit_and_withdraw_race;
     a_voided_purchase_is_not_processed_but_its_retry_is => void_then_retry;
+    a_retry_voided_again_is_not_processed_either => voided_twice;
     one_user_with_a_limit_of_one_gets_exactly_one_of_a_hundred => one_user_hundred_requests;
     the_line_follows_the_stock_and_gives_units_back_to_its_head => admission_line;
     early_buyers_are_drawn_and_silent_ones_leave_the_line => early_draw_and_patience;

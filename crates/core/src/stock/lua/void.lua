@@ -3,7 +3,8 @@
 -- never processed later: unless a shop-worker already answered it, its
 -- processed marker is set to ["voided", now], which reserve.lua answers
 -- without reserving for any record of it accepted before then. A retry
--- with the same Idempotency-Key is accepted later, so it is processed.
+-- with the same Idempotency-Key is accepted later, so it is processed
+-- (unless it is voided in its turn: the marker then takes the later time).
 -- Its place among the admitted is given back.
 --
 -- KEYS[1] stock hash   KEYS[2] the request's processed marker
@@ -24,6 +25,12 @@ if redis.call('SET', KEYS[2], voided, 'NX', 'PX', ARGV[3]) then
 end
 local answer = redis.call('GET', KEYS[2])
 if string.sub(answer, 1, 10) == '["voided",' then
+  -- Voided before, and a retry (accepted after that void) failed too:
+  -- the marker takes the later time, or the retry's record, arriving
+  -- late, would be processed although its buyer was told it failed.
+  if tonumber(ARGV[2]) > tonumber(cjson.decode(answer)[2]) then
+    redis.call('SET', KEYS[2], voided, 'PX', ARGV[3])
+  end
   return {'voided'}
 end
 return {'processed', answer}
