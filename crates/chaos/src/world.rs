@@ -57,14 +57,14 @@ impl WorldConfig {
             .ok()
             .and_then(|exe| exe.parent().map(Path::to_path_buf))
             .unwrap_or_else(|| PathBuf::from("target/release"));
-        let kafka_port = env.get("KAFKA_PORT", 39092)?;
+        let kafka_port = env.get("KAFKA_PORT", 24092)?;
         Ok(Self {
             state_dir: PathBuf::from(env.string("STATE_DIR", ".flashsale/chaos")),
             kafka_port,
-            redis_port: env.get("REDIS_PORT", 36379)?,
-            dynamodb_port: env.get("DYNAMODB_PORT", 38000)?,
+            redis_port: env.get("REDIS_PORT", 24379)?,
+            dynamodb_port: env.get("DYNAMODB_PORT", 24000)?,
             kafka_advertised_port: env.get("KAFKA_ADVERTISED_PORT", kafka_port)?,
-            base_port: env.get("CHAOS_PORT", 38100)?,
+            base_port: env.get("CHAOS_PORT", 24100)?,
             bin_dir: PathBuf::from(env.string("CHAOS_BIN_DIR", &here.to_string_lossy())),
             stack_script: PathBuf::from(env.string("CHAOS_STACK", "infra/local/stack.sh")),
         })

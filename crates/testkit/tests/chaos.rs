@@ -23,15 +23,9 @@ fn redis_addr(p: &Pipeline) -> SocketAddr {
     host_port.parse().expect("a host:port")
 }
 
-/// How long each fault lasts: the schedule of the round, not a wait for
-/// a condition.
-const FAULT: Duration = Duration::from_secs(3);
-
-/// The shop-worker reaches Redis through the proxy; purchases keep coming
-/// (the gateway reaches Redis directly) while its Redis traffic suffers
-/// each of `faults` for a few seconds, healed in between. Every purchase
-/// still ends once, the sale's books agree and the audit at rest is clean.
-async fn shop_worker_through_faulty_redis(faults: &[Fault]) {
+/// A pipeline without a shop-worker yet, and a fault proxy in front of
+/// its Redis for the services a test starts behind it.
+async fn pipeline_and_redis_proxy() -> (Pipeline, FaultProxy) {
     let p = Pipeline::start(PipelineOptions {
         shop_workers: 0,
         ..PipelineOptions::default()
@@ -41,6 +35,19 @@ async fn shop_worker_through_faulty_redis(faults: &[Fault]) {
     let proxy = FaultProxy::start("127.0.0.1:0".parse().unwrap(), redis_addr(&p))
         .await
         .unwrap();
+    (p, proxy)
+}
+
+/// How long each fault lasts: the schedule of the round, not a wait for
+/// a condition.
+const FAULT: Duration = Duration::from_secs(3);
+
+/// The shop-worker reaches Redis through the proxy; purchases keep coming
+/// (the gateway reaches Redis directly) while its Redis traffic suffers
+/// each of `faults` for a few seconds, healed in between. Every purchase
+/// still ends once, the sale's books agree and the audit at rest is clean.
+async fn shop_worker_through_faulty_redis(faults: &[Fault]) {
+    let (p, proxy) = pipeline_and_redis_proxy().await;
     let _shop = p
         .add_shop_worker_with(&[(
             "FLASHSALE_REDIS_URL",
@@ -191,4 +198,53 @@ async fn a_worker_started_while_the_broker_is_down_waits_for_it() {
         .expect("started");
     shutdown.cancel();
     let _ = started.task.await;
+}
+
+/// Found by the chaos campaign (seed 7, round 43: Redis 355 ms away each
+/// way): a purchase whose handler ran past its backstop while it voided
+/// the purchase its broker acknowledged too late. The backstop cut the
+/// handler after the void but before the `queued` status was taken back:
+/// the buyer was told 503, and the retry with the same key was answered
+/// from that status, `202 queued`, for a purchase nobody would ever
+/// process. Now everything after the produce runs to its end, and the
+/// buyer's retry is processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_purchase_voided_through_a_slow_redis_leaves_no_false_status() {
+    // No shop-worker yet: the record must still wait when it is voided.
+    let (mut p, proxy) = pipeline_and_redis_proxy().await;
+    let slow_gateway = p
+        .add_gateway(&[
+            (
+                "FLASHSALE_REDIS_URL",
+                format!("redis://{}", proxy.local_addr()),
+            ),
+            ("FLASHSALE_GATEWAY_REQUEST_TIMEOUT_MS", "1500".into()),
+        ])
+        .await
+        .unwrap();
+    let sku = p.sku("chaos-void");
+    p.create_sale(&sku, 5, 1).await.unwrap();
+    let user = format!("{}-slow", p.prefix);
+    // Each Redis call now takes about half a second: the produce's wait
+    // ends before the status post does, and the void follows.
+    proxy.set(Fault::Latency(Duration::from_millis(250)));
+    let told = p
+        .post_purchase(&slow_gateway, sku.as_str(), &user, Some(&user))
+        .await
+        .unwrap();
+    proxy.set(Fault::None);
+    let _shop = p.add_shop_worker().await.unwrap();
+    // Whatever the buyer was told, their retry through a healthy gateway
+    // names the same purchase and ends in a terminal state.
+    let (status, body) = p.buy(sku.as_str(), &user, Some(&user)).await;
+    assert_eq!(status, 202, "first told {told:?}, then {body}");
+    let id = body["request_id"].as_str().unwrap().to_owned();
+    let end = p.terminal(&id).await;
+    assert!(
+        end.status.is_terminal(),
+        "first told {told:?}, then {end:?}"
+    );
+    let by_status = p.money_adds_up(&sku).await;
+    assert!(by_status.values().sum::<usize>() <= 1, "{by_status:?}");
+    p.stop().await;
 }
