@@ -172,6 +172,18 @@ impl Campaign {
         for round in failed {
             out.push_str(&round_failure(round));
         }
+        for round in self.rounds.iter().filter(|r| r.passed()) {
+            if let Some(why) = &round.not_at_rest {
+                out.push_str(&format!(
+                    "\nround {} kept every promise but did not come to rest: {why} (logs: {})\n",
+                    round.plan.index,
+                    round
+                        .logs
+                        .as_ref()
+                        .map_or("-".to_owned(), |l| l.display().to_string())
+                ));
+            }
+        }
         out
     }
 }
@@ -211,7 +223,10 @@ pub fn round_line(round: &RoundResult) -> String {
         round.confirmed,
         round.cancelled,
         round.rejected,
-        seconds(round.recovery_s),
+        match &round.not_at_rest {
+            Some(why) => format!("never ({why})"),
+            None => seconds(round.recovery_s),
+        },
         if round.passed() {
             "ok".to_owned()
         } else {
