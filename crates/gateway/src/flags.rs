@@ -82,6 +82,20 @@ impl FlagCopy {
                 .is_some_and(|ids| ids.contains(&id))
     }
 
+    /// An admission this instance just made: known at once, not when its
+    /// message comes back on `ADMITTED_CHANNEL`, which lags seconds behind
+    /// when Redis is slow. Without it, the buyer's retry, sent before the
+    /// message came back, was refused "sold out" from memory while the
+    /// purchase it repeated went on (chaos campaign, seed 7, round 43).
+    pub fn note_admitted(&self, sku: &Sku, id: RequestId) {
+        self.admitted
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(sku.to_string())
+            .or_default()
+            .insert(id);
+    }
+
     /// Applies a message of `ADMITTED_CHANNEL`: an id let in, or `*` (a new
     /// sale: forget the earlier one's).
     pub fn apply_admitted(&self, message: &str) -> bool {
@@ -338,6 +352,13 @@ mod tests {
         assert!(copy.apply_admitted("a *"), "a new sale");
         assert!(!copy.may_be_admitted(&sku("a"), ann));
         assert!(!copy.apply_admitted("a not-an-id"));
+        let cid = RequestId::fresh();
+        assert!(!copy.may_be_admitted(&sku("a"), cid));
+        copy.note_admitted(&sku("a"), cid);
+        assert!(
+            copy.may_be_admitted(&sku("a"), cid),
+            "let in here, before its message"
+        );
         copy.admitted_incomplete();
         assert!(copy.may_be_admitted(&sku("a"), ann), "resubscribed");
     }

@@ -170,6 +170,11 @@ async fn find_out(
                 .admissions
                 .with_label_values(&[admission.label()])
                 .inc();
+            if let flashsale_core::stock::Admission::Admitted { .. }
+            | flashsale_core::stock::Admission::Duplicate { .. } = admission
+            {
+                gateway.flags.note_admitted(&purchase.sku, purchase.id);
+            }
             facts.admission = Some(admission);
         }
         Question::EarlierSinceAdmission => {
