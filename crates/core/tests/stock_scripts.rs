@@ -114,6 +114,23 @@ impl Fixture {
         out
     }
 
+    /// Reserves a record of `request` the gateway accepted at
+    /// `accepted_at_ms`, at `now_ms`: what a shop-worker answers it.
+    async fn reserve_accepted_at(
+        &self,
+        request: &PurchaseRequest,
+        accepted_at_ms: u64,
+        now_ms: u64,
+    ) -> ReserveOutcome {
+        let mut record = request.clone();
+        record.accepted_at_ms = accepted_at_ms;
+        self.store
+            .reserve(&record, now_ms, MAX_AGE)
+            .await
+            .unwrap()
+            .outcome
+    }
+
     async fn levels(&self) -> flashsale_core::stock::StockLevels {
         self.store
             .levels(&self.sku)
@@ -713,24 +730,10 @@ async fn void_then_retry(backend: Backend) {
         f.store.void(&f.sku, late.request_id, 2_000).await.unwrap(),
         None
     );
-    let mut first = late.clone();
-    first.accepted_at_ms = 1_900;
-    let answered = f
-        .store
-        .reserve(&first, 2_100, MAX_AGE)
-        .await
-        .unwrap()
-        .outcome;
+    let answered = f.reserve_accepted_at(&late, 1_900, 2_100).await;
     assert_eq!(answered, ReserveOutcome::Voided);
     assert_eq!(f.levels().await.available, 5, "nothing reserved for it");
-    let mut retry = late.clone();
-    retry.accepted_at_ms = 2_500;
-    let answered = f
-        .store
-        .reserve(&retry, 2_600, MAX_AGE)
-        .await
-        .unwrap()
-        .outcome;
+    let answered = f.reserve_accepted_at(&late, 2_500, 2_600).await;
     assert!(
         matches!(answered, ReserveOutcome::Reserved { .. }),
         "{answered:?}"
@@ -760,14 +763,7 @@ async fn voided_twice(backend: Backend) {
         f.store.void(&f.sku, id.request_id, 3_000).await.unwrap(),
         None
     );
-    let mut retry = id.clone();
-    retry.accepted_at_ms = 2_500;
-    let answered = f
-        .store
-        .reserve(&retry, 3_100, MAX_AGE)
-        .await
-        .unwrap()
-        .outcome;
+    let answered = f.reserve_accepted_at(&id, 2_500, 3_100).await;
     assert_eq!(
         answered,
         ReserveOutcome::Voided,
@@ -775,14 +771,7 @@ async fn voided_twice(backend: Backend) {
     );
     assert_eq!(f.levels().await.available, 5, "nothing reserved for it");
     // A third try, accepted after the second void, is processed.
-    let mut third = id.clone();
-    third.accepted_at_ms = 3_500;
-    let answered = f
-        .store
-        .reserve(&third, 3_600, MAX_AGE)
-        .await
-        .unwrap()
-        .outcome;
+    let answered = f.reserve_accepted_at(&id, 3_500, 3_600).await;
     assert!(
         matches!(answered, ReserveOutcome::Reserved { .. }),
         "{answered:?}"
