@@ -172,18 +172,6 @@ impl Campaign {
         for round in failed {
             out.push_str(&round_failure(round));
         }
-        for round in self.rounds.iter().filter(|r| r.passed()) {
-            if let Some(why) = &round.not_at_rest {
-                out.push_str(&format!(
-                    "\nround {} kept every promise but did not come to rest: {why} (logs: {})\n",
-                    round.plan.index,
-                    round
-                        .logs
-                        .as_ref()
-                        .map_or("-".to_owned(), |l| l.display().to_string())
-                ));
-            }
-        }
         out
     }
 }

@@ -49,6 +49,9 @@ pub struct WorldConfig {
     pub bin_dir: PathBuf,
     /// `FLASHSALE_CHAOS_STACK`: `infra/local/stack.sh`, to restart a store.
     pub stack_script: PathBuf,
+    /// `FLASHSALE_CHAOS_SERVICE_LOG`: the services' `RUST_LOG` (default
+    /// `info`), for replaying a round with more said.
+    pub service_log: String,
 }
 
 impl WorldConfig {
@@ -67,6 +70,7 @@ impl WorldConfig {
             base_port: env.get("CHAOS_PORT", 24100)?,
             bin_dir: PathBuf::from(env.string("CHAOS_BIN_DIR", &here.to_string_lossy())),
             stack_script: PathBuf::from(env.string("CHAOS_STACK", "infra/local/stack.sh")),
+            service_log: env.string("CHAOS_SERVICE_LOG", "info"),
         })
     }
 
@@ -276,7 +280,7 @@ impl World {
         ];
         vars.into_iter()
             .map(|(k, v)| (format!("FLASHSALE_{k}"), v))
-            .chain([("RUST_LOG".to_owned(), "info".to_owned())])
+            .chain([("RUST_LOG".to_owned(), c.service_log.clone())])
             .collect()
     }
 

@@ -33,7 +33,9 @@ mod stack;
 pub use asserts::eventually;
 pub use clients::{Answer, dom_in_chromium};
 use stack::any_port;
-pub use stack::{OwnKafka, OwnRedis, ServiceProcess, env_with, env_with_more, service_binary};
+pub use stack::{
+    OwnKafka, OwnRedis, ServiceProcess, env_with, env_with_more, free_port, service_binary,
+};
 
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {

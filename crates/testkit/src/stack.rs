@@ -17,7 +17,7 @@ pub fn env_with(overrides: &[(&str, String)]) -> Env {
 }
 
 /// A port nobody listens on now, for a process the test starts.
-pub(crate) fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -269,10 +269,29 @@ impl ServiceProcess {
 
     /// SIGTERM: what an operator (or Kubernetes) sends to stop it.
     pub fn terminate(&self) {
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
+        self.signal("TERM");
+    }
+
+    /// SIGSTOP: the process keeps its connections and its state but does
+    /// nothing (a long GC pause, a stalled VM), until `resume`.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
             .arg(self.0.id().to_string())
             .status();
+        assert!(
+            sent.is_ok_and(|s| s.success()),
+            "kill -{name} {}",
+            self.0.id()
+        );
     }
 
     /// How it ended, if it has.

@@ -32,6 +32,7 @@ fn settings(broker: &OwnKafka, prefix: &str) -> KafkaSettings {
         produce_timeout: Duration::from_secs(10),
         consumer_assignment: "range,roundrobin".into(),
         test_fatal_after: None,
+        debug: None,
     }
 }
 

@@ -248,3 +248,148 @@ async fn a_purchase_voided_through_a_slow_redis_leaves_no_false_status() {
     assert!(by_status.values().sum::<usize>() <= 1, "{by_status:?}");
     p.stop().await;
 }
+
+/// Found by the chaos campaign (seed 7, round 22: an order-worker stopped
+/// past its group session): the stopped member, woken up, finished the
+/// saga it had in flight and committed how far it got on the partition
+/// its group had given away meanwhile, which the broker (tansu 0.6 checks
+/// no generation on a commit) took: the group's committed offset went back
+/// behind what the new owner had committed, and the lag stayed until a
+/// later rebalance. A member whose assignment was lost commits nothing of
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_worker_paused_past_its_session_commits_nothing_of_what_it_lost() {
+    use flashsale_testkit::eventually;
+    use flashsale_testkit::flashsale_core::bus::consumer::SESSION_TIMEOUT;
+    use flashsale_testkit::flashsale_core::bus::kafka::topic;
+    use flashsale_testkit::flashsale_core::bus::topic_reader::GroupProgress;
+    use flashsale_testkit::flashsale_core::dynamo::orders::OrderStatus;
+
+    let p = Pipeline::start(PipelineOptions {
+        order_workers: 0,
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let sku = p.sku("zombie");
+    p.create_sale(&sku, 5, 1).await.unwrap();
+    let reservations = p.topic(topic::RESERVATIONS);
+    let group = p.kafka.group("flashsale-orders");
+    let all_committed = || async {
+        let end = p.records_in(&reservations).await.ok()?;
+        let committed = p.committed("flashsale-orders", &reservations).await.ok()?;
+        (committed == end).then_some(committed)
+    };
+    let buy = |n: usize| {
+        let user = format!("{}-z{n}", p.prefix);
+        let p = &p;
+        let sku = sku.clone();
+        async move {
+            let (status, body) = p.buy(sku.as_str(), &user, Some(&user)).await;
+            assert_eq!(status, 202, "{body}");
+            body["request_id"].as_str().unwrap().to_owned()
+        }
+    };
+
+    let zombie_ops = format!(
+        "http://127.0.0.1:{}",
+        flashsale_testkit::free_port().unwrap()
+    );
+    let zombie = p.service_process(
+        "order-worker",
+        &[(
+            "FLASHSALE_ORDER_METRICS_ADDR",
+            zombie_ops.trim_start_matches("http://").to_owned(),
+        )],
+    );
+    let first = buy(1).await;
+    assert_eq!(p.terminal(&first).await.status.as_str(), "confirmed");
+    eventually(
+        "the first worker commits",
+        Duration::from_secs(30),
+        all_committed,
+    )
+    .await;
+
+    // The second purchase's charge takes long enough to stop the worker
+    // while it waits for it.
+    p.set_payment(0.0, 4_000).await.unwrap();
+    let second = buy(2).await;
+    eventually(
+        "the second order put, its charge under way",
+        Duration::from_secs(30),
+        || async {
+            p.order(&second)
+                .await
+                .filter(|o| o.status == OrderStatus::Pending)
+        },
+    )
+    .await;
+    let rebalances = p.metric(&zombie_ops, "consumer_rebalances_total").await;
+    assert!(
+        rebalances >= 1.0,
+        "the first member was given its partitions"
+    );
+    zombie.pause();
+    p.set_payment(0.0, 5).await.unwrap();
+    // tansu 0.6 forms a generation with a silent member as its leader if
+    // another joins before the silent one's session ran out (see
+    // orders.rs's `replacement_may_join`): the schedule of the fault.
+    tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(1)).await;
+    let _owner = p.service_process("order-worker", &[]);
+    assert_eq!(p.terminal(&second).await.status.as_str(), "confirmed");
+    let third = buy(3).await;
+    assert_eq!(p.terminal(&third).await.status.as_str(), "confirmed");
+    let high = eventually(
+        "the new owner commits",
+        Duration::from_secs(30),
+        all_committed,
+    )
+    .await;
+
+    // From now on the group's committed offsets may only go forward.
+    let progress = GroupProgress::new(&p.kafka, &group, &reservations).unwrap();
+    let watching = tokio_util::sync::CancellationToken::new();
+    let lowest = tokio::spawn({
+        let watching = watching.clone();
+        async move {
+            let mut lowest = i64::MAX;
+            // Sampling, not waiting: a commit that goes back stays back
+            // for seconds (until the partition's next owner commits).
+            while !watching.is_cancelled() {
+                if let Ok(offsets) = progress.committed().await {
+                    lowest = lowest.min(offsets.iter().filter_map(|(_, o)| *o).sum());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            lowest
+        }
+    });
+    zombie.resume();
+    // Woken up, the member finds its session gone and joins its group
+    // again: by its next assignment, whatever it did on waking is done.
+    eventually(
+        "the woken member assigned again",
+        Duration::from_secs(60),
+        || async {
+            (p.metric(&zombie_ops, "consumer_rebalances_total").await > rebalances).then_some(())
+        },
+    )
+    .await;
+    let end = eventually(
+        "everything committed",
+        Duration::from_secs(30),
+        all_committed,
+    )
+    .await;
+    watching.cancel();
+    let lowest = lowest.await.unwrap();
+    assert!(
+        lowest >= high,
+        "the group's committed offsets went back from {high} to {lowest} when the paused member woke"
+    );
+    assert_eq!(end, high, "nothing new was bought");
+    drop(zombie);
+    p.money_adds_up(&sku).await;
+    p.stop().await;
+}

@@ -4,19 +4,27 @@
 //! A handler first does, in arrival order, whatever must happen in order
 //! (the shop-worker's reservation), and returns the rest of the work as a
 //! task. Tasks run concurrently; `partition_work` keeps, per partition,
-//! which have ended, and an offset is stored only when its task and every
-//! earlier one of its partition succeeded, so a committed offset never
-//! skips a message whose effect is not yet durable. Once a task failed, no
-//! later offset of its partition is stored (the loop stops, and the next
-//! member starts again at the failed message). librdkafka auto-commits
-//! only stored offsets.
+//! which have ended, and an offset is committed only when its task and
+//! every earlier one of its partition succeeded, so a committed offset
+//! never skips a message whose effect is not yet durable. Once a task
+//! failed, no later offset of its partition is committed (the loop stops,
+//! and the next member starts again at the failed message).
+//!
+//! The member commits by itself, every `COMMIT_EVERY`, not librdkafka's
+//! auto-commit: librdkafka commits the stored offsets of partitions it
+//! takes away even when they were lost (the member was dropped from its
+//! group), and tansu 0.6 accepts a commit of any generation, so a member
+//! stopped past its session and woken up took its group's offsets back
+//! behind what the partitions' new owner had committed (chaos seed 7,
+//! round 22). A member commits nothing of an assignment that is lost, nor
+//! right after it was not running for a while (`frozen`).
 //!
 //! On a rebalance, before partitions are taken away (`RebalanceContext`),
 //! their in-flight work may finish (up to the drain timeout), how far they
 //! got is committed synchronously, and they are forgotten: the next owner
 //! starts where this member stopped, without running the same messages at
 //! the same time, and a late finish never moves an offset of a partition
-//! this member no longer owns.
+//! this member no longer owns. Lost partitions are forgotten at once.
 //!
 //! A watchdog looks at the member every second (`consumer_health` judges
 //! what it sees): a member out of its group, or holding partitions that
@@ -44,8 +52,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::consumer_health::{Backlog, ConsumerHealth, Judge, Observation, Verdict};
+use crate::bus::frozen::{FreezeWatch, Turn};
 use crate::bus::kafka::{KafkaFailure, base_config};
-use crate::bus::partition_work::{PartitionWork, TopicPartition};
+use crate::bus::partition_work::{PartitionWork, Ticket, TopicPartition};
 use crate::service::settings::KafkaSettings;
 
 /// The consumer the workers run.
@@ -131,9 +140,8 @@ fn consumer_speaking(
     };
     let consumer: WorkConsumer = base_config(&options.kafka)
         .set("group.id", &options.group)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "500")
-        // We store an offset only once the effect of its message is durable.
+        // The member commits by itself (see the top of this module).
+        .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set(
@@ -152,8 +160,11 @@ fn consumer_speaking(
 
 /// The work of one message, which records its own end in the partition
 /// work (also while the loop is held in a rebalance) and tells the loop
-/// whether it succeeded.
-type Pending = FuturesUnordered<JoinHandle<(TopicPartition, bool)>>;
+/// whether it failed (for the partition's current assignment).
+type Pending = FuturesUnordered<JoinHandle<bool>>;
+
+/// How often the member commits how far its partitions are done.
+const COMMIT_EVERY: Duration = Duration::from_millis(500);
 
 /// What the loop tells its watchdog.
 #[derive(Default)]
@@ -197,6 +208,7 @@ pub async fn run<H: Handler>(
         options.health.clone(),
         shutdown.clone(),
     ));
+    let committer = tokio::spawn(commit_regularly(watched.clone(), shutdown.clone()));
     let watchdog = tokio::spawn(watch(
         watched,
         progress.clone(),
@@ -227,7 +239,7 @@ pub async fn run<H: Handler>(
             _ = shutdown.cancelled() => break,
             Some(reason) = rejoin_rx.recv() => {
                 tracing::error!(%reason, group = %options.group, "joining the group again with a new consumer");
-                if !drain(&consumer, &mut pending, options.drain_timeout).await {
+                if !drain(&mut pending, options.drain_timeout).await {
                     stopped_by = Some("a message could not be processed".into());
                     continue;
                 }
@@ -235,6 +247,7 @@ pub async fn run<H: Handler>(
                 let Some(fresh) = replace(consumer, options, &assignment, &shutdown).await else {
                     watchdog.abort();
                     lag.abort();
+                    committer.abort();
                     tracing::info!(group = %options.group, "consumer left its group");
                     return Ok(());
                 };
@@ -248,7 +261,7 @@ pub async fn run<H: Handler>(
                 None => std::future::pending().await,
             } } => {}
             Some(ended) = pending.next(), if !pending.is_empty() => {
-                if !acknowledge(&consumer, ended) {
+                if !acknowledge(ended) {
                     stopped_by = Some("a message could not be processed".into());
                 }
             }
@@ -262,13 +275,13 @@ pub async fn run<H: Handler>(
                         let partition = (message.topic().to_owned(), message.partition());
                         let offset = message.offset();
                         let work = consumer.context().work.clone();
-                        work.started(&partition, offset);
+                        let ticket = work.started(&partition, offset);
                         match handler.start(message).await {
                             Ok(completion) => {
-                                pending.push(spawned(work, partition, offset, completion, options.health.clone()));
+                                pending.push(spawned(work, ticket, completion, options.health.clone()));
                             }
                             Err(reason) => {
-                                work.finished(&partition, offset, false);
+                                work.finished(&ticket, false);
                                 stopped_by = Some(reason.0);
                             }
                         }
@@ -292,7 +305,8 @@ pub async fn run<H: Handler>(
     }
     watchdog.abort();
     lag.abort();
-    drain(&consumer, &mut pending, options.drain_timeout).await;
+    committer.abort();
+    drain(&mut pending, options.drain_timeout).await;
     close(consumer).await;
     tracing::info!(group = %options.group, "consumer left its group");
     match stopped_by {
@@ -311,13 +325,14 @@ fn millis_since(began: Instant) -> u64 {
     began.elapsed().as_millis() as u64
 }
 
-/// Lets in-flight work finish (up to `timeout`), storing how far each
-/// partition got. `false` if some work failed (or did not finish).
-async fn drain(consumer: &WorkConsumer, pending: &mut Pending, timeout: Duration) -> bool {
+/// Lets in-flight work finish (up to `timeout`); the commit when the
+/// consumer closes says how far each partition got. `false` if some work
+/// failed (or did not finish).
+async fn drain(pending: &mut Pending, timeout: Duration) -> bool {
     let drained = tokio::time::timeout(timeout, async {
         let mut all_ok = true;
         while let Some(ended) = pending.next().await {
-            all_ok &= acknowledge(consumer, ended);
+            all_ok &= acknowledge(ended);
         }
         all_ok
     })
@@ -335,14 +350,12 @@ async fn drain(consumer: &WorkConsumer, pending: &mut Pending, timeout: Duration
 /// stop or rejoin.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Commits what was stored, leaves the group and drops the consumer, on a
-/// blocking thread, giving up after `CLOSE_TIMEOUT`.
+/// Commits how far the partitions got, leaves the group and drops the
+/// consumer, on a blocking thread, giving up after `CLOSE_TIMEOUT`.
 async fn close(consumer: Arc<WorkConsumer>) {
     let closing = tokio::task::spawn_blocking(move || {
-        if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
-            // Nothing stored since the last commit, or the group is gone:
-            // either way the next member resumes from the last committed offset.
-            tracing::debug!(%error, "final commit");
+        if !consumer.assignment_lost() {
+            commit_done(&*consumer, &consumer.context().work, None);
         }
         consumer.unsubscribe();
         drop(consumer);
@@ -580,11 +593,11 @@ fn set_paused(consumer: &WorkConsumer, paused: bool) {
 /// its end in the partition work whatever happens (a panic included).
 fn spawned(
     work: Arc<PartitionWork>,
-    partition: TopicPartition,
-    offset: i64,
+    ticket: Ticket,
     completion: Completion,
     health: ConsumerHealth,
-) -> JoinHandle<(TopicPartition, bool)> {
+) -> JoinHandle<bool> {
+    let offset = ticket.offset;
     health.count_in_flight(1);
     tokio::spawn(async move {
         let ok = match std::panic::AssertUnwindSafe(completion)
@@ -601,40 +614,96 @@ fn spawned(
                 false
             }
         };
-        work.finished(&partition, offset, ok);
+        let current = work.finished(&ticket, ok);
+        if !current {
+            tracing::debug!(offset, ok, "work of a partition since taken away ended");
+        }
         health.count_handled(ok);
         health.count_in_flight(-1);
-        (partition, ok)
+        ok || !current
     })
 }
 
-/// Stores how far the partition of a message whose work ended got.
-/// `false` for a failure.
-fn acknowledge(
-    consumer: &WorkConsumer,
-    ended: Result<(TopicPartition, bool), tokio::task::JoinError>,
-) -> bool {
-    let Ok((partition, ok)) = ended else {
-        // The task itself was lost (runtime shutting down): its end was
-        // not recorded, so nothing past it is stored.
-        return false;
-    };
-    if let Some(offset) = consumer.context().work.advance(&partition) {
-        store(consumer, &partition, offset);
-    }
-    ok
+/// Whether the work of a message ended well (or no longer matters: its
+/// partition was taken away meanwhile).
+fn acknowledge(ended: Result<bool, tokio::task::JoinError>) -> bool {
+    // A task that was itself lost (runtime shutting down) did not record
+    // its end, so nothing past it is committed.
+    ended.unwrap_or(false)
 }
 
-fn store<C: Consumer<X>, X: ConsumerContext>(
+/// Commits, synchronously, how far the partitions (of `only`, or all) are
+/// done past what this member committed; returns how many it committed.
+fn commit_done<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
-    (topic, partition): &TopicPartition,
-    offset: i64,
+    work: &PartitionWork,
+    only: Option<&[TopicPartition]>,
+) -> usize {
+    work.commit_done(only, |due| {
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), next) in due {
+            if let Err(error) = list.add_partition_offset(topic, *partition, Offset::Offset(*next))
+            {
+                tracing::warn!(%error, "cannot name an offset to commit");
+                return false;
+            }
+        }
+        match consumer.commit(&list, CommitMode::Sync) {
+            Ok(()) => true,
+            Err(error) => {
+                // Made again at the next turn: the work stays done.
+                tracing::warn!(%error, partitions = due.len(), "commit failed");
+                false
+            }
+        }
+    })
+}
+
+/// Every `COMMIT_EVERY`, commits how far the member's partitions are done,
+/// unless its assignment is lost or it was just not running for a while
+/// (`frozen`), until shutdown (the consumer's close commits last).
+async fn commit_regularly(
+    consumer: tokio::sync::watch::Receiver<Option<Arc<WorkConsumer>>>,
+    shutdown: CancellationToken,
 ) {
-    if let Err(error) = consumer.store_offset(topic, *partition, offset) {
-        // Revoked meanwhile: the rebalance stored what was done.
-        tracing::debug!(%error, %topic, partition, "offset not stored");
+    let mut freeze = FreezeWatch::new(FROZEN_AFTER, FROZEN_HOLD);
+    let mut looks = Looks::every(COMMIT_EVERY, consumer, shutdown);
+    while let Some(member) = looks.next().await {
+        match freeze.turn(Instant::now()) {
+            Turn::Go => {}
+            Turn::Woke { gap } => {
+                tracing::warn!(
+                    gap_ms = gap.as_millis() as u64,
+                    "this member was not running for a while; holding its commits until its group session is known"
+                );
+                continue;
+            }
+            Turn::Holding => continue,
+        }
+        if member.assignment_lost() {
+            continue;
+        }
+        let committing = tokio::task::spawn_blocking(move || {
+            // Looked at again here, just before the commit goes.
+            if !member.assignment_lost() {
+                commit_done(&*member, &member.context().work, None);
+            }
+        });
+        if let Err(error) = committing.await {
+            tracing::warn!(%error, "the commit task was lost");
+        }
     }
 }
+
+/// A gap between the committer's turns longer than this is a freeze: a
+/// third of the group session, so that a member frozen past its session
+/// is always caught.
+const FROZEN_AFTER: Duration = Duration::from_millis(SESSION_TIMEOUT.as_millis() as u64 / 3);
+
+/// How long commits are held after a freeze: librdkafka judges the session
+/// at once on waking, and a live one answers the next heartbeat (every
+/// second).
+const FROZEN_HOLD: Duration = Duration::from_secs(3);
 
 /// What the workers' consumers do on a rebalance, inside librdkafka's
 /// callback (which runs in the loop's poll of the consumer).
@@ -659,39 +728,32 @@ impl ConsumerContext for RebalanceContext {
         if let Ok(mut at) = self.revoked_at.lock() {
             *at = Some(Instant::now());
         }
+        if consumer.assignment_lost() {
+            // The group went on without this member: another may own these
+            // partitions and have gone further, so nothing of them is
+            // committed, and what is still running of them counts for
+            // nothing (whoever owns them runs it again).
+            block_in_place(|| self.work.forget(&partitions));
+            tracing::warn!(
+                lost = partitions.len(),
+                "partitions lost (this member was dropped from its group); nothing of them committed"
+            );
+            return;
+        }
         // The callback holds the loop's task; the work it waits for runs
         // in tasks of its own, which this thread must not keep from running.
-        let settled = block_in_place(|| self.work.wait_idle(&partitions, self.drain_timeout));
-        if !settled {
-            tracing::warn!(
-                partitions = partitions.len(),
-                "work of revoked partitions did not finish in time; the next owner runs it again"
-            );
-        }
-        let mut done = TopicPartitionList::new();
-        for partition in &partitions {
-            if let Some(offset) = self.work.advance(partition) {
-                store(consumer, partition, offset);
-                // Committed is the next offset to read.
-                if let Err(error) =
-                    done.add_partition_offset(&partition.0, partition.1, Offset::Offset(offset + 1))
-                {
-                    tracing::warn!(%error, "cannot name an offset to commit");
-                }
+        let committed = block_in_place(|| {
+            if !self.work.wait_idle(&partitions, self.drain_timeout) {
+                tracing::warn!(
+                    partitions = partitions.len(),
+                    "work of revoked partitions did not finish in time; the next owner runs it again"
+                );
             }
-        }
-        self.work.forget(&partitions);
-        if done.count() > 0
-            && let Err(error) = consumer.commit(&done, CommitMode::Sync)
-        {
-            // Auto-commit on revocation still sends what was stored.
-            tracing::warn!(%error, "committing revoked partitions failed");
-        }
-        tracing::info!(
-            revoked = partitions.len(),
-            committed = done.count(),
-            "partitions revoked"
-        );
+            let committed = commit_done(consumer, &self.work, Some(&partitions));
+            self.work.forget(&partitions);
+            committed
+        });
+        tracing::info!(revoked = partitions.len(), committed, "partitions revoked");
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

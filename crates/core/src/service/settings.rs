@@ -117,6 +117,10 @@ pub struct KafkaSettings {
     /// producer fails fatally (librdkafka's test hook) after this many
     /// records sent (`kafka::RenewableProducer`).
     pub test_fatal_after: Option<u64>,
+    /// `FLASHSALE_KAFKA_DEBUG`: librdkafka's debug contexts (`cgrp,fetch`),
+    /// logged at debug level under the `librdkafka` target, for finding out
+    /// what a consumer group did.
+    pub debug: Option<String>,
 }
 
 impl KafkaSettings {
@@ -131,6 +135,7 @@ impl KafkaSettings {
                 0 => None,
                 n => Some(n),
             },
+            debug: Some(env.string("KAFKA_DEBUG", "")).filter(|d| !d.is_empty()),
         })
     }
 

@@ -73,6 +73,9 @@ pub fn base_config(settings: &KafkaSettings) -> ClientConfig {
         .set("bootstrap.servers", &settings.bootstrap)
         .set("allow.auto.create.topics", "false")
         .set("socket.keepalive.enable", "true");
+    if let Some(contexts) = &settings.debug {
+        config.set("debug", contexts);
+    }
     config
 }
 
