@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use flashsale_fault_proxy::{Fault, FaultProxy};
+use flashsale_testkit::flashsale_core::clock;
+use flashsale_testkit::flashsale_core::ids::RequestId;
 use flashsale_testkit::{Pipeline, PipelineOptions};
 
 /// Where the pipeline's Redis listens.
@@ -23,11 +25,13 @@ fn redis_addr(p: &Pipeline) -> SocketAddr {
     host_port.parse().expect("a host:port")
 }
 
-/// A pipeline without a shop-worker yet, and a fault proxy in front of
-/// its Redis for the services a test starts behind it.
-async fn pipeline_and_redis_proxy() -> (Pipeline, FaultProxy) {
+/// A pipeline without a shop-worker yet (on its own broker with
+/// `own_kafka`), and a fault proxy in front of its Redis for the services a
+/// test starts behind it.
+async fn pipeline_and_redis_proxy(own_kafka: bool) -> (Pipeline, FaultProxy) {
     let p = Pipeline::start(PipelineOptions {
         shop_workers: 0,
+        own_kafka,
         ..PipelineOptions::default()
     })
     .await
@@ -47,7 +51,7 @@ const FAULT: Duration = Duration::from_secs(3);
 /// each of `faults` for a few seconds, healed in between. Every purchase
 /// still ends once, the sale's books agree and the audit at rest is clean.
 async fn shop_worker_through_faulty_redis(faults: &[Fault]) {
-    let (p, proxy) = pipeline_and_redis_proxy().await;
+    let (p, proxy) = pipeline_and_redis_proxy(false).await;
     let _shop = p
         .add_shop_worker_with(&[(
             "FLASHSALE_REDIS_URL",
@@ -201,51 +205,94 @@ async fn a_worker_started_while_the_broker_is_down_waits_for_it() {
 }
 
 /// Found by the chaos campaign (seed 7, round 43: Redis 355 ms away each
-/// way): a purchase whose handler ran past its backstop while it voided
-/// the purchase its broker acknowledged too late. The backstop cut the
-/// handler after the void but before the `queued` status was taken back:
-/// the buyer was told 503, and the retry with the same key was answered
-/// from that status, `202 queued`, for a purchase nobody would ever
-/// process. Now everything after the produce runs to its end, and the
-/// buyer's retry is processed.
+/// way), its timing set here by the test: the broker, stopped,
+/// takes the record shortly before the produce's wait ends; the `queued`
+/// status is posted through a Redis 2 x `EACH_WAY` away, across the end of
+/// that wait, so the gateway voids the purchase once it is posted; and the
+/// void is under way at the second past the deadline where the old
+/// backstop dropped the handler, before it took the status back: `queued`
+/// stayed for a purchase nobody would process. The buyer, told 503,
+/// retries with the same key, and that purchase must end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_purchase_voided_through_a_slow_redis_leaves_no_false_status() {
-    // No shop-worker yet: the record must still wait when it is voided.
-    let (mut p, proxy) = pipeline_and_redis_proxy().await;
+async fn a_purchase_voided_across_the_old_backstop_leaves_no_false_status() {
+    use flashsale_testkit::eventually;
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    const EACH_WAY: Duration = Duration::from_millis(500);
+
+    let (mut p, proxy) = pipeline_and_redis_proxy(true).await;
     let slow_gateway = p
         .add_gateway(&[
             (
                 "FLASHSALE_REDIS_URL",
                 format!("redis://{}", proxy.local_addr()),
             ),
-            ("FLASHSALE_GATEWAY_REQUEST_TIMEOUT_MS", "1500".into()),
+            (
+                "FLASHSALE_GATEWAY_REQUEST_TIMEOUT_MS",
+                TIMEOUT.as_millis().to_string(),
+            ),
         ])
         .await
         .unwrap();
-    let sku = p.sku("chaos-void");
+    let sku = p.sku("chaos-backstop");
     p.create_sale(&sku, 5, 1).await.unwrap();
-    let user = format!("{}-slow", p.prefix);
-    // Each Redis call now takes about half a second: the produce's wait
-    // ends before the status post does, and the void follows.
-    proxy.set(Fault::Latency(Duration::from_millis(250)));
-    let told = p
-        .post_purchase(&slow_gateway, sku.as_str(), &user, Some(&user))
+    let user = format!("{}-late", p.prefix);
+    let broker = p.broker.as_ref().expect("its own broker");
+    // Every script the gateway runs below is loaded in Redis beforehand, so
+    // that each call is one round trip, as the schedule counts.
+    let warm = format!("{}-warm", p.prefix);
+    let (status, body) = p.buy(sku.as_str(), &warm, Some(&warm)).await;
+    assert_eq!(status, 202, "{body}");
+    let warm = body["request_id"].as_str().unwrap().to_owned();
+    p.stores
+        .stock
+        .void(&sku, RequestId::fresh(), clock::now_ms())
         .await
         .unwrap();
+
+    broker.pause().unwrap();
+    let sent_at = tokio::time::Instant::now();
+    let deadline = sent_at + TIMEOUT;
+    // The schedule of the faults, from the gateway's deadline D:
+    //   D - 0.70 s  the broker back: the record taken, `queued` being posted
+    //   D - 0.25 s  the produce's wait ends; the void waits for the post
+    //   D + 0.30 s  posted; the void sent
+    //   D + 1.00 s  the old backstop
+    //   D + 1.30 s  voided; taking back the status begins
+    //   D + 2.30 s  the status taken back; the buyer told 503
+    let schedule = async {
+        eventually(
+            "the produce waiting on the stopped broker",
+            Duration::from_secs(2),
+            || async {
+                (p.metric(&slow_gateway, "gateway_in_flight_produces").await >= 1.0).then_some(())
+            },
+        )
+        .await;
+        proxy.set(Fault::Latency(EACH_WAY));
+        tokio::time::sleep_until(deadline + Duration::from_millis(300) - EACH_WAY * 2).await;
+        broker.resume().unwrap();
+    };
+    let (told, ()) = tokio::join!(
+        p.post_purchase(&slow_gateway, sku.as_str(), &user, Some(&user)),
+        schedule
+    );
+    let told = told.unwrap();
     proxy.set(Fault::None);
+    assert_eq!(told.status, 503, "the purchase was voided: {:?}", told.body);
     let _shop = p.add_shop_worker().await.unwrap();
-    // Whatever the buyer was told, their retry through a healthy gateway
-    // names the same purchase and ends in a terminal state.
     let (status, body) = p.buy(sku.as_str(), &user, Some(&user)).await;
-    assert_eq!(status, 202, "first told {told:?}, then {body}");
+    assert_eq!(status, 202, "first told {:?}, then {body}", told.body);
     let id = body["request_id"].as_str().unwrap().to_owned();
     let end = p.terminal(&id).await;
-    assert!(
-        end.status.is_terminal(),
-        "first told {told:?}, then {end:?}"
+    assert_eq!(
+        end.status.as_str(),
+        "confirmed",
+        "first told {:?}",
+        told.body
     );
+    assert_eq!(p.terminal(&warm).await.status.as_str(), "confirmed");
     let by_status = p.money_adds_up(&sku).await;
-    assert!(by_status.values().sum::<usize>() <= 1, "{by_status:?}");
+    assert_eq!(by_status.values().sum::<usize>(), 2, "{by_status:?}");
     p.stop().await;
 }
 
