@@ -54,6 +54,11 @@ if ! command -v wrk >/dev/null; then
   apt_install wrk
 fi
 
+if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  log "installing python3 and its venv from Debian (scripts/check-k8s)"
+  apt_install python3 python3-venv
+fi
+
 if ! command -v java >/dev/null; then
   log "installing a Java runtime from Debian (for DynamoDB Local)"
   apt_install default-jre-headless

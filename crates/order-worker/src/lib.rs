@@ -110,6 +110,18 @@ impl Config {
             },
         })
     }
+
+    /// The consumer group the worker joins and the topics it reads: what
+    /// an autoscaler reads the lag of (`infra/k8s`, checked against this
+    /// by `crates/testkit/tests/k8s.rs`).
+    pub fn subscription(&self) -> (String, Vec<String>) {
+        (
+            self.group
+                .clone()
+                .unwrap_or_else(|| self.kafka.group(kafka::group::ORDERS)),
+            vec![self.kafka.topic(topic::RESERVATIONS)],
+        )
+    }
 }
 
 #[derive(Clone)]
@@ -288,15 +300,13 @@ pub async fn start(
             }
         });
     }
+    let (group, topics) = config.subscription();
     let consumer = ConsumerOptions {
         kafka: config.kafka.clone(),
         stall_after: config.stall_after,
         health: ConsumerHealth::register(&registry)?,
-        group: config
-            .group
-            .clone()
-            .unwrap_or_else(|| config.kafka.group(kafka::group::ORDERS)),
-        topics: vec![config.kafka.topic(topic::RESERVATIONS)],
+        group,
+        topics,
         max_in_flight: config.concurrency.max(1),
         drain_timeout: Duration::from_secs(30),
         // While the payment breaker is open, reservations wait in Kafka.

@@ -79,6 +79,19 @@ impl Config {
             give_up_after: retry::deadline_after(env)?,
         })
     }
+
+    /// The consumer group the worker joins and the topics it reads, the
+    /// purchases first: what an autoscaler reads the lag of (`infra/k8s`,
+    /// checked against this by `crates/testkit/tests/k8s.rs`).
+    pub fn subscription(&self) -> (String, Vec<String>) {
+        (
+            self.kafka.group(kafka::group::SHOP),
+            vec![
+                self.kafka.topic(topic::PURCHASE_REQUESTS),
+                self.kafka.topic(topic::STOCK_RELEASES),
+            ],
+        )
+    }
 }
 
 #[derive(Clone)]
@@ -196,12 +209,13 @@ pub async fn start(
         metrics,
         shutdown: shutdown.clone(),
     });
+    let (group, topics) = config.subscription();
     let consumer = ConsumerOptions {
         kafka: config.kafka.clone(),
         stall_after: config.stall_after,
         health: ConsumerHealth::register(&registry)?,
-        group: config.kafka.group(kafka::group::SHOP),
-        topics: vec![shop.purchase_topic.clone(), shop.release_topic.clone()],
+        group,
+        topics,
         max_in_flight: config.max_in_flight,
         drain_timeout: Duration::from_secs(10),
         pause: None,
