@@ -1342,6 +1342,59 @@ async fn restore_rebuilds_what_the_scripts_wrote(backend: Backend) {
     assert_eq!(f.levels().await.sold, 5);
 }
 
+/// Every node behind `backend` forgets its scripts, as a replica promoted
+/// by a failover that never loaded them does (`SCRIPT FLUSH`).
+async fn flush_scripts(backend: Backend) {
+    let settings = settings(backend);
+    let nodes = match backend {
+        Backend::Single => vec![settings.url],
+        Backend::Cluster => settings.cluster_nodes,
+    };
+    for node in nodes {
+        let mut conn = redis::Client::open(node.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// A Redis that lost its scripts mid-sale (a failover to a replica that
+/// never loaded them): each script's next call is answered `NOSCRIPT`,
+/// loads the script again and runs it, with the same answers as before.
+async fn scripts_flushed_mid_sale(backend: Backend) {
+    let f = Fixture::new(backend, "flushed", rules(5, 1, 10_000)).await;
+    let first = f.request("first", 1);
+    let answered = f.reserve_accepted_at(&first, 1_000, 1_000).await;
+    assert!(
+        matches!(answered, ReserveOutcome::Reserved { .. }),
+        "{answered:?}"
+    );
+    flush_scripts(backend).await;
+    let second = f.request("second", 1);
+    let answered = f.reserve_accepted_at(&second, 1_100, 1_100).await;
+    assert!(
+        matches!(answered, ReserveOutcome::Reserved { .. }),
+        "{answered:?}"
+    );
+    flush_scripts(backend).await;
+    assert_eq!(
+        f.store
+            .commit(&f.sku, first.request_id, 1_200)
+            .await
+            .unwrap()
+            .outcome,
+        CommitOutcome::Committed
+    );
+    let levels = f.levels().await;
+    assert_eq!((levels.reserved, levels.sold), (1, 1));
+}
+
 macro_rules! on_both {
     ($($name:ident => $body:expr;)*) => {
         mod single {
@@ -1372,4 +1425,5 @@ on_both! {
     the_line_follows_the_stock_and_gives_units_back_to_its_head => admission_line;
     early_buyers_are_drawn_and_silent_ones_leave_the_line => early_draw_and_patience;
     a_restore_writes_what_the_scripts_wrote_and_never_over_a_loaded_sku => restore_rebuilds_what_the_scripts_wrote;
+    scripts_flushed_mid_sale_are_loaded_again => scripts_flushed_mid_sale;
 }
