@@ -33,6 +33,8 @@ fn settings(broker: &OwnKafka, prefix: &str) -> KafkaSettings {
         consumer_assignment: "range,roundrobin".into(),
         test_fatal_after: None,
         debug: None,
+        replication_factor: 1,
+        security: Default::default(),
     }
 }
 

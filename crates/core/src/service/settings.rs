@@ -121,6 +121,146 @@ pub struct KafkaSettings {
     /// logged at debug level under the `librdkafka` target, for finding out
     /// what a consumer group did.
     pub debug: Option<String>,
+    /// `FLASHSALE_KAFKA_REPLICATION_FACTOR`: replicas of each topic we
+    /// create (1 on the local broker; 3 on a cluster, with the topics'
+    /// `min.insync.replicas` at 2, so that `acks=all` survives one broker).
+    pub replication_factor: i32,
+    /// How the clients authenticate and encrypt (`FLASHSALE_KAFKA_SECURITY_*`).
+    pub security: KafkaSecurity,
+}
+
+/// Whether this build's librdkafka has TLS (and SCRAM, which needs
+/// OpenSSL): the `kafka-tls` feature, off in local builds to keep
+/// librdkafka's build short.
+pub const KAFKA_TLS_BUILT: bool = cfg!(feature = "kafka-tls");
+
+/// A managed cluster's security: TLS, and SASL PLAIN or SCRAM.
+#[derive(Clone)]
+pub struct KafkaSecurity {
+    /// `FLASHSALE_KAFKA_SECURITY_PROTOCOL`: `plaintext` (default), `ssl`,
+    /// `sasl_plaintext` or `sasl_ssl`.
+    pub protocol: String,
+    /// `FLASHSALE_KAFKA_SASL_MECHANISM`: `PLAIN`, `SCRAM-SHA-256` or
+    /// `SCRAM-SHA-512` (MSK's SCRAM is `SCRAM-SHA-512`).
+    pub sasl_mechanism: Option<String>,
+    /// `FLASHSALE_KAFKA_SASL_USERNAME`, `FLASHSALE_KAFKA_SASL_PASSWORD`.
+    pub sasl_username: Option<String>,
+    pub sasl_password: Option<String>,
+    /// `FLASHSALE_KAFKA_SSL_CA_LOCATION`: a CA bundle, when the system's
+    /// does not vouch for the brokers.
+    pub ssl_ca_location: Option<String>,
+}
+
+impl fmt::Debug for KafkaSecurity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSecurity")
+            .field("protocol", &self.protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field(
+                "sasl_password",
+                &self.sasl_password.as_ref().map(|_| "<hidden>"),
+            )
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .finish()
+    }
+}
+
+impl Default for KafkaSecurity {
+    fn default() -> Self {
+        Self {
+            protocol: "plaintext".to_owned(),
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_location: None,
+        }
+    }
+}
+
+impl KafkaSecurity {
+    pub fn from_env(env: &Env) -> Result<Self, SettingError> {
+        let optional = |suffix: &str| Some(env.string(suffix, "")).filter(|v| !v.is_empty());
+        let security = Self {
+            protocol: env
+                .string("KAFKA_SECURITY_PROTOCOL", "plaintext")
+                .to_lowercase(),
+            sasl_mechanism: optional("KAFKA_SASL_MECHANISM").map(|m| m.to_uppercase()),
+            sasl_username: optional("KAFKA_SASL_USERNAME"),
+            sasl_password: optional("KAFKA_SASL_PASSWORD"),
+            ssl_ca_location: optional("KAFKA_SSL_CA_LOCATION"),
+        };
+        security.check(KAFKA_TLS_BUILT)?;
+        Ok(security)
+    }
+
+    /// Whether these settings can work in a build with (or without) TLS.
+    pub fn check(&self, tls_built: bool) -> Result<(), SettingError> {
+        let refuse = |name: &str, value: &str, problem: &str| SettingError {
+            name: format!("FLASHSALE_{name}"),
+            value: value.to_owned(),
+            problem: problem.to_owned(),
+        };
+        let (tls, sasl) = match self.protocol.as_str() {
+            "plaintext" => (false, false),
+            "ssl" => (true, false),
+            "sasl_plaintext" => (false, true),
+            "sasl_ssl" => (true, true),
+            other => {
+                return Err(refuse(
+                    "KAFKA_SECURITY_PROTOCOL",
+                    other,
+                    "expected plaintext, ssl, sasl_plaintext or sasl_ssl",
+                ));
+            }
+        };
+        let mechanism = self.sasl_mechanism.as_deref();
+        if sasl {
+            match mechanism {
+                Some("PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512") => {}
+                other => {
+                    return Err(refuse(
+                        "KAFKA_SASL_MECHANISM",
+                        other.unwrap_or(""),
+                        "expected PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with a sasl_ protocol",
+                    ));
+                }
+            }
+            if self.sasl_username.is_none() || self.sasl_password.is_none() {
+                return Err(refuse(
+                    "KAFKA_SASL_USERNAME",
+                    self.sasl_username.as_deref().unwrap_or(""),
+                    "a sasl_ protocol needs FLASHSALE_KAFKA_SASL_USERNAME and FLASHSALE_KAFKA_SASL_PASSWORD",
+                ));
+            }
+        }
+        let needs_openssl = tls || mechanism.is_some_and(|m| m.starts_with("SCRAM"));
+        if needs_openssl && !tls_built {
+            return Err(refuse(
+                "KAFKA_SECURITY_PROTOCOL",
+                &self.protocol,
+                "this build has no TLS or SCRAM: build with `--features flashsale-core/kafka-tls`",
+            ));
+        }
+        Ok(())
+    }
+
+    /// librdkafka's properties for these settings.
+    pub fn client_properties(&self) -> Vec<(&'static str, String)> {
+        let mut properties = vec![("security.protocol", self.protocol.clone())];
+        let optional = [
+            ("sasl.mechanism", &self.sasl_mechanism),
+            ("sasl.username", &self.sasl_username),
+            ("sasl.password", &self.sasl_password),
+            ("ssl.ca.location", &self.ssl_ca_location),
+        ];
+        properties.extend(
+            optional
+                .into_iter()
+                .filter_map(|(key, value)| value.clone().map(|v| (key, v))),
+        );
+        properties
+    }
 }
 
 impl KafkaSettings {
@@ -136,6 +276,8 @@ impl KafkaSettings {
                 n => Some(n),
             },
             debug: Some(env.string("KAFKA_DEBUG", "")).filter(|d| !d.is_empty()),
+            replication_factor: env.get("KAFKA_REPLICATION_FACTOR", 1)?,
+            security: KafkaSecurity::from_env(env)?,
         })
     }
 
@@ -253,6 +395,59 @@ mod tests {
         .unwrap();
         assert_eq!(k.topic("reservations"), "t1.reservations");
         assert_eq!(k.partitions, 6);
+    }
+
+    #[test]
+    fn a_managed_cluster_s_security_becomes_librdkafka_s_properties() {
+        let k = KafkaSettings::from_env(&env(&[
+            ("FLASHSALE_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+            ("FLASHSALE_KAFKA_SASL_MECHANISM", "plain"),
+            ("FLASHSALE_KAFKA_SASL_USERNAME", "shop"),
+            ("FLASHSALE_KAFKA_SASL_PASSWORD", "s3cret"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            k.security.client_properties(),
+            vec![
+                ("security.protocol", "sasl_plaintext".to_owned()),
+                ("sasl.mechanism", "PLAIN".to_owned()),
+                ("sasl.username", "shop".to_owned()),
+                ("sasl.password", "s3cret".to_owned()),
+            ]
+        );
+        assert!(
+            !format!("{k:?}").contains("s3cret"),
+            "the password is not logged"
+        );
+        let plain = KafkaSettings::from_env(&env(&[])).unwrap();
+        assert_eq!(
+            plain.security.client_properties(),
+            vec![("security.protocol", "plaintext".to_owned())]
+        );
+    }
+
+    #[test]
+    fn security_that_cannot_work_is_refused_with_what_to_do() {
+        let scram = KafkaSecurity {
+            protocol: "sasl_ssl".into(),
+            sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            sasl_username: Some("u".into()),
+            sasl_password: Some("p".into()),
+            ssl_ca_location: None,
+        };
+        assert!(scram.check(true).is_ok());
+        let err = scram.check(false).unwrap_err().to_string();
+        assert!(err.contains("--features flashsale-core/kafka-tls"), "{err}");
+        let no_password = KafkaSecurity {
+            sasl_password: None,
+            ..scram.clone()
+        };
+        let err = no_password.check(true).unwrap_err().to_string();
+        assert!(err.contains("FLASHSALE_KAFKA_SASL_PASSWORD"), "{err}");
+        let err = KafkaSettings::from_env(&env(&[("FLASHSALE_KAFKA_SECURITY_PROTOCOL", "tls")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("FLASHSALE_KAFKA_SECURITY_PROTOCOL"), "{err}");
     }
 
     #[test]

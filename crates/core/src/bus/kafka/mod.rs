@@ -76,6 +76,9 @@ pub fn base_config(settings: &KafkaSettings) -> ClientConfig {
     if let Some(contexts) = &settings.debug {
         config.set("debug", contexts);
     }
+    for (key, value) in settings.security.client_properties() {
+        config.set(key, value);
+    }
     config
 }
 
@@ -121,7 +124,11 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaFailure>
     };
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for name in wanted.iter().filter(|name| !existing.contains(name)) {
-        let new = NewTopic::new(name, settings.partitions, TopicReplication::Fixed(1));
+        let new = NewTopic::new(
+            name,
+            settings.partitions,
+            TopicReplication::Fixed(settings.replication_factor),
+        );
         let results = admin
             .create_topics([&new], &options)
             .await
