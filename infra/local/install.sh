@@ -55,7 +55,7 @@ if ! command -v wrk >/dev/null; then
 fi
 
 if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
-  log "installing python3 and its venv from Debian (scripts/check-k8s)"
+  log "installing python3 and its venv from Debian (scripts/check-infra)"
   apt_install python3 python3-venv
 fi
 

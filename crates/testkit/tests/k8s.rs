@@ -3,7 +3,7 @@
 //! lag of the group and topic that worker consumes, on the brokers it
 //! uses, and never scales it past the partitions of its topic; each
 //! service starts its configuration from the manifest's settings alone.
-//! The schemas themselves are `scripts/check-k8s`'s (run by
+//! The schemas themselves are `scripts/check-infra`'s (run by
 //! `./scripts/test`); this renders through it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failure here is the test's answer
@@ -21,10 +21,10 @@ fn repo() -> PathBuf {
 }
 
 fn render(variant: &str) -> Vec<Value> {
-    let out = std::process::Command::new(repo().join("scripts/check-k8s"))
+    let out = std::process::Command::new(repo().join("scripts/check-infra"))
         .args(["--render", variant])
         .output()
-        .expect("scripts/check-k8s runs");
+        .expect("scripts/check-infra runs");
     assert!(
         out.status.success(),
         "rendering {variant}: {}",
