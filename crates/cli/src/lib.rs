@@ -13,6 +13,7 @@ pub mod progress;
 pub mod recover;
 pub mod sale;
 pub mod sampler;
+pub mod setup;
 pub mod surge;
 pub mod thresholds;
 

@@ -30,7 +30,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create the Kafka topics and DynamoDB tables (services do it too, at start).
-    Setup,
+    Setup {
+        /// Change nothing: say whether the topics, tables and Redis are shaped
+        /// as the services expect, and what differs (then it fails).
+        #[arg(long)]
+        check: bool,
+    },
     /// Create, inspect, restock or close a sale.
     #[command(subcommand)]
     Sale(SaleCommand),
@@ -475,7 +480,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ = tokio::time::sleep(Duration::from_secs(2)) => println!(),
             }
         },
-        Command::Setup => {
+        Command::Setup { check: true } => {
+            let findings = flashsale_cli::setup::check(&config).await?;
+            for finding in &findings {
+                println!("{finding}");
+            }
+            let differ = findings
+                .iter()
+                .filter(|f| f.verdict == flashsale_cli::setup::Verdict::Differs)
+                .count();
+            anyhow::ensure!(
+                differ == 0,
+                "{differ} thing(s) differ from what the services expect"
+            );
+        }
+        Command::Setup { check: false } => {
             kafka::ensure_topics(&config.kafka).await?;
             Stores::connect(&config).await?;
             println!("topics and tables are in place");

@@ -117,10 +117,74 @@ pub async fn client(settings: &DynamoSettings) -> Client {
     Client::from_conf(builder.build())
 }
 
+/// Each table of the pipeline and its hash key (a string).
+pub fn expected_tables(tables: &Tables) -> [(&str, &'static str); 2] {
+    [(&tables.orders, "order_id"), (&tables.inventory, "sku")]
+}
+
+/// How an existing table is laid out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableShape {
+    /// The hash key's name and type (`S`), if it has one.
+    pub hash_key: Option<(String, String)>,
+    /// Whether it has a sort key (ours have none).
+    pub sort_key: bool,
+    /// `PAY_PER_REQUEST` or `PROVISIONED`.
+    pub billing: String,
+    pub active: bool,
+}
+
+/// The shape of `table`, `None` if it does not exist.
+pub async fn describe_table(
+    client: &Client,
+    table: &str,
+) -> Result<Option<TableShape>, DynamoError> {
+    let described = match client.describe_table().table_name(table).send().await {
+        Ok(described) => described,
+        Err(error)
+            if error
+                .as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) =>
+        {
+            return Ok(None);
+        }
+        Err(error) => return Err(DynamoError::from_sdk(error)),
+    };
+    let Some(table) = described.table() else {
+        return Ok(None);
+    };
+    let key_of = |kind: KeyType| {
+        table
+            .key_schema()
+            .iter()
+            .find(|k| *k.key_type() == kind)
+            .map(|k| k.attribute_name().to_owned())
+    };
+    let hash_key = key_of(KeyType::Hash).map(|name| {
+        let kind = table
+            .attribute_definitions()
+            .iter()
+            .find(|d| d.attribute_name() == name)
+            .map(|d| d.attribute_type().as_str().to_owned())
+            .unwrap_or_default();
+        (name, kind)
+    });
+    Ok(Some(TableShape {
+        hash_key,
+        sort_key: key_of(KeyType::Range).is_some(),
+        billing: table
+            .billing_mode_summary()
+            .and_then(|b| b.billing_mode())
+            .map_or("PROVISIONED", |m| m.as_str())
+            .to_owned(),
+        active: table.table_status() == Some(&TableStatus::Active),
+    }))
+}
+
 /// Creates `orders` and `inventory` if they do not exist, and waits until
 /// both are active. Safe to run from every service at start.
 pub async fn ensure_tables(client: &Client, tables: &Tables) -> Result<(), DynamoError> {
-    for (table, key) in [(&tables.orders, "order_id"), (&tables.inventory, "sku")] {
+    for (table, key) in expected_tables(tables) {
         let created = client
             .create_table()
             .table_name(table)

@@ -9,6 +9,7 @@
 //! is durable on the broker, which is what the gateway's `202` and every
 //! worker's offset commit rely on.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -82,6 +83,61 @@ pub fn base_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
+/// Every topic of the pipeline and its dead-letter twin, by full name.
+pub fn pipeline_topics(settings: &KafkaSettings) -> Vec<String> {
+    topic::ALL
+        .iter()
+        .flat_map(|base| {
+            let name = settings.topic(base);
+            [name.clone(), topic::dead_letter(&name)]
+        })
+        .collect()
+}
+
+/// How a topic is laid out on the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicShape {
+    pub partitions: usize,
+    /// The fewest replicas any of its partitions has.
+    pub replicas: usize,
+}
+
+/// The shape of each of `names` that exists. Asked topic by topic: tansu
+/// 0.6 drops the connection on a metadata request for all topics.
+pub async fn describe_topics(
+    settings: &KafkaSettings,
+    names: Vec<String>,
+) -> Result<BTreeMap<String, TopicShape>, KafkaFailure> {
+    let config = base_config(settings);
+    tokio::task::spawn_blocking(move || -> Result<_, KafkaError> {
+        let client: BaseConsumer = config.create()?;
+        let mut shapes = BTreeMap::new();
+        for name in names {
+            let metadata = client.fetch_metadata(Some(&name), Duration::from_secs(10))?;
+            let found = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty());
+            if let Some(topic) = found {
+                let shape = TopicShape {
+                    partitions: topic.partitions().len(),
+                    replicas: topic
+                        .partitions()
+                        .iter()
+                        .map(|p| p.replicas().len())
+                        .min()
+                        .unwrap_or(0),
+                };
+                shapes.insert(name, shape);
+            }
+        }
+        Ok(shapes)
+    })
+    .await
+    .map_err(|_| KafkaFailure::Unreachable(KafkaError::Canceled))?
+    .map_err(KafkaFailure::Unreachable)
+}
+
 /// Creates every topic of the pipeline and its dead-letter twin that does
 /// not exist yet. Safe to call from every service at start: once the topics
 /// exist it only reads metadata. Missing topics are created one request
@@ -91,39 +147,10 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaFailure>
     let admin: AdminClient<DefaultClientContext> = base_config(settings)
         .create()
         .map_err(KafkaFailure::Client)?;
-    let wanted: Vec<String> = topic::ALL
-        .iter()
-        .flat_map(|base| {
-            let name = settings.topic(base);
-            [name.clone(), topic::dead_letter(&name)]
-        })
-        .collect();
-    // Asked topic by topic: tansu 0.6 drops the connection on a metadata
-    // request for all topics.
-    let existing: Vec<String> = {
-        let config = base_config(settings);
-        let names = wanted.clone();
-        tokio::task::spawn_blocking(move || -> Result<Vec<String>, KafkaError> {
-            let client: BaseConsumer = config.create()?;
-            let mut existing = Vec::new();
-            for name in names {
-                let metadata = client.fetch_metadata(Some(&name), Duration::from_secs(10))?;
-                let found = metadata
-                    .topics()
-                    .iter()
-                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty());
-                if found {
-                    existing.push(name);
-                }
-            }
-            Ok(existing)
-        })
-        .await
-        .map_err(|_| KafkaFailure::Unreachable(KafkaError::Canceled))?
-        .map_err(KafkaFailure::Unreachable)?
-    };
+    let wanted = pipeline_topics(settings);
+    let existing = describe_topics(settings, wanted.clone()).await?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for name in wanted.iter().filter(|name| !existing.contains(name)) {
+    for name in wanted.iter().filter(|name| !existing.contains_key(*name)) {
         let new = NewTopic::new(
             name,
             settings.partitions,
