@@ -169,3 +169,32 @@ pub async fn ensure_topics(settings: &KafkaSettings) -> Result<(), KafkaFailure>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::settings::Env;
+    use crate::service::settings::{KAFKA_TLS_BUILT, KafkaSecurity, KafkaSettings};
+
+    /// librdkafka takes TLS and SCRAM settings exactly when this build says
+    /// it has them (`kafka-tls`), so the refusal at start is never wrong.
+    #[test]
+    fn librdkafka_takes_tls_settings_exactly_when_the_build_has_them() {
+        let mut settings =
+            KafkaSettings::from_env(&Env::from_map(Default::default())).expect("default settings");
+        settings.security = KafkaSecurity {
+            protocol: "sasl_ssl".into(),
+            sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            sasl_username: Some("shop".into()),
+            sasl_password: Some("secret".into()),
+            ssl_ca_location: None,
+        };
+        let made = base_config(&settings).create::<BaseConsumer>();
+        assert_eq!(
+            made.is_ok(),
+            KAFKA_TLS_BUILT,
+            "kafka-tls built: {KAFKA_TLS_BUILT}; librdkafka said {:?}",
+            made.err()
+        );
+    }
+}
