@@ -20,7 +20,14 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The objects of `variant`, rendered once for all the tests here.
 fn render(variant: &str) -> Vec<Value> {
+    static RENDERED: std::sync::LazyLock<HashMap<&str, Vec<Value>>> =
+        std::sync::LazyLock::new(|| VARIANTS.into_iter().map(|v| (v, render_now(v))).collect());
+    RENDERED[variant].clone()
+}
+
+fn render_now(variant: &str) -> Vec<Value> {
     let out = std::process::Command::new(repo().join("scripts/check-infra"))
         .args(["--render", variant])
         .output()

@@ -354,9 +354,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// consumer, on a blocking thread, giving up after `CLOSE_TIMEOUT`.
 async fn close(consumer: Arc<WorkConsumer>) {
     let closing = tokio::task::spawn_blocking(move || {
-        if !consumer.assignment_lost() {
-            commit_done(&*consumer, &consumer.context().work, None);
-        }
+        commit_done(&*consumer, None);
         consumer.unsubscribe();
         drop(consumer);
     });
@@ -634,12 +632,16 @@ fn acknowledge(ended: Result<bool, tokio::task::JoinError>) -> bool {
 
 /// Commits, synchronously, how far the partitions (of `only`, or all) are
 /// done past what this member committed; returns how many it committed.
-fn commit_done<C: Consumer<X>, X: ConsumerContext>(
+/// Nothing while the member's assignment is lost: another member may own
+/// those partitions now and have gone further.
+fn commit_done<C: Consumer<RebalanceContext>>(
     consumer: &C,
-    work: &PartitionWork,
     only: Option<&[TopicPartition]>,
 ) -> usize {
-    work.commit_done(only, |due| {
+    if consumer.assignment_lost() {
+        return 0;
+    }
+    consumer.context().work.commit_done(only, |due| {
         let mut list = TopicPartitionList::new();
         for ((topic, partition), next) in due {
             if let Err(error) = list.add_partition_offset(topic, *partition, Offset::Offset(*next))
@@ -680,15 +682,7 @@ async fn commit_regularly(
             }
             Turn::Holding => continue,
         }
-        if member.assignment_lost() {
-            continue;
-        }
-        let committing = tokio::task::spawn_blocking(move || {
-            // Looked at again here, just before the commit goes.
-            if !member.assignment_lost() {
-                commit_done(&*member, &member.context().work, None);
-            }
-        });
+        let committing = tokio::task::spawn_blocking(move || commit_done(&*member, None));
         if let Err(error) = committing.await {
             tracing::warn!(%error, "the commit task was lost");
         }
@@ -749,7 +743,7 @@ impl ConsumerContext for RebalanceContext {
                     "work of revoked partitions did not finish in time; the next owner runs it again"
                 );
             }
-            let committed = commit_done(consumer, &self.work, Some(&partitions));
+            let committed = commit_done(consumer, Some(&partitions));
             self.work.forget(&partitions);
             committed
         });
