@@ -39,6 +39,12 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
   # Debian starts its own Redis on 6379; the project never uses it.
 fi
 
+# The Redis TLS tests make their CA and certificates with it.
+if ! command -v openssl >/dev/null; then
+  log "installing openssl from Debian"
+  apt_install openssl
+fi
+
 if ! command -v chromium >/dev/null; then
   log "installing chromium from Debian (the HTML report's render test)"
   apt_install chromium

@@ -49,6 +49,7 @@ fn settings(backend: Backend) -> RedisSettings {
         retention: Duration::from_secs(24 * 3600),
         cluster_nodes,
         sales_key: flashsale_core::service::settings::sales_key("stock-scripts"),
+        access: Default::default(),
     }
 }
 

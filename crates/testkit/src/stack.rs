@@ -300,6 +300,12 @@ impl ServiceProcess {
     }
 }
 
+impl From<std::process::Child> for ServiceProcess {
+    fn from(child: std::process::Child) -> Self {
+        Self(child)
+    }
+}
+
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill();

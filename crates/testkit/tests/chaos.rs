@@ -137,6 +137,7 @@ async fn a_redis_connection_answers_again_soon_after_a_cut_heals() {
         retention: Duration::from_secs(60),
         cluster_nodes: Vec::new(),
         sales_key: "fs:sales:chaos-test".into(),
+        access: Default::default(),
     };
     let conn = redis_conn::connect(&settings).await.unwrap();
     let ping = |mut conn: redis_conn::RedisConn| async move {

@@ -47,12 +47,26 @@ fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind}/{name}"))
 }
 
-/// The settings a Deployment's container runs with: its ConfigMaps and its
-/// own `env`, as the service reads them.
+/// The settings a Deployment's container runs with, as the service reads
+/// them.
 fn settings_of(objects: &[Value], deployment: &Value) -> Env {
+    let mut vars = environment_of(objects, deployment);
+    vars.retain(|name, _| name.starts_with("FLASHSALE_"));
+    Env::from_map(vars)
+}
+
+/// A Deployment's container's whole environment: its ConfigMaps and its
+/// own `env`.
+fn environment_of(objects: &[Value], deployment: &Value) -> HashMap<String, String> {
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let mut vars = HashMap::new();
     for source in container["envFrom"].as_array().into_iter().flatten() {
+        if let Some(secret) = source["secretRef"]["name"].as_str() {
+            // Not in the manifests (the operator creates it): a pod must
+            // start without it.
+            assert_eq!(source["secretRef"]["optional"], true, "secret {secret}");
+            continue;
+        }
         let map = named(
             objects,
             "ConfigMap",
@@ -68,8 +82,7 @@ fn settings_of(objects: &[Value], deployment: &Value) -> Env {
             var["value"].as_str().unwrap().to_owned(),
         );
     }
-    vars.retain(|name, _| name.starts_with("FLASHSALE_"));
-    Env::from_map(vars)
+    vars
 }
 
 /// What a worker's configuration, read from its manifest, consumes.
@@ -261,6 +274,107 @@ fn the_image_carries_every_service_binary_and_what_they_link() {
                 provided.contains(&file),
                 "{binary} links {library}, which the image lacks"
             );
+        }
+    }
+}
+
+/// The settings that say where the parts are: the only ones the next test
+/// changes, to the test stack's.
+fn test_stack_addresses() -> [(&'static str, String); 4] {
+    let var =
+        |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}: run ./scripts/test"));
+    [
+        (
+            "FLASHSALE_KAFKA_BOOTSTRAP",
+            var("FLASHSALE_KAFKA_BOOTSTRAP"),
+        ),
+        // The base's Redis is a cluster, as is the test stack's second one.
+        (
+            "FLASHSALE_REDIS_CLUSTER_NODES",
+            var("FLASHSALE_TEST_REDIS_CLUSTER_NODES"),
+        ),
+        (
+            "FLASHSALE_DYNAMODB_ENDPOINT",
+            var("FLASHSALE_DYNAMODB_ENDPOINT"),
+        ),
+        ("FLASHSALE_PAYMENT_URL", "http://127.0.0.1:9".to_owned()),
+    ]
+}
+
+/// The HTTP status of `GET path` on `addr`, if it answers.
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    answer.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Each service binary, started with an empty environment but for its
+/// Deployment's (the base's: a Redis Cluster, 12 partitions, real
+/// DynamoDB's settings), where only the parts' addresses are the test
+/// stack's, becomes ready: it needs no setting the manifests do not give.
+#[test]
+fn every_service_becomes_ready_on_its_manifest_settings_alone() {
+    let objects = render("base");
+    let prefix = format!("k8s-{}.", uuid::Uuid::now_v7().simple());
+    let mut services = Vec::new();
+    for deployment in objects.iter().filter(|o| o["kind"] == "Deployment") {
+        let name = deployment["metadata"]["name"].as_str().unwrap().to_owned();
+        let mut vars = environment_of(&objects, deployment);
+        for (setting, address) in test_stack_addresses() {
+            assert!(
+                vars.contains_key(setting),
+                "{name}: no {setting} to replace"
+            );
+            vars.insert(setting.to_owned(), address);
+        }
+        // Its own topics and groups, apart from the other tests'.
+        vars.insert("FLASHSALE_TOPIC_PREFIX".to_owned(), prefix.clone());
+        // Where it listens: the manifest's port is every pod's, not free here.
+        let listen = vars
+            .keys()
+            .find(|k| k.ends_with("_ADDR"))
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} names no address to listen on"));
+        let addr = format!("127.0.0.1:{}", flashsale_testkit::free_port().unwrap());
+        vars.insert(listen, addr.clone());
+        let command = deployment["spec"]["template"]["spec"]["containers"][0]["command"][0]
+            .as_str()
+            .unwrap();
+        let binary = command.rsplit('/').next().unwrap();
+        let child = std::process::Command::new(flashsale_testkit::service_binary(binary))
+            .env_clear()
+            .envs(&vars)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        services.push((name, addr, flashsale_testkit::ServiceProcess::from(child)));
+    }
+    assert_eq!(services.len(), 3, "gateway, shop-worker, order-worker");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    for (name, addr, process) in &mut services {
+        while http_status(addr, "/readyz") != Some(200) {
+            assert!(
+                process.exited().is_none(),
+                "{name} exited: {:?}",
+                process.exited()
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} on {addr} not ready within 90 s: /readyz {:?}",
+                http_status(addr, "/readyz")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
 }

@@ -7,11 +7,14 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use redis::{
+    Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, TlsCertificates, Value,
+};
 
-use crate::service::settings::RedisSettings;
+use crate::service::settings::{RedisAccess, RedisSettings};
 
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -87,7 +90,25 @@ fn breaks_the_connection(error: &RedisError) -> bool {
 
 impl Single {
     async fn new(client: redis::Client) -> RedisResult<Self> {
-        let manager = ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
+        // The manager retries its first connection itself and, for some
+        // failures (a certificate nobody vouches for), never stops: one
+        // plain connection first fails fast and says why, so a service
+        // started with a wrong CA logs the reason instead of hanging.
+        let first = AsyncConnectionConfig::new()
+            .set_connection_timeout(CONNECTION_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT);
+        tokio::time::timeout(
+            REPLACE_TIMEOUT,
+            client.get_multiplexed_async_connection_with_config(&first),
+        )
+        .await
+        .map_err(|_| timed_out("a first connection", REPLACE_TIMEOUT))??;
+        let manager = tokio::time::timeout(
+            REPLACE_TIMEOUT,
+            ConnectionManager::new_with_config(client.clone(), manager_config()),
+        )
+        .await
+        .map_err(|_| timed_out("a new connection", REPLACE_TIMEOUT))??;
         Ok(Self {
             client,
             current: Mutex::new(Generation {
@@ -171,18 +192,60 @@ impl Single {
 
 /// Connects as the settings say: to the cluster when seed nodes are given,
 /// else to the single Redis at the URL.
+///
+/// TLS is the URLs' `rediss://`; the access settings add the user, the
+/// password and the CA to trust instead of the system's roots.
 pub async fn connect(settings: &RedisSettings) -> Result<RedisConn, redis::RedisError> {
+    let access = &settings.access;
+    let certificates = trusted_ca(access)?.map(|root_cert| TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    });
     if settings.cluster_nodes.is_empty() {
-        let client = redis::Client::open(settings.url.as_str())?;
+        let mut info = settings.url.as_str().into_connection_info()?;
+        if let Some(username) = &access.username {
+            info.redis.username = Some(username.clone());
+        }
+        if let Some(password) = &access.password {
+            info.redis.password = Some(password.clone());
+        }
+        let client = match certificates {
+            Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
+            None => redis::Client::open(info)?,
+        };
         Ok(RedisConn::Single(Arc::new(Single::new(client).await?)))
     } else {
-        let client = redis::cluster::ClusterClientBuilder::new(settings.cluster_nodes.clone())
+        let mut builder = redis::cluster::ClusterClientBuilder::new(settings.cluster_nodes.clone())
             .connection_timeout(CONNECTION_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT)
-            .retries(3)
-            .build()?;
-        Ok(RedisConn::Cluster(client.get_async_connection().await?))
+            .retries(3);
+        if let Some(username) = &access.username {
+            builder = builder.username(username.clone());
+        }
+        if let Some(password) = &access.password {
+            builder = builder.password(password.clone());
+        }
+        if let Some(certificates) = certificates {
+            builder = builder.certs(certificates);
+        }
+        Ok(RedisConn::Cluster(
+            builder.build()?.get_async_connection().await?,
+        ))
     }
+}
+
+/// The PEM bundle of `FLASHSALE_REDIS_CA_FILE`, read once at connection.
+fn trusted_ca(access: &RedisAccess) -> Result<Option<Vec<u8>>, RedisError> {
+    let Some(path) = &access.ca_file else {
+        return Ok(None);
+    };
+    std::fs::read(path).map(Some).map_err(|error| {
+        std::io::Error::new(
+            error.kind(),
+            format!("FLASHSALE_REDIS_CA_FILE {path} cannot be read: {error}"),
+        )
+        .into()
+    })
 }
 
 impl std::fmt::Debug for RedisConn {

@@ -300,7 +300,7 @@ pub fn sales_key(topic_prefix: &str) -> String {
 }
 
 /// The Redis that holds stock, reservations and purchase status.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisSettings {
     /// `FLASHSALE_REDIS_URL`.
     pub url: String,
@@ -318,11 +318,77 @@ pub struct RedisSettings {
     /// Redis (the tests do); each must sweep, and announce the line of,
     /// only its own sales, whose reservations go to its own topics.
     pub sales_key: String,
+    /// Who the services are to Redis, and whom they trust over TLS.
+    pub access: RedisAccess,
+}
+
+/// AUTH and TLS for a managed Redis (ElastiCache with in-transit
+/// encryption and RBAC, Valkey with ACLs). TLS itself is the `rediss://`
+/// scheme of the URLs; these say who we are and which CA signs the server.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisAccess {
+    /// `FLASHSALE_REDIS_USERNAME`: an ACL user; unset means the URL's, or
+    /// Redis's `default` user.
+    pub username: Option<String>,
+    /// `FLASHSALE_REDIS_PASSWORD`: kept out of the URL so that it can come
+    /// from a Secret while the URL stays in the ConfigMap; overrides the
+    /// URL's.
+    pub password: Option<String>,
+    /// `FLASHSALE_REDIS_CA_FILE`: a PEM bundle trusted instead of the
+    /// system's roots (a private CA); ElastiCache's certificates need none.
+    pub ca_file: Option<String>,
+}
+
+impl fmt::Debug for RedisAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisAccess")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &without_password(&self.url))
+            .field("retention", &self.retention)
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|n| without_password(n))
+                    .collect::<Vec<_>>(),
+            )
+            .field("sales_key", &self.sales_key)
+            .field("access", &self.access)
+            .finish()
+    }
+}
+
+/// `url` with the password of its user info, if any, hidden: for logs and
+/// messages.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info
+                .split_once(':')
+                .map_or(user_info, |(user, _)| user);
+            format!("{scheme}://{user}:<hidden>@{host}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 impl RedisSettings {
     pub fn from_env(env: &Env) -> Result<Self, SettingError> {
-        Ok(Self {
+        let optional = |suffix: &str| Some(env.string(suffix, "")).filter(|v| !v.is_empty());
+        let settings = Self {
             url: env.string("REDIS_URL", "redis://127.0.0.1:16379"),
             retention: env.millis("REQUEST_RETENTION_MS", 24 * 3600 * 1000)?,
             cluster_nodes: env
@@ -333,15 +399,66 @@ impl RedisSettings {
                 .map(str::to_owned)
                 .collect(),
             sales_key: sales_key(&env.string("TOPIC_PREFIX", "")),
-        })
+            access: RedisAccess {
+                username: optional("REDIS_USERNAME"),
+                password: optional("REDIS_PASSWORD"),
+                ca_file: optional("REDIS_CA_FILE"),
+            },
+        };
+        settings.check()?;
+        Ok(settings)
     }
 
-    /// Where Redis is, for messages to a person.
+    /// The URLs connected to: the cluster's seed nodes, or the single URL.
+    pub fn urls(&self) -> Vec<&str> {
+        if self.cluster_nodes.is_empty() {
+            vec![self.url.as_str()]
+        } else {
+            self.cluster_nodes.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// Whether the connections are TLS (`rediss://`).
+    pub fn tls(&self) -> bool {
+        self.urls().iter().any(|url| url.starts_with("rediss://"))
+    }
+
+    /// Refuses what would connect in a way nobody meant: a CA for plain
+    /// connections (the operator expects TLS and would not get it), or a
+    /// cluster half TLS and half plain.
+    pub fn check(&self) -> Result<(), SettingError> {
+        let urls = self.urls();
+        let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+        if tls != 0 && tls != urls.len() {
+            return Err(SettingError {
+                name: "FLASHSALE_REDIS_CLUSTER_NODES".to_owned(),
+                value: self.cluster_nodes.join(","),
+                problem: "every node must be rediss:// or every node redis://".to_owned(),
+            });
+        }
+        if let Some(ca_file) = &self.access.ca_file
+            && tls == 0
+        {
+            return Err(SettingError {
+                name: "FLASHSALE_REDIS_CA_FILE".to_owned(),
+                value: ca_file.clone(),
+                problem: "a CA is only used over TLS: give the Redis URLs as rediss://".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Where Redis is, for messages to a person (no password).
     pub fn describe(&self) -> String {
         if self.cluster_nodes.is_empty() {
-            self.url.clone()
+            without_password(&self.url)
         } else {
-            format!("the cluster at {}", self.cluster_nodes.join(","))
+            let nodes: Vec<String> = self
+                .cluster_nodes
+                .iter()
+                .map(|n| without_password(n))
+                .collect();
+            format!("the cluster at {}", nodes.join(","))
         }
     }
 }
@@ -382,6 +499,64 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         )
+    }
+
+    #[test]
+    fn redis_access_comes_from_its_own_settings_and_no_password_is_shown() {
+        let r = RedisSettings::from_env(&env(&[
+            (
+                "FLASHSALE_REDIS_URL",
+                "rediss://:in-the-url@cache.example:6379",
+            ),
+            ("FLASHSALE_REDIS_USERNAME", "flashsale"),
+            ("FLASHSALE_REDIS_PASSWORD", "from-a-secret"),
+            ("FLASHSALE_REDIS_CA_FILE", "/etc/flashsale/redis-ca.pem"),
+        ]))
+        .unwrap();
+        assert!(r.tls());
+        assert_eq!(
+            r.access,
+            RedisAccess {
+                username: Some("flashsale".into()),
+                password: Some("from-a-secret".into()),
+                ca_file: Some("/etc/flashsale/redis-ca.pem".into()),
+            }
+        );
+        let shown = format!("{r:?} {}", r.describe());
+        assert!(
+            !shown.contains("from-a-secret") && !shown.contains("in-the-url"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("rediss://:<hidden>@cache.example:6379"),
+            "{shown}"
+        );
+        assert!(!RedisSettings::from_env(&env(&[])).unwrap().tls());
+    }
+
+    #[test]
+    fn redis_settings_that_would_not_do_what_they_say_are_refused() {
+        let ca_without_tls = RedisSettings::from_env(&env(&[(
+            "FLASHSALE_REDIS_CA_FILE",
+            "/etc/flashsale/redis-ca.pem",
+        )]))
+        .unwrap_err();
+        assert_eq!(ca_without_tls.name, "FLASHSALE_REDIS_CA_FILE");
+        let half_tls = RedisSettings::from_env(&env(&[(
+            "FLASHSALE_REDIS_CLUSTER_NODES",
+            "rediss://10.0.0.1:6379,redis://10.0.0.2:6379",
+        )]))
+        .unwrap_err();
+        assert_eq!(half_tls.name, "FLASHSALE_REDIS_CLUSTER_NODES");
+        let cluster_tls = RedisSettings::from_env(&env(&[
+            (
+                "FLASHSALE_REDIS_CLUSTER_NODES",
+                "rediss://10.0.0.1:6379,rediss://10.0.0.2:6379",
+            ),
+            ("FLASHSALE_REDIS_CA_FILE", "/etc/flashsale/redis-ca.pem"),
+        ]))
+        .unwrap();
+        assert!(cluster_tls.tls());
     }
 
     #[test]
