@@ -183,8 +183,20 @@ pub async fn describe_table(
 
 /// Creates `orders` and `inventory` if they do not exist, and waits until
 /// both are active. Safe to run from every service at start.
+///
+/// It looks before it creates: tables made beforehand (by
+/// `infra/aws/dynamodb.yaml`) are only described, so a service's policy
+/// needs `DescribeTable` and not `CreateTable`.
 pub async fn ensure_tables(client: &Client, tables: &Tables) -> Result<(), DynamoError> {
     for (table, key) in expected_tables(tables) {
+        match describe_table(client, table).await? {
+            Some(shape) if shape.active => continue,
+            Some(_) => {
+                wait_active(client, table).await?;
+                continue;
+            }
+            None => {}
+        }
         let created = client
             .create_table()
             .table_name(table)
