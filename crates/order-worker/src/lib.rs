@@ -36,6 +36,10 @@ use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
+/// How long a stopping order-worker lets its sagas in flight finish (a
+/// charge may wait on the processor) before it commits and leaves its group.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Settings of one order-worker.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -308,7 +312,7 @@ pub async fn start(
         group,
         topics,
         max_in_flight: config.concurrency.max(1),
-        drain_timeout: Duration::from_secs(30),
+        drain_timeout: DRAIN_TIMEOUT,
         // While the payment breaker is open, reservations wait in Kafka.
         pause: Some(paused),
     };

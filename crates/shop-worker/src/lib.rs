@@ -26,6 +26,10 @@ use flashsale_core::{service::ops, service::retry};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 use tokio_util::sync::CancellationToken;
 
+/// How long a stopping shop-worker lets its in-flight publications finish
+/// before it commits and leaves its group.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Settings of one shop-worker.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -217,7 +221,7 @@ pub async fn start(
         group,
         topics,
         max_in_flight: config.max_in_flight,
-        drain_timeout: Duration::from_secs(10),
+        drain_timeout: DRAIN_TIMEOUT,
         pause: None,
     };
     let progress = Arc::new(sweep::SweepProgress::new(config.sweep_interval));

@@ -2,7 +2,8 @@
 //! with the settings they give them: each worker's ScaledObject reads the
 //! lag of the group and topic that worker consumes, on the brokers it
 //! uses, and never scales it past the partitions of its topic; each
-//! service starts its configuration from the manifest's settings alone.
+//! service starts from the manifest's settings alone, and each pod is
+//! given longer to stop than its service takes.
 //! The schemas themselves are `scripts/check-infra`'s (run by
 //! `./scripts/test`); this renders through it.
 
@@ -375,6 +376,50 @@ fn every_service_becomes_ready_on_its_manifest_settings_alone() {
                 http_status(addr, "/readyz")
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// Kubernetes kills a container `terminationGracePeriodSeconds` after it
+/// starts stopping it, its preStop included: each service must have
+/// finished stopping well before, or its in-flight work is cut (and
+/// redelivered) on every scale-in and rollout.
+#[test]
+fn each_pod_is_given_longer_to_stop_than_its_service_takes() {
+    use std::time::Duration;
+
+    use flashsale_testkit::flashsale_core::bus::consumer::CLOSE_TIMEOUT;
+
+    for variant in VARIANTS {
+        let objects = render(variant);
+        for deployment in objects.iter().filter(|o| o["kind"] == "Deployment") {
+            let name = deployment["metadata"]["name"].as_str().unwrap();
+            let pod = &deployment["spec"]["template"]["spec"];
+            // Kubernetes's default when a manifest says nothing.
+            let grace =
+                Duration::from_secs(pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30));
+            let pre_stop = Duration::from_secs(
+                pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+                    .as_u64()
+                    .unwrap_or(0),
+            );
+            let env = settings_of(&objects, deployment);
+            let stopping = match name {
+                // It finishes the requests it holds: a long poll, or a
+                // purchase waiting for Kafka.
+                "gateway" => {
+                    let config = flashsale_gateway::Config::from_env(&env).unwrap();
+                    config.max_wait.max(config.request_timeout)
+                }
+                "shop-worker" => flashsale_shop_worker::DRAIN_TIMEOUT + CLOSE_TIMEOUT,
+                "order-worker" => flashsale_order_worker::DRAIN_TIMEOUT + CLOSE_TIMEOUT,
+                "payment-stub" => Duration::ZERO,
+                other => panic!("{variant}: a Deployment of no service: {other}"),
+            };
+            assert!(
+                grace > pre_stop + stopping,
+                "{variant}: {name} gets {grace:?} to stop; its preStop {pre_stop:?} and stopping {stopping:?} need more"
+            );
         }
     }
 }

@@ -347,8 +347,9 @@ async fn drain(pending: &mut Pending, timeout: Duration) -> bool {
 
 /// How long closing a consumer may take: librdkafka's close can hang when
 /// the broker is gone (rust-rdkafka #611, #453), and a worker must still
-/// stop or rejoin.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// stop or rejoin. A stopping worker takes at most its drain timeout plus
+/// this (the Deployments' grace periods are checked against the sum).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Commits how far the partitions got, leaves the group and drops the
 /// consumer, on a blocking thread, giving up after `CLOSE_TIMEOUT`.
