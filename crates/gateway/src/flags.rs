@@ -29,6 +29,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use flashsale_core::ids::{RequestId, Sku};
+use flashsale_core::service::redis_conn;
 use flashsale_core::service::settings::RedisSettings;
 use flashsale_core::status::board::STATUS_CHANNEL;
 use flashsale_core::stock::{ADMITTED_CHANNEL, FLAGS_CHANNEL, SkuFlags, StockStore};
@@ -223,9 +224,7 @@ pub async fn follow(
         };
         node += 1;
         let subscribed = async {
-            let mut pubsub = redis::Client::open(url.as_str())?
-                .get_async_pubsub()
-                .await?;
+            let mut pubsub = redis_conn::client(&redis, &url)?.get_async_pubsub().await?;
             pubsub.subscribe(FLAGS_CHANNEL).await?;
             pubsub.subscribe(ADMITTED_CHANNEL).await?;
             pubsub.subscribe(STATUS_CHANNEL).await?;

@@ -196,25 +196,11 @@ impl Single {
 /// TLS is the URLs' `rediss://`; the access settings add the user, the
 /// password and the CA to trust instead of the system's roots.
 pub async fn connect(settings: &RedisSettings) -> Result<RedisConn, redis::RedisError> {
-    let access = &settings.access;
-    let certificates = trusted_ca(access)?.map(|root_cert| TlsCertificates {
-        client_tls: None,
-        root_cert: Some(root_cert),
-    });
     if settings.cluster_nodes.is_empty() {
-        let mut info = settings.url.as_str().into_connection_info()?;
-        if let Some(username) = &access.username {
-            info.redis.username = Some(username.clone());
-        }
-        if let Some(password) = &access.password {
-            info.redis.password = Some(password.clone());
-        }
-        let client = match certificates {
-            Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
-            None => redis::Client::open(info)?,
-        };
+        let client = client(settings, &settings.url)?;
         Ok(RedisConn::Single(Arc::new(Single::new(client).await?)))
     } else {
+        let access = &settings.access;
         let mut builder = redis::cluster::ClusterClientBuilder::new(settings.cluster_nodes.clone())
             .connection_timeout(CONNECTION_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT)
@@ -225,7 +211,7 @@ pub async fn connect(settings: &RedisSettings) -> Result<RedisConn, redis::Redis
         if let Some(password) = &access.password {
             builder = builder.password(password.clone());
         }
-        if let Some(certificates) = certificates {
+        if let Some(certificates) = trusted_ca(access)? {
             builder = builder.certs(certificates);
         }
         Ok(RedisConn::Cluster(
@@ -234,12 +220,35 @@ pub async fn connect(settings: &RedisSettings) -> Result<RedisConn, redis::Redis
     }
 }
 
-/// The PEM bundle of `FLASHSALE_REDIS_CA_FILE`, read once at connection.
-fn trusted_ca(access: &RedisAccess) -> Result<Option<Vec<u8>>, RedisError> {
+/// A client of the one node at `url` (the single Redis, or a cluster node
+/// for a subscription) with the settings' user, password and CA: what
+/// every connection to Redis is made from.
+pub fn client(settings: &RedisSettings, url: &str) -> Result<redis::Client, RedisError> {
+    let access = &settings.access;
+    let mut info = url.into_connection_info()?;
+    if let Some(username) = &access.username {
+        info.redis.username = Some(username.clone());
+    }
+    if let Some(password) = &access.password {
+        info.redis.password = Some(password.clone());
+    }
+    match trusted_ca(access)? {
+        Some(certificates) => redis::Client::build_with_tls(info, certificates),
+        None => redis::Client::open(info),
+    }
+}
+
+/// The PEM bundle of `FLASHSALE_REDIS_CA_FILE`, read at each connection
+/// (a rotated CA is picked up by the next one).
+fn trusted_ca(access: &RedisAccess) -> Result<Option<TlsCertificates>, RedisError> {
     let Some(path) = &access.ca_file else {
         return Ok(None);
     };
-    std::fs::read(path).map(Some).map_err(|error| {
+    let trusted = |root_cert| TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    };
+    std::fs::read(path).map(trusted).map(Some).map_err(|error| {
         std::io::Error::new(
             error.kind(),
             format!("FLASHSALE_REDIS_CA_FILE {path} cannot be read: {error}"),

@@ -11,11 +11,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flashsale_core::bus::messages::{PurchaseRequest, SCHEMA_VERSION};
-use flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
-use flashsale_core::service::redis_conn::{self, RedisConn};
-use flashsale_core::service::settings::{RedisAccess, RedisSettings};
-use flashsale_core::stock::{CommitOutcome, OpenOutcome, ReserveOutcome, SaleRules, StockStore};
+use flashsale_testkit::flashsale_core::bus::messages::{PurchaseRequest, SCHEMA_VERSION};
+use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
+use flashsale_testkit::flashsale_core::service::redis_conn::{self, RedisConn};
+use flashsale_testkit::flashsale_core::service::settings::{self, RedisAccess, RedisSettings};
+use flashsale_testkit::flashsale_core::stock::{
+    CommitOutcome, OpenOutcome, ReserveOutcome, SaleRules, StockStore,
+};
+use flashsale_testkit::{env_with, free_port, service_binary};
 
 const USER: &str = "flashsale";
 const PASSWORD: &str = "a-long-test-secret";
@@ -110,14 +113,6 @@ impl Drop for TlsRedis {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl TlsRedis {
     /// One node, or `nodes` masters of a cluster whose bus is TLS as well.
     fn start(name: &str, nodes: usize, cluster: bool) -> Self {
@@ -132,7 +127,7 @@ impl TlsRedis {
             dir: dir.clone(),
         };
         for _ in 0..nodes {
-            let port = free_port();
+            let port = free_port().unwrap();
             let node_dir = dir.join(port.to_string());
             std::fs::create_dir_all(&node_dir).unwrap();
             // Only the named user: a client that does not AUTH as it can
@@ -159,7 +154,7 @@ impl TlsRedis {
             if cluster {
                 command
                     .args(["--cluster-enabled", "yes", "--tls-cluster", "yes"])
-                    .args(["--cluster-port", &free_port().to_string()])
+                    .args(["--cluster-port", &free_port().unwrap().to_string()])
                     .args(["--cluster-node-timeout", "5000"]);
             }
             redis
@@ -231,7 +226,7 @@ impl TlsRedis {
             url: urls[0].clone(),
             retention: Duration::from_secs(3600),
             cluster_nodes: if cluster { urls } else { Vec::new() },
-            sales_key: flashsale_core::service::settings::sales_key("redis-tls"),
+            sales_key: settings::sales_key("redis-tls"),
             access,
         }
     }
@@ -393,4 +388,48 @@ async fn tls_redis_refuses_an_unknown_ca_a_wrong_password_and_plain_text() {
     );
     let error = refused(&missing_ca).await;
     assert!(error.contains("FLASHSALE_REDIS_CA_FILE"), "{error}");
+}
+
+/// The gateway's second connection to Redis, its subscription to flag and
+/// status changes (what wakes long polls and shuts a sold-out sku's door
+/// without a Redis call), goes over TLS as the same user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_follows_flags_over_tls_as_an_acl_user() {
+    let redis = TlsRedis::start("gateway", 1, false);
+    let access = redis.access();
+    let addr = format!("127.0.0.1:{}", free_port().unwrap());
+    let env = env_with(&[
+        ("FLASHSALE_REDIS_URL", redis.urls()[0].clone()),
+        ("FLASHSALE_REDIS_CLUSTER_NODES", String::new()),
+        ("FLASHSALE_REDIS_USERNAME", USER.to_owned()),
+        ("FLASHSALE_REDIS_PASSWORD", PASSWORD.to_owned()),
+        ("FLASHSALE_REDIS_CA_FILE", access.ca_file.clone().unwrap()),
+        (
+            "FLASHSALE_TOPIC_PREFIX",
+            format!("tls-{}.", uuid::Uuid::now_v7().simple()),
+        ),
+        ("FLASHSALE_GATEWAY_ADDR", addr.clone()),
+    ]);
+    let gateway = Command::new(service_binary("gateway"))
+        .envs(env.vars())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _gateway = flashsale_testkit::ServiceProcess::from(gateway);
+
+    flashsale_testkit::eventually(
+        "the gateway subscribed to flag changes",
+        Duration::from_secs(30),
+        || {
+            let url = format!("http://{addr}/metrics");
+            async move {
+                let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+                text.lines()
+                    .any(|line| line == "gateway_flags_subscribed 1")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
 }
