@@ -279,9 +279,10 @@ fn the_image_carries_every_service_binary_and_what_they_link() {
     }
 }
 
-/// The settings that say where the parts are: the only ones the next test
-/// changes, to the test stack's.
-fn test_stack_addresses() -> [(&'static str, String); 4] {
+/// The settings that say where the parts are (and where the payment
+/// stub keeps its ledger): the only ones the next test changes, to the test
+/// stack's, each where the manifest has it.
+fn test_stack_addresses(ledger: &std::path::Path) -> [(&'static str, String); 6] {
     let var =
         |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}: run ./scripts/test"));
     [
@@ -289,16 +290,22 @@ fn test_stack_addresses() -> [(&'static str, String); 4] {
             "FLASHSALE_KAFKA_BOOTSTRAP",
             var("FLASHSALE_KAFKA_BOOTSTRAP"),
         ),
-        // The base's Redis is a cluster, as is the test stack's second one.
+        // The base's Redis is a cluster, as is the test stack's second one;
+        // the local overlay's a single one.
         (
             "FLASHSALE_REDIS_CLUSTER_NODES",
             var("FLASHSALE_TEST_REDIS_CLUSTER_NODES"),
         ),
+        ("FLASHSALE_REDIS_URL", var("FLASHSALE_REDIS_URL")),
         (
             "FLASHSALE_DYNAMODB_ENDPOINT",
             var("FLASHSALE_DYNAMODB_ENDPOINT"),
         ),
         ("FLASHSALE_PAYMENT_URL", "http://127.0.0.1:9".to_owned()),
+        (
+            "FLASHSALE_PAYMENT_LEDGER",
+            ledger.to_string_lossy().into_owned(),
+        ),
     ]
 }
 
@@ -321,22 +328,40 @@ fn http_status(addr: &str, path: &str) -> Option<u16> {
 
 /// Each service binary, started with an empty environment but for its
 /// Deployment's (the base's: a Redis Cluster, 12 partitions, real
-/// DynamoDB's settings), where only the parts' addresses are the test
-/// stack's, becomes ready: it needs no setting the manifests do not give.
+/// DynamoDB's settings; the local overlay's: one Redis, the payment stub),
+/// where only the parts' addresses are the test stack's, becomes ready: it
+/// needs no setting the manifests do not give.
 #[test]
 fn every_service_becomes_ready_on_its_manifest_settings_alone() {
-    let objects = render("base");
+    for variant in ["base", "overlays/local"] {
+        services_become_ready(variant);
+    }
+}
+
+fn services_become_ready(variant: &str) {
+    let objects = render(variant);
     let prefix = format!("k8s-{}.", uuid::Uuid::now_v7().simple());
+    let ledger = std::env::temp_dir().join(format!("{prefix}ledger.jsonl"));
     let mut services = Vec::new();
     for deployment in objects.iter().filter(|o| o["kind"] == "Deployment") {
         let name = deployment["metadata"]["name"].as_str().unwrap().to_owned();
         let mut vars = environment_of(&objects, deployment);
-        for (setting, address) in test_stack_addresses() {
-            assert!(
-                vars.contains_key(setting),
-                "{name}: no {setting} to replace"
-            );
-            vars.insert(setting.to_owned(), address);
+        let mut replaced = Vec::new();
+        for (setting, address) in test_stack_addresses(&ledger) {
+            if vars.contains_key(setting) {
+                vars.insert(setting.to_owned(), address);
+                replaced.push(setting);
+            }
+        }
+        if name != "payment-stub" {
+            // Each part it uses is the test stack's, none left pointing
+            // at a cluster's names.
+            for part in ["KAFKA_BOOTSTRAP", "REDIS_", "DYNAMODB_ENDPOINT"] {
+                assert!(
+                    replaced.iter().any(|s| s.contains(part)),
+                    "{variant}: {name} has no {part} to replace: {replaced:?}"
+                );
+            }
         }
         // Its own topics and groups, apart from the other tests'.
         vars.insert("FLASHSALE_TOPIC_PREFIX".to_owned(), prefix.clone());
@@ -361,23 +386,27 @@ fn every_service_becomes_ready_on_its_manifest_settings_alone() {
             .unwrap();
         services.push((name, addr, flashsale_testkit::ServiceProcess::from(child)));
     }
-    assert_eq!(services.len(), 3, "gateway, shop-worker, order-worker");
+    assert!(
+        services.len() >= 3,
+        "{variant}: gateway, shop-worker, order-worker"
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     for (name, addr, process) in &mut services {
         while http_status(addr, "/readyz") != Some(200) {
             assert!(
                 process.exited().is_none(),
-                "{name} exited: {:?}",
+                "{variant}: {name} exited: {:?}",
                 process.exited()
             );
             assert!(
                 std::time::Instant::now() < deadline,
-                "{name} on {addr} not ready within 90 s: /readyz {:?}",
+                "{variant}: {name} on {addr} not ready within 90 s: /readyz {:?}",
                 http_status(addr, "/readyz")
             );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
+    let _ = std::fs::remove_file(&ledger);
 }
 
 /// Kubernetes kills a container `terminationGracePeriodSeconds` after it
