@@ -191,39 +191,43 @@ pub async fn ensure_tables(client: &Client, tables: &Tables) -> Result<(), Dynam
     for (table, key) in expected_tables(tables) {
         match describe_table(client, table).await? {
             Some(shape) if shape.active => continue,
-            Some(_) => {
-                wait_active(client, table).await?;
-                continue;
-            }
-            None => {}
-        }
-        let created = client
-            .create_table()
-            .table_name(table)
-            .billing_mode(BillingMode::PayPerRequest)
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name(key)
-                    .key_type(KeyType::Hash)
-                    .build()?,
-            )
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name(key)
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()?,
-            )
-            .send()
-            .await;
-        if let Err(error) = created {
-            let exists = error
-                .as_service_error()
-                .is_some_and(|e| e.is_resource_in_use_exception());
-            if !exists {
-                return Err(DynamoError::from_sdk(error));
-            }
+            // Being created: by another service starting, or a stack.
+            Some(_) => {}
+            None => create_table(client, table, key).await?,
         }
         wait_active(client, table).await?;
+    }
+    Ok(())
+}
+
+/// Creates `table` keyed by the string `key`, on-demand; a table someone
+/// else created meanwhile is as good.
+async fn create_table(client: &Client, table: &str, key: &str) -> Result<(), DynamoError> {
+    let created = client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name(key)
+                .key_type(KeyType::Hash)
+                .build()?,
+        )
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name(key)
+                .attribute_type(ScalarAttributeType::S)
+                .build()?,
+        )
+        .send()
+        .await;
+    if let Err(error) = created {
+        let exists = error
+            .as_service_error()
+            .is_some_and(|e| e.is_resource_in_use_exception());
+        if !exists {
+            return Err(DynamoError::from_sdk(error));
+        }
     }
     Ok(())
 }

@@ -368,6 +368,10 @@ impl fmt::Debug for RedisSettings {
     }
 }
 
+fn is_tls(url: &str) -> bool {
+    url.starts_with("rediss://")
+}
+
 /// `url` with the password of its user info, if any, hidden: for logs and
 /// messages.
 fn without_password(url: &str) -> String {
@@ -420,16 +424,15 @@ impl RedisSettings {
 
     /// Whether the connections are TLS (`rediss://`).
     pub fn tls(&self) -> bool {
-        self.urls().iter().any(|url| url.starts_with("rediss://"))
+        self.urls().into_iter().any(is_tls)
     }
 
     /// Refuses what would connect in a way nobody meant: a CA for plain
     /// connections (the operator expects TLS and would not get it), or a
     /// cluster half TLS and half plain.
     pub fn check(&self) -> Result<(), SettingError> {
-        let urls = self.urls();
-        let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
-        if tls != 0 && tls != urls.len() {
+        let tls = self.tls();
+        if tls && !self.urls().into_iter().all(is_tls) {
             return Err(SettingError {
                 name: "FLASHSALE_REDIS_CLUSTER_NODES".to_owned(),
                 value: self.cluster_nodes.join(","),
@@ -437,7 +440,7 @@ impl RedisSettings {
             });
         }
         if let Some(ca_file) = &self.access.ca_file
-            && tls == 0
+            && !tls
         {
             return Err(SettingError {
                 name: "FLASHSALE_REDIS_CA_FILE".to_owned(),
