@@ -3,6 +3,8 @@
     check.py                      validate every variant (see VARIANTS)
     check.py --render VARIANT     print a variant's objects as JSON
                                   (base, overlays/local, ...)
+    check.py --alert-metrics VARIANT
+                                  the metrics its alert rules read, a line each
 
 No kustomize binary can be installed here (only Debian, PyPI, npm and
 crates), so this renders the subset of kustomize the manifests use:
@@ -11,15 +13,22 @@ and `patches` that are JSON 6902 operations on a target (kind, name).
 Built-in kinds are validated with kubernetes-validate (the OpenAPI schemas
 of Kubernetes itself, strict: an unknown field is an error); KEDA's
 ScaledObject, a CRD whose schema that package does not carry, is checked
-here for the fields KEDA requires. Whether the ScaledObjects agree with
-what the services run is checked by `crates/testkit/tests/k8s.rs`, from
-the rendered objects.
+here for the fields KEDA requires. The alert rules (prometheus-operator's
+PrometheusRule) are checked for the fields we rely on, then by promtool:
+`check rules`, and `test rules` with each component's alerts.test.yaml
+(set PROMTOOL to its path; scripts/check-infra does). Whether the
+ScaledObjects agree with what the services run, and whether the services
+export what the alerts read, is checked by `crates/testkit/tests/k8s.rs`,
+from the rendered objects.
 """
 
 import copy
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 import kubernetes_validate
 import yaml
@@ -27,6 +36,9 @@ import yaml
 ROOT = os.path.dirname(os.path.abspath(__file__))
 KUBERNETES = "1.33"
 VARIANTS = ["base", "overlays/local", "overlays/local-prometheus"]
+SEVERITIES = {"page", "warning", "ticket"}
+# PromQL's keywords: words in an expression that are not metrics.
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 
 
 def load_yaml(path):
@@ -105,7 +117,10 @@ def render(directory):
             docs.extend(load_yaml(path))
     for component in spec.get("components", []):
         path = os.path.normpath(os.path.join(directory, component))
-        apply_patches(docs, kustomization(path), path)
+        component_spec = kustomization(path)
+        for resource in component_spec.get("resources", []):
+            docs.extend(load_yaml(os.path.join(path, resource)))
+        apply_patches(docs, component_spec, path)
     apply_patches(docs, spec, directory)
     for doc in docs:
         metadata = doc.setdefault("metadata", {})
@@ -144,12 +159,94 @@ def check_scaled_object(doc):
     return problems
 
 
+def metrics_read(expr):
+    """The metric names a PromQL expression reads: what is left once
+    strings, label matchers, ranges and grouping clauses are gone, and
+    that is neither a function (followed by a parenthesis) nor a keyword."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\[[^\]]*\]", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+        if expr[match.end() :].lstrip().startswith("(") or match.group().lower() in PROMQL_WORDS:
+            continue
+        names.add(match.group())
+    return names
+
+
+def alert_rules(docs):
+    return [
+        rule
+        for doc in docs
+        if doc.get("kind") == "PrometheusRule"
+        for group in doc.get("spec", {}).get("groups", [])
+        for rule in group.get("rules", [])
+    ]
+
+
+def check_prometheus_rule(doc):
+    """What an alert of ours must carry to be routed and read."""
+    problems = []
+    groups = doc.get("spec", {}).get("groups") or []
+    if not groups:
+        problems.append("spec.groups must name at least one group")
+    for group in groups:
+        for rule in group.get("rules") or []:
+            name = rule.get("alert") or rule.get("record") or "?"
+            if not isinstance(rule.get("expr"), str) or not metrics_read(rule["expr"]):
+                problems.append(f"{name}: expr must read a metric")
+            if "alert" in rule:
+                if rule.get("labels", {}).get("severity") not in SEVERITIES:
+                    problems.append(f"{name}: labels.severity must be one of {sorted(SEVERITIES)}")
+                if not rule.get("annotations", {}).get("summary"):
+                    problems.append(f"{name}: annotations.summary is required")
+    return problems
+
+
+def promtool(docs):
+    """promtool's `check rules` on every PrometheusRule, and `test rules`
+    with the alerts.test.yaml of the component that carries it."""
+    rules = [doc for doc in docs if doc.get("kind") == "PrometheusRule"]
+    if not rules:
+        return []
+    tool = os.environ.get("PROMTOOL")
+    if not tool:
+        return ["PROMTOOL is not set: the alert rules cannot be checked (scripts/check-infra sets it)"]
+    problems = []
+    with tempfile.TemporaryDirectory() as scratch:
+        rule_file = os.path.join(scratch, "rules.yaml")
+        with open(rule_file, "w", encoding="utf-8") as f:
+            yaml.safe_dump({"groups": [g for doc in rules for g in doc["spec"]["groups"]]}, f)
+        runs = [[tool, "check", "rules", rule_file]]
+        for test in alert_tests():
+            (spec,) = load_yaml(test)
+            spec["rule_files"] = [rule_file]
+            test_file = os.path.join(scratch, os.path.basename(os.path.dirname(test)) + ".test.yaml")
+            with open(test_file, "w", encoding="utf-8") as f:
+                yaml.safe_dump(spec, f)
+            runs.append([tool, "test", "rules", test_file])
+        for run in runs:
+            done = subprocess.run(run, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                problems.append(f"promtool {' '.join(run[1:3])} failed:\n{done.stdout}{done.stderr}")
+    return problems
+
+
+def alert_tests():
+    components = os.path.join(ROOT, "components")
+    found = (os.path.join(components, name, "alerts.test.yaml") for name in sorted(os.listdir(components)))
+    return [path for path in found if os.path.exists(path)]
+
+
 def validate(name, docs):
     failures = 0
     for doc in docs:
         what = f"{name}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
         if doc.get("kind") == "ScaledObject":
             problems = check_scaled_object(doc)
+        elif doc.get("kind") == "PrometheusRule":
+            problems = check_prometheus_rule(doc)
         else:
             try:
                 kubernetes_validate.validate(doc, KUBERNETES, strict=True)
@@ -163,12 +260,19 @@ def validate(name, docs):
         failures += len(problems)
         if not problems:
             print(f"ok  {what}")
+    for problem in promtool(docs):
+        print(f"{name}: {problem}", file=sys.stderr)
+        failures += 1
     return failures
 
 
 def main(args):
     if args[:1] == ["--render"] and len(args) == 2 and args[1] in VARIANTS:
         json.dump(render(args[1]), sys.stdout)
+        return 0
+    if args[:1] == ["--alert-metrics"] and len(args) == 2 and args[1] in VARIANTS:
+        names = set().union(*(metrics_read(rule["expr"]) for rule in alert_rules(render(args[1]))))
+        print("\n".join(sorted(names)))
         return 0
     if args:
         print(__doc__, file=sys.stderr)

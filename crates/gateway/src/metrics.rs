@@ -34,10 +34,11 @@ impl Metrics {
                 "Responses by route and status",
                 &["route", "status"],
             )?,
-            shed: make.counters(
+            shed: make.counters_from_zero(
                 "gateway_shed_total",
                 "Purchases refused before Kafka, by reason",
-                &["reason"],
+                "reason",
+                &crate::refusal::STORE_FAILURE_REASONS,
             )?,
             admissions: make.counters(
                 "gateway_admissions_total",

@@ -77,6 +77,11 @@ pub enum Refusal {
     },
 }
 
+/// The `gateway_shed_total` reasons that say a store failed (Redis, the
+/// broker), not that the sale turned the buyer away: shown at 0 from the
+/// start, for the alert on their rate (`infra/k8s/components/prometheus-alerts`).
+pub const STORE_FAILURE_REASONS: [&str; 3] = ["unavailable", "broker", "timeout"];
+
 impl Refusal {
     /// From the JSON extractor's rejection, keeping its status.
     pub fn body(rejection: JsonRejection) -> Self {
@@ -265,4 +270,35 @@ fn rate_limited(status: StatusCode, kind: &str, detail: String, denied: &Denied)
         .header("ratelimit-limit", denied.limit)
         .header("ratelimit-remaining", 0)
         .header("ratelimit-reset", wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_failure_reasons_are_those_of_refusals_a_store_caused() {
+        let failures = [
+            Refusal::Timeout {
+                limit: Duration::from_secs(1),
+            },
+            Refusal::unavailable("Redis", "connection refused"),
+            Refusal::Unqueued {
+                why: "broker down".into(),
+                voided: true,
+            },
+        ];
+        for refusal in &failures {
+            assert!(
+                STORE_FAILURE_REASONS.contains(&refusal.label()),
+                "{}",
+                refusal.label()
+            );
+        }
+        let labels: Vec<&str> = failures.iter().map(Refusal::label).collect();
+        assert!(STORE_FAILURE_REASONS.iter().all(|r| labels.contains(r)));
+        for sale in [Refusal::InFlightFull, Refusal::InProgress] {
+            assert!(!STORE_FAILURE_REASONS.contains(&sale.label()));
+        }
+    }
 }

@@ -146,7 +146,8 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    /// `topics`: those the worker reads, whose messages it may set aside.
+    fn register(registry: &Registry, topics: &[String]) -> Result<Self, prometheus::Error> {
         let make = Registrar::new(registry);
         Ok(Self {
             outcomes: make.counters(
@@ -154,10 +155,11 @@ impl Metrics {
                 "Sagas finished, by terminal state",
                 &["state"],
             )?,
-            dead_letters: make.counters(
+            dead_letters: make.counters_from_zero(
                 "order_dead_letters_total",
                 "Reservations sent to the DLQ",
-                &["topic"],
+                "topic",
+                topics,
             )?,
             charges: make.counters(
                 "order_charges_total",
@@ -269,8 +271,9 @@ pub async fn start(
     })
     .await?;
     let conn = wait_for("Redis", &shutdown, || stock::connect(&config.redis)).await?;
+    let (group, topics) = config.subscription();
     let registry = Registry::new();
-    let metrics = Metrics::register(&registry)?;
+    let metrics = Metrics::register(&registry, &topics)?;
     let stock = StockStore::new(conn.clone(), &config.redis);
     let producer = Arc::new(kafka::RenewableProducer::new(&config.kafka)?);
     let deps = Arc::new(Deps {
@@ -304,7 +307,6 @@ pub async fn start(
             }
         });
     }
-    let (group, topics) = config.subscription();
     let consumer = ConsumerOptions {
         kafka: config.kafka.clone(),
         stall_after: config.stall_after,

@@ -111,7 +111,8 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    /// `topics`: those the worker reads, whose messages it may set aside.
+    fn register(registry: &Registry, topics: &[String]) -> Result<Self, prometheus::Error> {
         let make = Registrar::new(registry);
         Ok(Self {
             reservations: make.counters(
@@ -124,16 +125,18 @@ impl Metrics {
                 "Stock releases by outcome",
                 &["outcome"],
             )?,
-            dead_letters: make.counters(
+            dead_letters: make.counters_from_zero(
                 "shop_dead_letters_total",
                 "Messages sent to a DLQ",
-                &["topic"],
+                "topic",
+                topics,
             )?,
-            parked: make.counters(
+            parked: make.counters_from_zero(
                 "shop_parked_total",
                 "Messages put back at the tail of their topic: Redis kept failing for them \
                  past FLASHSALE_RETRY_DEADLINE_MS",
-                &["topic"],
+                "topic",
+                topics,
             )?,
             line: make.counters(
                 "shop_line_decided_total",
@@ -190,8 +193,9 @@ pub async fn start(
     .await?;
     let conn = wait_for("Redis", &shutdown, || stock::connect(&config.redis)).await?;
     let producer = Arc::new(kafka::RenewableProducer::new(&config.kafka)?);
+    let (group, topics) = config.subscription();
     let registry = Registry::new();
-    let metrics = Metrics::register(&registry)?;
+    let metrics = Metrics::register(&registry, &topics)?;
     let stock = StockStore::new(conn.clone(), &config.redis);
     let shop = Arc::new(Shop {
         herald: Herald::new(
@@ -213,7 +217,6 @@ pub async fn start(
         metrics,
         shutdown: shutdown.clone(),
     });
-    let (group, topics) = config.subscription();
     let consumer = ConsumerOptions {
         kafka: config.kafka.clone(),
         stall_after: config.stall_after,

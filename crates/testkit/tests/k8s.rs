@@ -2,8 +2,9 @@
 //! with the settings they give them: each worker's ScaledObject reads the
 //! lag of the group and topic that worker consumes, on the brokers it
 //! uses, and never scales it past the partitions of its topic; each
-//! service starts from the manifest's settings alone, and each pod is
-//! given longer to stop than its service takes.
+//! service starts from the manifest's settings alone, each pod is given
+//! longer to stop than its service takes, and every metric an alert reads
+//! is exported from the start.
 //! The schemas themselves are `scripts/check-infra`'s (run by
 //! `./scripts/test`); this renders through it.
 
@@ -28,17 +29,22 @@ fn render(variant: &str) -> Vec<Value> {
     RENDERED[variant].clone()
 }
 
-fn render_now(variant: &str) -> Vec<Value> {
+/// What `scripts/check-infra` with `args` prints.
+fn check_infra(args: &[&str]) -> Vec<u8> {
     let out = std::process::Command::new(repo().join("scripts/check-infra"))
-        .args(["--render", variant])
+        .args(args)
         .output()
         .expect("scripts/check-infra runs");
     assert!(
         out.status.success(),
-        "rendering {variant}: {}",
+        "check-infra {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("JSON")
+    out.stdout
+}
+
+fn render_now(variant: &str) -> Vec<Value> {
+    serde_json::from_slice(&check_infra(&["--render", variant])).expect("JSON")
 }
 
 fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -167,6 +173,39 @@ fn each_scaled_object_reads_the_lag_of_what_its_worker_consumes() {
             }
         }
     }
+}
+
+/// An alert that names a consumer group names one a worker of the same
+/// variant joins: a renamed group would leave it watching nothing.
+#[test]
+fn each_alert_on_a_group_names_one_a_worker_joins() {
+    let objects = render("overlays/local-prometheus");
+    let groups: Vec<String> = ["shop-worker", "order-worker"]
+        .into_iter()
+        .map(|w| consumes(w, &settings_of(&objects, named(&objects, "Deployment", w))).group)
+        .collect();
+    let rules = named(&objects, "PrometheusRule", "flashsale")["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap());
+    let mut named_groups = 0;
+    for rule in rules {
+        let expr = rule["expr"].as_str().unwrap();
+        for (_, rest) in expr
+            .match_indices("group=\"")
+            .map(|(i, _)| expr.split_at(i + 7))
+        {
+            let group = rest.split('"').next().unwrap();
+            assert!(
+                groups.iter().any(|g| g == group),
+                "{}: group {group} is none of {groups:?}",
+                rule["alert"]
+            );
+            named_groups += 1;
+        }
+    }
+    assert!(named_groups >= 1, "no alert names a group");
 }
 
 #[test]
@@ -450,5 +489,77 @@ fn each_pod_is_given_longer_to_stop_than_its_service_takes() {
                 "{variant}: {name} gets {grace:?} to stop; its preStop {pre_stop:?} and stopping {stopping:?} need more"
             );
         }
+    }
+}
+
+/// Every metric the alert rules read (`components/prometheus-alerts`) is on
+/// some service's `/metrics` as soon as the pipeline runs, and each
+/// dead-letter counter is there at 0 for every topic its worker reads: a
+/// counter that first appears at 1 has no increase, so an alert on it
+/// would never see the first dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_metric_an_alert_reads_is_exported_from_the_start() {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use flashsale_testkit::flashsale_core::bus::kafka::topic;
+    use flashsale_testkit::{Pipeline, PipelineOptions};
+
+    let read: BTreeSet<String> = String::from_utf8(check_infra(&[
+        "--alert-metrics",
+        "overlays/local-prometheus",
+    ]))
+    .unwrap()
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    assert!(read.len() >= 5, "the alerts read {read:?}");
+
+    let p = Pipeline::start(PipelineOptions {
+        shop_workers: 1,
+        order_workers: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("pipeline starts");
+    let services: Vec<&String> = p.gateway_urls.iter().chain(&p.worker_metrics).collect();
+    let expected_zeros = [
+        ("shop_dead_letters_total", topic::PURCHASE_REQUESTS),
+        ("shop_dead_letters_total", topic::STOCK_RELEASES),
+        ("order_dead_letters_total", topic::RESERVATIONS),
+    ]
+    .map(|(name, base)| format!("{name}{{topic=\"{}\"}} 0", p.kafka.topic(base)));
+
+    // The lag gauges appear once a worker has partitions and has looked.
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut samples = String::new();
+        for base in &services {
+            let text = p.http.get(format!("{base}/metrics")).send().await;
+            if let Ok(response) = text {
+                samples.push_str(&response.text().await.unwrap_or_default());
+            }
+        }
+        let exported: BTreeSet<&str> = samples
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split(['{', ' ']).next())
+            .collect();
+        let missing: Vec<&String> = read
+            .iter()
+            .filter(|n| !exported.contains(n.as_str()))
+            .collect();
+        let not_zero: Vec<&String> = expected_zeros
+            .iter()
+            .filter(|sample| !samples.lines().any(|line| line == sample.as_str()))
+            .collect();
+        if missing.is_empty() && not_zero.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "after 60 s, alerts read metrics no service exports: {missing:?}; not shown at 0: {not_zero:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

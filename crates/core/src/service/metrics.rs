@@ -35,6 +35,24 @@ impl<'a> Registrar<'a> {
         self.add(IntCounterVec::new(Opts::new(name, help), labels)?)
     }
 
+    /// Counters by one label whose values are known up front, each shown
+    /// at 0 from the start: a series that first appears at 1 has no
+    /// increase, so an alert on the counter's increase would miss the first
+    /// event.
+    pub fn counters_from_zero(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[impl AsRef<str>],
+    ) -> Result<IntCounterVec, prometheus::Error> {
+        let counters = self.counters(name, help, &[label])?;
+        for value in values {
+            counters.with_label_values(&[value.as_ref()]);
+        }
+        Ok(counters)
+    }
+
     pub fn gauge(&self, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
         self.add(IntGauge::new(name, help)?)
     }
