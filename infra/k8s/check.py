@@ -3,8 +3,9 @@
     check.py                      validate every variant (see VARIANTS)
     check.py --render VARIANT     print a variant's objects as JSON
                                   (base, overlays/local, ...)
-    check.py --alert-metrics VARIANT
-                                  the metrics its alert rules read, a line each
+    check.py --metrics-read VARIANT
+                                  the metrics its alert rules and dashboards
+                                  read, a line each
 
 No kustomize binary can be installed here (only Debian, PyPI, npm and
 crates), so this renders the subset of kustomize the manifests use:
@@ -16,10 +17,12 @@ ScaledObject, a CRD whose schema that package does not carry, is checked
 here for the fields KEDA requires. The alert rules (prometheus-operator's
 PrometheusRule) are checked for the fields we rely on, then by promtool:
 `check rules`, and `test rules` with each component's alerts.test.yaml
-(set PROMTOOL to its path; scripts/check-infra does). Whether the
+(set PROMTOOL to its path; scripts/check-infra does). A Grafana dashboard
+(a ConfigMap labelled grafana_dashboard) is checked for panels that each
+query something, and its queries by promtool as PromQL. Whether the
 ScaledObjects agree with what the services run, and whether the services
-export what the alerts read, is checked by `crates/testkit/tests/k8s.rs`,
-from the rendered objects.
+export what the alerts and dashboards read, is checked by
+`crates/testkit/tests/k8s.rs`, from the rendered objects.
 """
 
 import copy
@@ -185,6 +188,41 @@ def alert_rules(docs):
     ]
 
 
+def dashboards(docs):
+    """Each Grafana dashboard in a ConfigMap the dashboard sidecar loads."""
+    return [
+        json.loads(text)
+        for doc in docs
+        if doc.get("kind") == "ConfigMap" and "grafana_dashboard" in doc["metadata"].get("labels", {})
+        for text in doc.get("data", {}).values()
+    ]
+
+
+def panel_queries(dashboard):
+    """(panel id, refId, PromQL) of every query of every panel."""
+    return [
+        (panel["id"], target.get("refId"), target.get("expr"))
+        for panel in dashboard.get("panels", [])
+        if panel.get("type") != "row"
+        for target in panel.get("targets", [])
+    ]
+
+
+def check_dashboard(doc):
+    problems = []
+    for dashboard in dashboards([doc]):
+        ids = [panel.get("id") for panel in dashboard.get("panels", [])]
+        if len(set(ids)) != len(ids):
+            problems.append("panel ids repeat")
+        for panel in dashboard.get("panels", []):
+            if panel.get("type") != "row" and not panel.get("targets"):
+                problems.append(f"panel {panel.get('title')!r} queries nothing")
+        for panel_id, ref, expr in panel_queries(dashboard):
+            if not isinstance(expr, str) or not metrics_read(expr):
+                problems.append(f"panel {panel_id} query {ref}: expr must read a metric")
+    return problems
+
+
 def check_prometheus_rule(doc):
     """What an alert of ours must carry to be routed and read."""
     problems = []
@@ -205,21 +243,31 @@ def check_prometheus_rule(doc):
 
 
 def promtool(docs):
-    """promtool's `check rules` on every PrometheusRule, and `test rules`
-    with the alerts.test.yaml of the component that carries it."""
+    """promtool's `check rules` on every PrometheusRule and on every
+    dashboard query (as a recording rule: promtool parses it as PromQL),
+    and `test rules` with the alerts.test.yaml of the component that
+    carries the alerts."""
     rules = [doc for doc in docs if doc.get("kind") == "PrometheusRule"]
-    if not rules:
+    queries = [
+        {"record": f"flashsale_dashboard_panel_{panel_id}_{ref}", "expr": expr}
+        for dashboard in dashboards(docs)
+        for panel_id, ref, expr in panel_queries(dashboard)
+    ]
+    if not rules and not queries:
         return []
     tool = os.environ.get("PROMTOOL")
     if not tool:
-        return ["PROMTOOL is not set: the alert rules cannot be checked (scripts/check-infra sets it)"]
+        return ["PROMTOOL is not set: alert rules and dashboard queries go unchecked (scripts/check-infra sets it)"]
     problems = []
     with tempfile.TemporaryDirectory() as scratch:
         rule_file = os.path.join(scratch, "rules.yaml")
         with open(rule_file, "w", encoding="utf-8") as f:
             yaml.safe_dump({"groups": [g for doc in rules for g in doc["spec"]["groups"]]}, f)
-        runs = [[tool, "check", "rules", rule_file]]
-        for test in alert_tests():
+        query_file = os.path.join(scratch, "dashboard-queries.yaml")
+        with open(query_file, "w", encoding="utf-8") as f:
+            yaml.safe_dump({"groups": [{"name": "dashboards", "rules": queries}]}, f)
+        runs = [[tool, "check", "rules", rule_file, query_file]]
+        for test in alert_tests() if rules else []:
             (spec,) = load_yaml(test)
             spec["rule_files"] = [rule_file]
             test_file = os.path.join(scratch, os.path.basename(os.path.dirname(test)) + ".test.yaml")
@@ -250,7 +298,7 @@ def validate(name, docs):
         else:
             try:
                 kubernetes_validate.validate(doc, KUBERNETES, strict=True)
-                problems = []
+                problems = check_dashboard(doc)
             except kubernetes_validate.ValidationError as error:
                 problems = [f"{'.'.join(str(p) for p in error.path)}: {error.message}"]
             except kubernetes_validate.SchemaNotFoundError as error:
@@ -270,8 +318,11 @@ def main(args):
     if args[:1] == ["--render"] and len(args) == 2 and args[1] in VARIANTS:
         json.dump(render(args[1]), sys.stdout)
         return 0
-    if args[:1] == ["--alert-metrics"] and len(args) == 2 and args[1] in VARIANTS:
-        names = set().union(*(metrics_read(rule["expr"]) for rule in alert_rules(render(args[1]))))
+    if args[:1] == ["--metrics-read"] and len(args) == 2 and args[1] in VARIANTS:
+        docs = render(args[1])
+        exprs = [rule["expr"] for rule in alert_rules(docs)]
+        exprs += [expr for dashboard in dashboards(docs) for _, _, expr in panel_queries(dashboard)]
+        names = set().union(*(metrics_read(expr) for expr in exprs))
         print("\n".join(sorted(names)))
         return 0
     if args:

@@ -492,13 +492,14 @@ fn each_pod_is_given_longer_to_stop_than_its_service_takes() {
     }
 }
 
-/// Every metric the alert rules read (`components/prometheus-alerts`) is on
-/// some service's `/metrics` as soon as the pipeline runs, and each
-/// dead-letter counter is there at 0 for every topic its worker reads: a
-/// counter that first appears at 1 has no increase, so an alert on it
-/// would never see the first dead letter.
+/// Every metric the alert rules and the dashboard read
+/// (`components/prometheus-alerts`, `components/grafana-dashboard`) is on
+/// some service's `/metrics` once a purchase has gone through, and each
+/// dead-letter counter is there at 0 from the start for every topic its
+/// worker reads: a counter that first appears at 1 has no increase, so an
+/// alert on it would never see the first dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_metric_an_alert_reads_is_exported_from_the_start() {
+async fn every_metric_an_alert_or_the_dashboard_reads_is_exported() {
     use std::collections::BTreeSet;
     use std::time::Duration;
 
@@ -506,14 +507,17 @@ async fn every_metric_an_alert_reads_is_exported_from_the_start() {
     use flashsale_testkit::{Pipeline, PipelineOptions};
 
     let read: BTreeSet<String> = String::from_utf8(check_infra(&[
-        "--alert-metrics",
+        "--metrics-read",
         "overlays/local-prometheus",
     ]))
     .unwrap()
     .lines()
     .map(str::to_owned)
     .collect();
-    assert!(read.len() >= 5, "the alerts read {read:?}");
+    assert!(
+        read.len() >= 10,
+        "the alerts and the dashboard read {read:?}"
+    );
 
     let p = Pipeline::start(PipelineOptions {
         shop_workers: 1,
@@ -522,44 +526,65 @@ async fn every_metric_an_alert_reads_is_exported_from_the_start() {
     })
     .await
     .expect("pipeline starts");
-    let services: Vec<&String> = p.gateway_urls.iter().chain(&p.worker_metrics).collect();
-    let expected_zeros = [
+    // What `absent` finds missing from every service's samples, polled
+    // until nothing is or `deadline` passes.
+    let missing_after = async |deadline: Duration, absent: &dyn Fn(&str) -> Vec<String>| {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let mut samples = String::new();
+            for base in p.gateway_urls.iter().chain(&p.worker_metrics) {
+                if let Ok(response) = p.http.get(format!("{base}/metrics")).send().await {
+                    samples.push_str(&response.text().await.unwrap_or_default());
+                }
+            }
+            let missing = absent(&samples);
+            if missing.is_empty() || tokio::time::Instant::now() >= until {
+                return missing;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+
+    let zeros = [
         ("shop_dead_letters_total", topic::PURCHASE_REQUESTS),
         ("shop_dead_letters_total", topic::STOCK_RELEASES),
         ("order_dead_letters_total", topic::RESERVATIONS),
     ]
     .map(|(name, base)| format!("{name}{{topic=\"{}\"}} 0", p.kafka.topic(base)));
+    let not_zero = missing_after(Duration::from_secs(30), &|samples| {
+        zeros
+            .iter()
+            .filter(|zero| !samples.lines().any(|line| line == zero.as_str()))
+            .cloned()
+            .collect()
+    })
+    .await;
+    assert!(
+        not_zero.is_empty(),
+        "not shown at 0 before any purchase: {not_zero:?}"
+    );
 
-    // The lag gauges appear once a worker has partitions and has looked.
-    let until = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut samples = String::new();
-        for base in &services {
-            let text = p.http.get(format!("{base}/metrics")).send().await;
-            if let Ok(response) = text {
-                samples.push_str(&response.text().await.unwrap_or_default());
-            }
-        }
+    // The counters by outcome, state and step appear with their first
+    // event; the lag gauges once a worker has partitions and has looked.
+    let sku = p.sku("watched");
+    p.create_sale(&sku, 5, 1).await.unwrap();
+    let (status, body) = p.buy(sku.as_str(), "u-watched", None).await;
+    assert_eq!(status, 202, "{body}");
+    p.terminal(body["request_id"].as_str().unwrap()).await;
+    let missing = missing_after(Duration::from_secs(60), &|samples| {
         let exported: BTreeSet<&str> = samples
             .lines()
             .filter(|line| !line.starts_with('#'))
             .filter_map(|line| line.split(['{', ' ']).next())
             .collect();
-        let missing: Vec<&String> = read
-            .iter()
-            .filter(|n| !exported.contains(n.as_str()))
-            .collect();
-        let not_zero: Vec<&String> = expected_zeros
-            .iter()
-            .filter(|sample| !samples.lines().any(|line| line == sample.as_str()))
-            .collect();
-        if missing.is_empty() && not_zero.is_empty() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "after 60 s, alerts read metrics no service exports: {missing:?}; not shown at 0: {not_zero:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        read.iter()
+            .filter(|name| !exported.contains(name.as_str()))
+            .cloned()
+            .collect()
+    })
+    .await;
+    assert!(
+        missing.is_empty(),
+        "read, and exported by no service: {missing:?}"
+    );
 }
