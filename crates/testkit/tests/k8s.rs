@@ -98,6 +98,7 @@ struct Consumes {
     partitions: i64,
     group: String,
     topic: String,
+    topics: Vec<String>,
 }
 
 fn consumes(worker: &str, env: &Env) -> Consumes {
@@ -118,6 +119,7 @@ fn consumes(worker: &str, env: &Env) -> Consumes {
         group,
         // The topic whose lag says buyers wait: the first one read.
         topic: topics[0].clone(),
+        topics,
     }
 }
 
@@ -175,37 +177,62 @@ fn each_scaled_object_reads_the_lag_of_what_its_worker_consumes() {
     }
 }
 
-/// An alert that names a consumer group names one a worker of the same
-/// variant joins: a renamed group would leave it watching nothing.
+/// A consumer group or topic an alert or a dashboard panel names is one a
+/// worker of the same variant reads: a renamed one would leave it watching
+/// nothing.
 #[test]
-fn each_alert_on_a_group_names_one_a_worker_joins() {
+fn each_group_and_topic_an_alert_or_panel_names_is_one_a_worker_reads() {
     let objects = render("overlays/local-prometheus");
-    let groups: Vec<String> = ["shop-worker", "order-worker"]
-        .into_iter()
-        .map(|w| consumes(w, &settings_of(&objects, named(&objects, "Deployment", w))).group)
-        .collect();
+    let (mut groups, mut topics) = (Vec::new(), Vec::new());
+    for worker in ["shop-worker", "order-worker"] {
+        let deployment = named(&objects, "Deployment", worker);
+        let reads = consumes(worker, &settings_of(&objects, deployment));
+        groups.push(reads.group);
+        topics.extend(reads.topics);
+    }
     let rules = named(&objects, "PrometheusRule", "flashsale")["spec"]["groups"]
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|g| g["rules"].as_array().unwrap());
-    let mut named_groups = 0;
-    for rule in rules {
-        let expr = rule["expr"].as_str().unwrap();
-        for (_, rest) in expr
-            .match_indices("group=\"")
-            .map(|(i, _)| expr.split_at(i + 7))
-        {
-            let group = rest.split('"').next().unwrap();
-            assert!(
-                groups.iter().any(|g| g == group),
-                "{}: group {group} is none of {groups:?}",
-                rule["alert"]
-            );
-            named_groups += 1;
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .map(|rule| {
+            (
+                rule["alert"].to_string(),
+                rule["expr"].as_str().unwrap().to_owned(),
+            )
+        });
+    let dashboard: Value = serde_json::from_str(
+        named(&objects, "ConfigMap", "flashsale-dashboard")["data"]["flashsale.json"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let panels = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| {
+            let targets = panel["targets"].as_array().cloned().unwrap_or_default();
+            targets.into_iter().map(move |t| {
+                let expr = t["expr"].as_str().unwrap().to_owned();
+                (panel["title"].to_string(), expr)
+            })
+        });
+    let mut named_count = 0;
+    for (what, expr) in rules.chain(panels) {
+        for (label, known) in [("group", &groups), ("topic", &topics)] {
+            let matcher = format!("{label}=\"");
+            for (at, _) in expr.match_indices(&matcher) {
+                let value = expr[at + matcher.len()..].split('"').next().unwrap();
+                assert!(
+                    known.iter().any(|k| k == value),
+                    "{what}: {label} {value} is none of {known:?}"
+                );
+                named_count += 1;
+            }
         }
     }
-    assert!(named_groups >= 1, "no alert names a group");
+    assert!(named_count >= 2, "nothing names a group or a topic");
 }
 
 #[test]
