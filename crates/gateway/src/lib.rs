@@ -128,9 +128,7 @@ impl Config {
             max_waiters: env.get("GATEWAY_MAX_WAITERS", 10_000)?,
             clock_offset_ms: env.get("GATEWAY_CLOCK_OFFSET_MS", 0)?,
             auth: auth::AuthSettings::from_env(env)?,
-            record_file: Some(env.string("GATEWAY_RECORD_FILE", ""))
-                .filter(|path| !path.is_empty())
-                .map(PathBuf::from),
+            record_file: env.optional("GATEWAY_RECORD_FILE").map(PathBuf::from),
         })
     }
 }

@@ -108,10 +108,7 @@ impl Config {
             },
             clock_offset_ms: env.get("ORDER_CLOCK_OFFSET_MS", 0)?,
             give_up_after: retry::deadline_after(env)?,
-            group: match env.string("ORDER_GROUP", "") {
-                group if group.is_empty() => None,
-                group => Some(group),
-            },
+            group: env.optional("ORDER_GROUP"),
         })
     }
 

@@ -74,6 +74,12 @@ impl Env {
             .unwrap_or_else(|| default.to_owned())
     }
 
+    /// `FLASHSALE_<suffix>`, or `None` when unset or empty (an empty
+    /// value in a manifest means "not given").
+    pub fn optional(&self, suffix: &str) -> Option<String> {
+        Some(self.string(suffix, "")).filter(|v| !v.is_empty())
+    }
+
     pub fn millis(&self, suffix: &str, default_ms: u64) -> Result<Duration, SettingError> {
         self.get(suffix, default_ms).map(Duration::from_millis)
     }
@@ -180,15 +186,16 @@ impl Default for KafkaSecurity {
 
 impl KafkaSecurity {
     pub fn from_env(env: &Env) -> Result<Self, SettingError> {
-        let optional = |suffix: &str| Some(env.string(suffix, "")).filter(|v| !v.is_empty());
         let security = Self {
             protocol: env
                 .string("KAFKA_SECURITY_PROTOCOL", "plaintext")
                 .to_lowercase(),
-            sasl_mechanism: optional("KAFKA_SASL_MECHANISM").map(|m| m.to_uppercase()),
-            sasl_username: optional("KAFKA_SASL_USERNAME"),
-            sasl_password: optional("KAFKA_SASL_PASSWORD"),
-            ssl_ca_location: optional("KAFKA_SSL_CA_LOCATION"),
+            sasl_mechanism: env
+                .optional("KAFKA_SASL_MECHANISM")
+                .map(|m| m.to_uppercase()),
+            sasl_username: env.optional("KAFKA_SASL_USERNAME"),
+            sasl_password: env.optional("KAFKA_SASL_PASSWORD"),
+            ssl_ca_location: env.optional("KAFKA_SSL_CA_LOCATION"),
         };
         security.check(KAFKA_TLS_BUILT)?;
         Ok(security)
@@ -275,7 +282,7 @@ impl KafkaSettings {
                 0 => None,
                 n => Some(n),
             },
-            debug: Some(env.string("KAFKA_DEBUG", "")).filter(|d| !d.is_empty()),
+            debug: env.optional("KAFKA_DEBUG"),
             replication_factor: env.get("KAFKA_REPLICATION_FACTOR", 1)?,
             security: KafkaSecurity::from_env(env)?,
         })
@@ -354,14 +361,7 @@ impl fmt::Debug for RedisSettings {
         f.debug_struct("RedisSettings")
             .field("url", &without_password(&self.url))
             .field("retention", &self.retention)
-            .field(
-                "cluster_nodes",
-                &self
-                    .cluster_nodes
-                    .iter()
-                    .map(|n| without_password(n))
-                    .collect::<Vec<_>>(),
-            )
+            .field("cluster_nodes", &self.cluster_nodes_shown())
             .field("sales_key", &self.sales_key)
             .field("access", &self.access)
             .finish()
@@ -391,7 +391,6 @@ fn without_password(url: &str) -> String {
 
 impl RedisSettings {
     pub fn from_env(env: &Env) -> Result<Self, SettingError> {
-        let optional = |suffix: &str| Some(env.string(suffix, "")).filter(|v| !v.is_empty());
         let settings = Self {
             url: env.string("REDIS_URL", "redis://127.0.0.1:16379"),
             retention: env.millis("REQUEST_RETENTION_MS", 24 * 3600 * 1000)?,
@@ -404,9 +403,9 @@ impl RedisSettings {
                 .collect(),
             sales_key: sales_key(&env.string("TOPIC_PREFIX", "")),
             access: RedisAccess {
-                username: optional("REDIS_USERNAME"),
-                password: optional("REDIS_PASSWORD"),
-                ca_file: optional("REDIS_CA_FILE"),
+                username: env.optional("REDIS_USERNAME"),
+                password: env.optional("REDIS_PASSWORD"),
+                ca_file: env.optional("REDIS_CA_FILE"),
             },
         };
         settings.check()?;
@@ -451,17 +450,20 @@ impl RedisSettings {
         Ok(())
     }
 
+    /// The cluster's seed nodes without their passwords, to be shown.
+    fn cluster_nodes_shown(&self) -> Vec<String> {
+        self.cluster_nodes
+            .iter()
+            .map(|n| without_password(n))
+            .collect()
+    }
+
     /// Where Redis is, for messages to a person (no password).
     pub fn describe(&self) -> String {
         if self.cluster_nodes.is_empty() {
             without_password(&self.url)
         } else {
-            let nodes: Vec<String> = self
-                .cluster_nodes
-                .iter()
-                .map(|n| without_password(n))
-                .collect();
-            format!("the cluster at {}", nodes.join(","))
+            format!("the cluster at {}", self.cluster_nodes_shown().join(","))
         }
     }
 }
