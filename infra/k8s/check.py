@@ -3,9 +3,9 @@
     check.py                      validate every variant (see VARIANTS)
     check.py --render VARIANT     print a variant's objects as JSON
                                   (base, overlays/local, ...)
-    check.py --metrics-read VARIANT
-                                  the metrics its alert rules and dashboards
-                                  read, a line each
+    check.py --queries VARIANT    every PromQL query of its alert rules and
+                                  dashboards as JSON: what asks it, the
+                                  query, the metrics it reads
 
 No kustomize binary can be installed here (only Debian, PyPI, npm and
 crates), so this renders the subset of kustomize the manifests use:
@@ -208,6 +208,17 @@ def panel_queries(dashboard):
     ]
 
 
+def queries(docs):
+    """Every query of the alert rules and the dashboards, with what asks it."""
+    asked = [(f"alert {rule.get('alert') or rule.get('record')}", rule["expr"]) for rule in alert_rules(docs)]
+    asked += [
+        (f"{dashboard.get('title')!r} panel {panel_id} query {ref}", expr)
+        for dashboard in dashboards(docs)
+        for panel_id, ref, expr in panel_queries(dashboard)
+    ]
+    return [{"what": what, "expr": expr, "metrics": sorted(metrics_read(expr))} for what, expr in asked]
+
+
 def check_dashboard(doc):
     problems = []
     for dashboard in dashboards([doc]):
@@ -318,12 +329,8 @@ def main(args):
     if args[:1] == ["--render"] and len(args) == 2 and args[1] in VARIANTS:
         json.dump(render(args[1]), sys.stdout)
         return 0
-    if args[:1] == ["--metrics-read"] and len(args) == 2 and args[1] in VARIANTS:
-        docs = render(args[1])
-        exprs = [rule["expr"] for rule in alert_rules(docs)]
-        exprs += [expr for dashboard in dashboards(docs) for _, _, expr in panel_queries(dashboard)]
-        names = set().union(*(metrics_read(expr) for expr in exprs))
-        print("\n".join(sorted(names)))
+    if args[:1] == ["--queries"] and len(args) == 2 and args[1] in VARIANTS:
+        json.dump(queries(render(args[1])), sys.stdout)
         return 0
     if args:
         print(__doc__, file=sys.stderr)

@@ -43,6 +43,12 @@ fn check_infra(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// Every query the alerts and the dashboard of `overlays/local-prometheus`
+/// ask (`check-infra --queries`): what asks it, `expr`, the `metrics` read.
+fn queries() -> Vec<Value> {
+    serde_json::from_slice(&check_infra(&["--queries", "overlays/local-prometheus"])).expect("JSON")
+}
+
 fn render_now(variant: &str) -> Vec<Value> {
     serde_json::from_slice(&check_infra(&["--render", variant])).expect("JSON")
 }
@@ -190,36 +196,9 @@ fn each_group_and_topic_an_alert_or_panel_names_is_one_a_worker_reads() {
         groups.push(reads.group);
         topics.extend(reads.topics);
     }
-    let rules = named(&objects, "PrometheusRule", "flashsale")["spec"]["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|g| g["rules"].as_array().unwrap())
-        .map(|rule| {
-            (
-                rule["alert"].to_string(),
-                rule["expr"].as_str().unwrap().to_owned(),
-            )
-        });
-    let dashboard: Value = serde_json::from_str(
-        named(&objects, "ConfigMap", "flashsale-dashboard")["data"]["flashsale.json"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
-    let panels = dashboard["panels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|panel| {
-            let targets = panel["targets"].as_array().cloned().unwrap_or_default();
-            targets.into_iter().map(move |t| {
-                let expr = t["expr"].as_str().unwrap().to_owned();
-                (panel["title"].to_string(), expr)
-            })
-        });
     let mut named_count = 0;
-    for (what, expr) in rules.chain(panels) {
+    for query in queries() {
+        let (what, expr) = (&query["what"], query["expr"].as_str().unwrap());
         for (label, known) in [("group", &groups), ("topic", &topics)] {
             let matcher = format!("{label}=\"");
             for (at, _) in expr.match_indices(&matcher) {
@@ -533,14 +512,11 @@ async fn every_metric_an_alert_or_the_dashboard_reads_is_exported() {
     use flashsale_testkit::flashsale_core::bus::kafka::topic;
     use flashsale_testkit::{Pipeline, PipelineOptions};
 
-    let read: BTreeSet<String> = String::from_utf8(check_infra(&[
-        "--metrics-read",
-        "overlays/local-prometheus",
-    ]))
-    .unwrap()
-    .lines()
-    .map(str::to_owned)
-    .collect();
+    let read: BTreeSet<String> = queries()
+        .iter()
+        .flat_map(|q| q["metrics"].as_array().unwrap())
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect();
     assert!(
         read.len() >= 10,
         "the alerts and the dashboard read {read:?}"
