@@ -564,8 +564,12 @@ async fn purchases_redis_keeps_refusing_are_parked_and_their_partition_moves_on(
 /// cutoff first is rejected `stale`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_sku_waits_for_its_recovery_while_the_others_keep_selling() {
+    // Long enough that the waiting purchases outlast everything this test
+    // waits for before the recovery, however slowly the other sku's sagas
+    // run; with 20 s they went stale before it on a loaded machine.
+    const CUTOFF_MS: u64 = 120_000;
     let p = Pipeline::start(PipelineOptions {
-        env: vec![("FLASHSALE_MAX_QUEUE_AGE_MS", "20000".into())],
+        env: vec![("FLASHSALE_MAX_QUEUE_AGE_MS", CUTOFF_MS.to_string())],
         ..PipelineOptions::default()
     })
     .await
@@ -585,8 +589,14 @@ async fn a_lost_sku_waits_for_its_recovery_while_the_others_keep_selling() {
         async move { produce_purchase(p, producer, &sku, &user, accepted_at_ms).await }
     };
     let user = |name: &str| format!("{}-{name}", p.prefix);
-    // Accepted 19 s ago: it outwaits the 20 s cutoff before any recovery.
-    let old = send(lost.clone(), user("old"), clock::now_ms() - 19_000).await;
+    // Accepted a second short of the cutoff: it outwaits it before any
+    // recovery.
+    let old = send(
+        lost.clone(),
+        user("old"),
+        clock::now_ms() - (CUTOFF_MS - 1_000),
+    )
+    .await;
     let mut waiting = Vec::new();
     for n in 0..3 {
         waiting.push(send(lost.clone(), user(&format!("w{n}")), clock::now_ms()).await);
@@ -596,10 +606,6 @@ async fn a_lost_sku_waits_for_its_recovery_while_the_others_keep_selling() {
         others.push(send(other.clone(), user(&format!("o{n}")), clock::now_ms()).await);
     }
 
-    for id in &others {
-        let told = p.terminal(id).await;
-        assert_eq!(told.status.as_str(), "confirmed", "{told:?}");
-    }
     let told = p.terminal(&old).await;
     assert_eq!(
         (told.status.as_str(), told.reason.as_deref()),
@@ -613,6 +619,11 @@ async fn a_lost_sku_waits_for_its_recovery_while_the_others_keep_selling() {
         || async { (p.metric(&shop, "shop_purchases_awaiting_stock").await == 3.0).then_some(()) },
     )
     .await;
+    // Sold while the lost sku's purchases wait.
+    for id in &others {
+        let told = p.terminal(id).await;
+        assert_eq!(told.status.as_str(), "confirmed", "{told:?}");
+    }
     for id in &waiting {
         let status = p.status_of(id, 0).await;
         assert!(
