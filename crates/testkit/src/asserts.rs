@@ -87,14 +87,60 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    poll_until(what, deadline, || {
+        let checked = check();
+        async move { checked.await.ok_or(None) }
+    })
+    .await
+}
+
+/// Reads `read` until what it read is `wanted`, or fails after `deadline`
+/// naming the last reading: a failure in CI, where only part of the output
+/// is kept, then says what the test saw instead.
+pub async fn eventually_reads<T, F, Fut>(
+    what: &str,
+    deadline: Duration,
+    mut read: F,
+    wanted: impl Fn(&T) -> bool,
+) -> T
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    poll_until(what, deadline, || {
+        let reading = read();
+        let wanted = &wanted;
+        async move {
+            let value = reading.await;
+            if wanted(&value) {
+                Ok(value)
+            } else {
+                Err(Some(format!("{value:?}")))
+            }
+        }
+    })
+    .await
+}
+
+/// Polls `check` until it returns `Ok`; `Err` carries what was seen instead,
+/// if it can be shown.
+async fn poll_until<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Option<String>>>,
+{
     let until = tokio::time::Instant::now() + deadline;
     loop {
-        if let Some(value) = check().await {
-            return value;
-        }
+        let seen = match check().await {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
         assert!(
             tokio::time::Instant::now() < until,
-            "timed out after {deadline:?} waiting for {what}"
+            "timed out after {deadline:?} waiting for {what}{}",
+            seen.map(|s| format!(" (last read: {s})"))
+                .unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

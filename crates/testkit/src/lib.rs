@@ -30,7 +30,7 @@ mod asserts;
 mod clients;
 mod stack;
 
-pub use asserts::eventually;
+pub use asserts::{eventually, eventually_reads};
 pub use clients::{Answer, dom_in_chromium};
 use stack::any_port;
 pub use stack::{

@@ -13,7 +13,7 @@ use flashsale_testkit::flashsale_core::bus::messages::{PurchaseRequest, SCHEMA_V
 use flashsale_testkit::flashsale_core::clock;
 use flashsale_testkit::flashsale_core::ids::{Quantity, RequestId, Sku, UserId};
 use flashsale_testkit::flashsale_core::stock::{ReserveOutcome, SkuKeys};
-use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
+use flashsale_testkit::{Pipeline, PipelineOptions, eventually, eventually_reads};
 
 /// What a shop-worker would reserve: one unit for a buyer of its own.
 fn one_unit(p: &Pipeline, sku: &Sku, n: u32) -> PurchaseRequest {
@@ -71,10 +71,11 @@ async fn the_sold_out_flag_reaches_two_gateways_within_100_ms_both_ways() {
     let sku = p.sku("flag");
     one_unit_sale(&p, &sku).await;
     for url in &p.gateway_urls {
-        eventually(
+        eventually_reads(
             "each gateway to know the sale",
             Duration::from_secs(5),
-            || async { (flag_of(&p, url, &sku).await == Some(false)).then_some(()) },
+            || flag_of(&p, url, &sku),
+            |flag| *flag == Some(false),
         )
         .await;
     }
@@ -143,10 +144,11 @@ async fn the_flag_follows_redis_through_a_restart_and_a_lost_message() {
     let url = p.gateway_url.clone();
     let sku = p.sku("restart");
     one_unit_sale(&p, &sku).await;
-    eventually(
+    eventually_reads(
         "the gateway to know the sale",
         Duration::from_secs(5),
-        || async { (flag_of(&p, &url, &sku).await == Some(false)).then_some(()) },
+        || flag_of(&p, &url, &sku),
+        |flag| *flag == Some(false),
     )
     .await;
 
@@ -207,10 +209,11 @@ async fn the_flag_follows_redis_through_a_restart_and_a_lost_message() {
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    eventually(
+    eventually_reads(
         "the reread to clear the flag",
         Duration::from_secs(3),
-        || async { (flag_of(&p, &url, &sku).await == Some(false)).then_some(()) },
+        || flag_of(&p, &url, &sku),
+        |flag| *flag == Some(false),
     )
     .await;
     p.stop().await;

@@ -12,7 +12,7 @@ use flashsale_testkit::flashsale_core::status::PurchaseStatus;
 use flashsale_testkit::flashsale_core::stock::SaleRules;
 use flashsale_testkit::flashsale_core::stock::SkuKeys;
 use flashsale_testkit::flashsale_core::{bus::kafka, clock};
-use flashsale_testkit::{Pipeline, PipelineOptions, eventually};
+use flashsale_testkit::{Pipeline, PipelineOptions, eventually, eventually_reads};
 use serde_json::json;
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -613,10 +613,11 @@ async fn a_lost_sku_waits_for_its_recovery_while_the_others_keep_selling() {
         "{told:?}"
     );
     let shop = p.worker_metrics[0].clone();
-    eventually(
+    eventually_reads(
         "three purchases waiting for the lost sku",
         SETTLE,
-        || async { (p.metric(&shop, "shop_purchases_awaiting_stock").await == 3.0).then_some(()) },
+        || p.metric(&shop, "shop_purchases_awaiting_stock"),
+        |waiting| *waiting == 3.0,
     )
     .await;
     // Sold while the lost sku's purchases wait.

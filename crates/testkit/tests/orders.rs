@@ -15,7 +15,7 @@ use flashsale_testkit::flashsale_core::dynamo::orders::OrderStatus;
 use flashsale_testkit::flashsale_core::ids::RequestId;
 use flashsale_testkit::flashsale_core::payment::{ChargeStatus, LatencyModel, StubBehaviour};
 use flashsale_testkit::flashsale_core::status::PurchaseStatus;
-use flashsale_testkit::{Pipeline, PipelineOptions, ServiceProcess, eventually};
+use flashsale_testkit::{Pipeline, PipelineOptions, ServiceProcess, eventually, eventually_reads};
 
 /// Buyers `0..n` each buy one unit of `sku`; the purchases' terminal states.
 async fn buy_all(p: &Arc<Pipeline>, sku: &str, n: usize) -> Vec<PurchaseStatus> {
@@ -240,9 +240,12 @@ async fn a_ten_second_outage_opens_the_breaker_and_cancels_nothing() {
             let mut down = StubBehaviour::simple(0.0, 20);
             down.outage = true;
             p.stores.payment.set_behaviour(&down).await.unwrap();
-            eventually("the breaker to open", Duration::from_secs(10), || async {
-                (p.metric(&order_metrics, "order_payment_breaker_open").await == 1.0).then_some(())
-            })
+            eventually_reads(
+                "the breaker to open",
+                Duration::from_secs(10),
+                || p.metric(&order_metrics, "order_payment_breaker_open"),
+                |open| *open == 1.0,
+            )
             .await;
             // The outage's length is the scenario, not a wait for a condition.
             tokio::time::sleep(Duration::from_secs(10)).await;
