@@ -259,12 +259,12 @@ def promtool(docs):
     and `test rules` with the alerts.test.yaml of the component that
     carries the alerts."""
     rules = [doc for doc in docs if doc.get("kind") == "PrometheusRule"]
-    queries = [
+    panel_rules = [
         {"record": f"flashsale_dashboard_panel_{panel_id}_{ref}", "expr": expr}
         for dashboard in dashboards(docs)
         for panel_id, ref, expr in panel_queries(dashboard)
     ]
-    if not rules and not queries:
+    if not rules and not panel_rules:
         return []
     tool = os.environ.get("PROMTOOL")
     if not tool:
@@ -276,7 +276,7 @@ def promtool(docs):
             yaml.safe_dump({"groups": [g for doc in rules for g in doc["spec"]["groups"]]}, f)
         query_file = os.path.join(scratch, "dashboard-queries.yaml")
         with open(query_file, "w", encoding="utf-8") as f:
-            yaml.safe_dump({"groups": [{"name": "dashboards", "rules": queries}]}, f)
+            yaml.safe_dump({"groups": [{"name": "dashboards", "rules": panel_rules}]}, f)
         runs = [[tool, "check", "rules", rule_file, query_file]]
         for test in alert_tests() if rules else []:
             (spec,) = load_yaml(test)

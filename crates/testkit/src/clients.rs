@@ -52,14 +52,20 @@ impl Answer {
 }
 
 impl Pipeline {
+    /// A service's `/metrics` text; empty when it cannot be read.
+    pub async fn samples(&self, base_url: &str) -> String {
+        match self.http.get(format!("{base_url}/metrics")).send().await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
     /// The value of one sample of a service's `/metrics`, e.g.
     /// `gateway_shed_total{reason="sold_out"}`; 0 when absent.
     pub async fn metric(&self, base_url: &str, sample: &str) -> f64 {
-        let text = match self.http.get(format!("{base_url}/metrics")).send().await {
-            Ok(response) => response.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        text.lines()
+        self.samples(base_url)
+            .await
+            .lines()
             .find_map(|line| {
                 line.strip_prefix(sample)
                     .and_then(|rest| rest.strip_prefix(' '))

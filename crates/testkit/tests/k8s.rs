@@ -510,7 +510,7 @@ async fn every_metric_an_alert_or_the_dashboard_reads_is_exported() {
     use std::time::Duration;
 
     use flashsale_testkit::flashsale_core::bus::kafka::topic;
-    use flashsale_testkit::{Pipeline, PipelineOptions};
+    use flashsale_testkit::{Pipeline, PipelineOptions, eventually_reads};
 
     let read: BTreeSet<String> = queries()
         .iter()
@@ -529,23 +529,13 @@ async fn every_metric_an_alert_or_the_dashboard_reads_is_exported() {
     })
     .await
     .expect("pipeline starts");
-    // What `absent` finds missing from every service's samples, polled
-    // until nothing is or `deadline` passes.
-    let missing_after = async |deadline: Duration, absent: &dyn Fn(&str) -> Vec<String>| {
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
-            let mut samples = String::new();
-            for base in p.gateway_urls.iter().chain(&p.worker_metrics) {
-                if let Ok(response) = p.http.get(format!("{base}/metrics")).send().await {
-                    samples.push_str(&response.text().await.unwrap_or_default());
-                }
-            }
-            let missing = absent(&samples);
-            if missing.is_empty() || tokio::time::Instant::now() >= until {
-                return missing;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+    // Every service's samples, as one text.
+    let all_samples = async || {
+        let mut samples = String::new();
+        for base in p.gateway_urls.iter().chain(&p.worker_metrics) {
+            samples.push_str(&p.samples(base).await);
         }
+        samples
     };
 
     let zeros = [
@@ -554,18 +544,20 @@ async fn every_metric_an_alert_or_the_dashboard_reads_is_exported() {
         ("order_dead_letters_total", topic::RESERVATIONS),
     ]
     .map(|(name, base)| format!("{name}{{topic=\"{}\"}} 0", p.kafka.topic(base)));
-    let not_zero = missing_after(Duration::from_secs(30), &|samples| {
-        zeros
-            .iter()
-            .filter(|zero| !samples.lines().any(|line| line == zero.as_str()))
-            .cloned()
-            .collect()
-    })
+    eventually_reads(
+        "no dead-letter counter missing its 0 before any purchase",
+        Duration::from_secs(30),
+        async || {
+            let samples = all_samples().await;
+            zeros
+                .iter()
+                .filter(|zero| !samples.lines().any(|line| line == zero.as_str()))
+                .cloned()
+                .collect::<Vec<_>>()
+        },
+        Vec::is_empty,
+    )
     .await;
-    assert!(
-        not_zero.is_empty(),
-        "not shown at 0 before any purchase: {not_zero:?}"
-    );
 
     // The counters by outcome, state and step appear with their first
     // event; the lag gauges once a worker has partitions and has looked.
@@ -574,20 +566,22 @@ async fn every_metric_an_alert_or_the_dashboard_reads_is_exported() {
     let (status, body) = p.buy(sku.as_str(), "u-watched", None).await;
     assert_eq!(status, 202, "{body}");
     p.terminal(body["request_id"].as_str().unwrap()).await;
-    let missing = missing_after(Duration::from_secs(60), &|samples| {
-        let exported: BTreeSet<&str> = samples
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| line.split(['{', ' ']).next())
-            .collect();
-        read.iter()
-            .filter(|name| !exported.contains(name.as_str()))
-            .cloned()
-            .collect()
-    })
+    eventually_reads(
+        "no metric read that no service exports",
+        Duration::from_secs(60),
+        async || {
+            let samples = all_samples().await;
+            let exported: BTreeSet<&str> = samples
+                .lines()
+                .filter(|line| !line.starts_with('#'))
+                .filter_map(|line| line.split(['{', ' ']).next())
+                .collect();
+            read.iter()
+                .filter(|name| !exported.contains(name.as_str()))
+                .cloned()
+                .collect::<Vec<_>>()
+        },
+        Vec::is_empty,
+    )
     .await;
-    assert!(
-        missing.is_empty(),
-        "read, and exported by no service: {missing:?}"
-    );
 }
